@@ -1,0 +1,406 @@
+"""The one module that talks to a TFLite runtime.
+
+Backend fallback (``ai_edge_litert`` -> ``tflite_runtime`` -> ``tensorflow.lite``),
+delegates (CPU/XNNPACK, Edge TPU, GPU, any external delegate library), tensor
+specs and quantization. Everything else in ``device/`` receives a
+:class:`LoadedModel` and works on numpy arrays.
+
+The runtime is imported lazily (inside :func:`load_model`), never at module
+import time, so ``edgerun --help`` and ``edgerun info`` stay fast and this
+module imports on a machine with no runtime installed at all.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from device import delegates as _dl
+from device.delegates import RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
+from device.timing import now_ns, ns_to_ms
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """A TFLite runtime we know how to use; a table so errors and docs agree."""
+
+    name: str  # what --backend takes and what reports say
+    package: str  # top-level import name
+    module: str  # module holding Interpreter / load_delegate
+    dists: Tuple[str, ...]  # distribution names for the version lookup
+    pip: str  # the install command suggested to users
+    aliases: Tuple[str, ...] = ()
+
+
+BACKENDS: Tuple[BackendInfo, ...] = (
+    BackendInfo("ai_edge_litert", "ai_edge_litert", "ai_edge_litert.interpreter",
+                ("ai-edge-litert", "ai-edge-litert-nightly"), "pip install ai-edge-litert",
+                ("litert", "ai-edge-litert")),
+    BackendInfo("tflite_runtime", "tflite_runtime", "tflite_runtime.interpreter",
+                ("tflite-runtime", "tflite_runtime"), "pip install tflite-runtime",
+                ("tflite-runtime", "tflite")),
+    # Last resort: the full TensorFlow wheel (heavy, but often already there).
+    BackendInfo("tensorflow.lite", "tensorflow", "tensorflow",
+                ("tensorflow", "tensorflow-cpu", "tf-nightly", "tensorflow-aarch64"),
+                "pip install tensorflow", ("tensorflow", "tf", "tf.lite")),
+)
+
+
+def _backend_by_name(name: str) -> BackendInfo:
+    key = name.strip().lower()
+    for b in BACKENDS:
+        if key == b.name or key in b.aliases:
+            return b
+    names = ", ".join(b.name for b in BACKENDS)
+    raise RuntimeLoadError(f"unknown backend {name!r}; choose one of: {names}")
+
+
+def _dist_version(b: BackendInfo) -> Optional[str]:
+    from importlib import metadata
+
+    for dist in b.dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _installed(b: BackendInfo) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(b.package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_backends() -> List[Tuple[str, Optional[str]]]:
+    """``[(name, version)]`` of installed runtimes in preference order.
+
+    Cheap: looks for the packages without importing them (importing
+    TensorFlow alone takes seconds).
+    """
+    return [(b.name, _dist_version(b)) for b in BACKENDS if _installed(b)]
+
+
+def _no_backend_message(tried: Sequence[str]) -> str:
+    cmds = "; ".join(f"'{b.pip}'" for b in BACKENDS)
+    detail = f" (tried: {', '.join(tried)})" if tried else ""
+    return (f"no TFLite runtime is installed{detail}; install one: {cmds} "
+            "(on Raspberry Pi OS with numpy<2, 'pip install tflite-runtime' is the light choice)")
+
+
+@dataclass
+class _Backend:
+    info: BackendInfo
+    version: Optional[str]
+    Interpreter: Any
+    load_delegate: Any
+
+
+def _import_backend(b: BackendInfo) -> _Backend:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    mod = importlib.import_module(b.module)
+    if b.name == "tensorflow.lite":
+        lite = mod.lite
+        interp, load = lite.Interpreter, lite.experimental.load_delegate
+    else:
+        interp, load = mod.Interpreter, mod.load_delegate
+    version = _dist_version(b) or getattr(mod, "__version__", None)
+    return _Backend(b, version, interp, load)
+
+
+_BACKEND_CACHE: Dict[str, _Backend] = {}
+
+
+def get_backend(name: Optional[str] = None) -> _Backend:
+    """Import the named runtime, or the first one installed in preference order."""
+    if name:
+        b = _backend_by_name(name)
+        if b.name in _BACKEND_CACHE:
+            return _BACKEND_CACHE[b.name]
+        try:
+            be = _import_backend(b)
+        except ImportError as e:
+            raise RuntimeLoadError(f"backend {b.name} is not usable ({e}); install it with '{b.pip}' "
+                                   "or drop --backend to use whatever is installed") from None
+        _BACKEND_CACHE[b.name] = be
+        return be
+    tried = []
+    for b in BACKENDS:
+        if b.name in _BACKEND_CACHE:
+            return _BACKEND_CACHE[b.name]
+        if not _installed(b):
+            continue
+        try:
+            be = _import_backend(b)
+        except ImportError as e:  # installed but broken (e.g. numpy ABI mismatch): try the next
+            tried.append(f"{b.name}: {e}")
+            continue
+        _BACKEND_CACHE[b.name] = be
+        return be
+    raise RuntimeLoadError(_no_backend_message(tried))
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output, converted once from the runtime's detail dict.
+
+    ``real = scale * (q - zero_point)``; ``scale == 0`` means not quantized.
+    """
+
+    index: int
+    name: str
+    shape: tuple
+    dtype: str  # numpy dtype name: "float32", "int8", "uint8", ...
+    scale: float = 0.0
+    zero_point: int = 0
+    shape_signature: tuple = ()
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale != 0.0 and np.issubdtype(np.dtype(self.dtype), np.integer)
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @classmethod
+    def from_detail(cls, d: dict) -> "TensorSpec":
+        scale, zp = d.get("quantization", (0.0, 0)) or (0.0, 0)
+        qp = d.get("quantization_parameters") or {}
+        scales = qp.get("scales")
+        # Per-tensor parameters live in "quantization"; fall back to a
+        # single-element per-axis list (some converters only fill that).
+        if not scale and scales is not None and len(scales) == 1:
+            scale, zp = float(scales[0]), int(qp["zero_points"][0])
+        sig = d.get("shape_signature")
+        return cls(
+            index=int(d["index"]),
+            name=str(d.get("name", "")),
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=np.dtype(d["dtype"]).name,
+            scale=float(scale),
+            zero_point=int(zp),
+            shape_signature=tuple(int(x) for x in sig) if sig is not None else (),
+        )
+
+    def to_dict(self) -> dict:
+        """The manifest/report form (same keys as ``device.bundle.TensorInfo``)."""
+        q = {"scale": self.scale, "zero_point": self.zero_point} if self.quantized else None
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "quantization": q}
+
+    def quantize(self, x: Any) -> np.ndarray:
+        """Float values to this tensor's dtype: round, clip to the dtype's range, then cast.
+
+        Non-quantized tensors are just cast (float32 stays float32).
+        """
+        dt = self.np_dtype
+        if not self.quantized:
+            return np.asarray(x, dtype=dt)
+        info = np.iinfo(dt)
+        q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(self.scale)) + self.zero_point
+        return np.clip(q, info.min, info.max).astype(dt)
+
+    def dequantize(self, q: Any) -> np.ndarray:
+        """Raw output values to float32 with this tensor's own scale/zero-point."""
+        a = np.asarray(q)
+        if not self.quantized:
+            return a.astype(np.float32, copy=False)
+        return (a.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
+
+    def float_range(self) -> Tuple[float, float]:
+        """The real-valued range this tensor can represent (quantized), else (-1, 1)."""
+        if not self.quantized:
+            return (-1.0, 1.0)
+        info = np.iinfo(self.np_dtype)
+        return (self.scale * (info.min - self.zero_point), self.scale * (info.max - self.zero_point))
+
+
+# --------------------------------------------------------------------------- loaded model
+
+
+@dataclass
+class CpuFallback:
+    """How much of the graph a delegate took; ``cpu_ops`` ran on the CPU kernels."""
+
+    delegate: str
+    total_ops: int
+    delegated_ops: int
+    cpu_ops: int
+    cpu_op_names: Dict[str, int] = field(default_factory=dict)
+    note: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"delegate": self.delegate, "total_ops": self.total_ops, "delegated_ops": self.delegated_ops,
+                "cpu_ops": self.cpu_ops, "cpu_op_names": dict(self.cpu_op_names), "note": self.note}
+
+
+class LoadedModel:
+    """An allocated interpreter plus its tensor specs and load timings.
+
+    ``invoke`` is the runtime's own bound method (no wrapper frame), so a
+    timed loop over it measures the runtime, not us.
+    """
+
+    def __init__(self, interpreter: Any, *, path: str, backend: str, backend_version: Optional[str],
+                 delegate: str, threads: Optional[int], load_ms: Dict[str, Optional[float]],
+                 cpu_fallback: Optional[CpuFallback], model_size: int, delegate_library: Optional[str] = None,
+                 model_content: Optional[bytes] = None):
+        self.interpreter = interpreter
+        self.path = path
+        self.backend = backend
+        self.backend_version = backend_version
+        self.delegate = delegate
+        self.delegate_library = delegate_library
+        self.threads = threads
+        self.load_ms = load_ms
+        self.cpu_fallback = cpu_fallback
+        self.model_size = model_size
+        self._content = model_content  # the interpreter reads from this buffer: keep it alive
+        self.inputs: Tuple[TensorSpec, ...] = tuple(
+            TensorSpec.from_detail(d) for d in interpreter.get_input_details())
+        self.outputs: Tuple[TensorSpec, ...] = tuple(
+            TensorSpec.from_detail(d) for d in interpreter.get_output_details())
+        self.invoke = interpreter.invoke
+        self._set = interpreter.set_tensor
+        self._get = interpreter.get_tensor
+
+    def __repr__(self) -> str:
+        return (f"LoadedModel({os.path.basename(self.path)!r}, backend={self.backend}, "
+                f"delegate={self.delegate}, threads={self.threads})")
+
+    def set_input(self, i: int, array: np.ndarray) -> None:
+        """Copy a raw array (already this input's dtype and shape) into input ``i``."""
+        self._set(self.inputs[i].index, array)
+
+    def get_output(self, i: int) -> np.ndarray:
+        """A copy of output ``i``'s raw values (quantized ints stay ints)."""
+        return self._get(self.outputs[i].index)
+
+    def predict(self, float_inputs: Sequence[Any]) -> List[np.ndarray]:
+        """Run once on float inputs; returns float32 outputs (quantization handled here)."""
+        if len(float_inputs) != len(self.inputs):
+            raise ValueError(f"model takes {len(self.inputs)} input(s), got {len(float_inputs)}")
+        for spec, x in zip(self.inputs, float_inputs):
+            a = spec.quantize(x)
+            if a.shape != spec.shape:
+                if a.size != int(np.prod(spec.shape)):
+                    raise ValueError(f"input {spec.name!r}: expected shape {spec.shape}, got {a.shape}")
+                a = a.reshape(spec.shape)
+            self._set(spec.index, a)
+        self.invoke()
+        return [spec.dequantize(self._get(spec.index)) for spec in self.outputs]
+
+    def first_invoke(self) -> float:
+        """Invoke once on the current inputs and record it as ``load_ms['first_invoke']`` (ms)."""
+        t0 = now_ns()
+        self.invoke()
+        ms = ns_to_ms(now_ns() - t0)
+        self.load_ms["first_invoke"] = ms
+        return ms
+
+    def runtime_dict(self) -> dict:
+        """The report's ``runtime`` block."""
+        return {
+            "backend": self.backend,
+            "version": self.backend_version,
+            "delegate": self.delegate,
+            "threads": self.threads,
+            "cpu_fallback_ops": self.cpu_fallback.cpu_ops if self.cpu_fallback else None,
+        }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_flatbuffer(path: str, data: bytes) -> None:
+    """Reject files that are obviously not TFLite before native code sees them."""
+    if len(data) < 16:
+        raise RuntimeLoadError(f"{path}: not a TFLite model (only {len(data)} bytes)")
+    if data[4:8] != b"TFL3":
+        raise RuntimeLoadError(f"{path}: not a TFLite model (missing the 'TFL3' identifier; "
+                               "is it a SavedModel/Keras file or a corrupt download?)")
+    root = int.from_bytes(data[0:4], "little")
+    if root >= len(data):
+        raise RuntimeLoadError(f"{path}: truncated or corrupt TFLite model ({len(data)} bytes)")
+
+
+def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delegate: str = "cpu",
+               threads: Optional[int] = None, edgetpu_device: Optional[str] = None,
+               delegate_options: Optional[dict] = None, quiet: bool = True) -> LoadedModel:
+    """Read, build, delegate and allocate a model; raises :class:`RuntimeLoadError`.
+
+    ``delegate``: ``cpu`` / ``xnnpack`` (the runtime's default CPU path),
+    ``edgetpu`` (optionally ``edgetpu:usb``, ``edgetpu:pci:0``...), ``gpu``, or
+    a path to an external delegate library. ``load_ms`` gets file_read,
+    interpreter_build, delegate (library load + device open), allocate;
+    ``first_invoke`` is left None for the caller (it needs real inputs).
+    """
+    path = os.fspath(model_path)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise RuntimeLoadError(f"threads must be a positive integer, got {threads!r}")
+    plan = parse_delegate(delegate, edgetpu_device=edgetpu_device, options=delegate_options)
+    be = get_backend(backend)
+    load_ms: Dict[str, Optional[float]] = {"file_read": None, "interpreter_build": None, "delegate": None,
+                                           "allocate": None, "first_invoke": None}
+    t0 = now_ns()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise RuntimeLoadError(f"{path}: no such file") from None
+    except OSError as e:
+        raise RuntimeLoadError(f"{path}: cannot read ({e.strerror or e})") from None
+    load_ms["file_read"] = ns_to_ms(now_ns() - t0)
+    _check_flatbuffer(path, data)
+
+    with _dl.capture_stderr(quiet) as captured:
+        t0 = now_ns()
+        native_delegate = _dl.load(plan, be.load_delegate, captured)
+        load_ms["delegate"] = ns_to_ms(now_ns() - t0) if native_delegate is not None else 0.0
+        kwargs: Dict[str, Any] = {"model_content": data}
+        if threads is not None:
+            kwargs["num_threads"] = threads
+        if native_delegate is not None:
+            kwargs["experimental_delegates"] = [native_delegate]
+        t0 = now_ns()
+        try:
+            interp = be.Interpreter(**kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
+        load_ms["interpreter_build"] = ns_to_ms(now_ns() - t0)
+        t0 = now_ns()
+        try:
+            interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
+        load_ms["allocate"] = ns_to_ms(now_ns() - t0)
+
+    fallback = _dl.cpu_fallback(interp, plan, data)
+    return LoadedModel(interp, path=path, backend=be.info.name, backend_version=be.version,
+                       delegate=plan.label, threads=threads, load_ms=load_ms, cpu_fallback=fallback,
+                       model_size=len(data), delegate_library=plan.library, model_content=data)
+
+
+def backend_pip_commands() -> List[str]:
+    """The install command for each supported runtime (for help texts and errors)."""
+    return [b.pip for b in BACKENDS]
+
+
+__all__ = [
+    "BACKENDS", "BackendInfo", "CpuFallback", "LoadedModel", "RuntimeLoadError", "TensorSpec",
+    "available_backends", "backend_pip_commands", "find_delegates", "get_backend", "load_model",
+    "parse_delegate",
+]
+
+# Platform used by the delegate tables; exposed for tests.
+PLATFORM = sys.platform
