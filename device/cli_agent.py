@@ -1,0 +1,162 @@
+"""`edgerun agent` (serve bundles/jobs to `edgepipe bench`) and `edgerun flush`."""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from device import __version__
+from device.send import REPORT_TO_ENV, TOKEN_ENV
+
+AGENT_TOKEN_ENV = "EDGERUN_TOKEN"
+
+
+def default_store_dir() -> Path:
+    """``$EDGERUN_STORE``, else ``$XDG_DATA_HOME/edgerun/bundles`` (~/.local/share)."""
+    env = os.environ.get("EDGERUN_STORE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "edgerun" / "bundles"
+
+
+def device_info() -> dict:
+    """What `GET /v1/info` answers: this device, its runtimes and accelerators."""
+    info = {"edgerun": __version__, "hostname": socket.gethostname(), "machine": platform.machine(),
+            "python": platform.python_version(), "os": platform.platform()}
+    try:
+        from device import sysinfo
+        info["device"] = sysinfo.collect() if hasattr(sysinfo, "collect") else None
+    except Exception:  # sysinfo is best effort; never fail /v1/info
+        info["device"] = None
+    try:
+        from device.runtime import available_backends
+        info["backends"] = [{"name": n, "version": v} for n, v in available_backends()]
+    except Exception as e:
+        info["backends"] = {"error": str(e)}
+    try:
+        from device.delegates import find_delegates
+        info["delegates"] = find_delegates()
+    except Exception as e:
+        info["delegates"] = {"error": str(e)}
+    return info
+
+
+@click.command(epilog="""\b
+Examples:
+  edgerun agent                                   # loopback only, no token needed
+  edgerun agent --host 0.0.0.0 --token "$EDGERUN_TOKEN" --store /var/lib/edgerun/bundles
+  edgepipe bench out/*/ --device http://pi.local:8751 --token "$EDGERUN_TOKEN"   # on the workstation
+""")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything beyond loopback needs --token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8751, show_default=True,
+              help="TCP port (0 picks a free one and prints it).")
+@click.option("--token", envvar=AGENT_TOKEN_ENV, default=None,
+              help=f"Bearer token clients must send [env: {AGENT_TOKEN_ENV}].")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False), default=None,
+              help="Bundle store. Default: $EDGERUN_STORE or ~/.local/share/edgerun/bundles.")
+@click.option("--max-bundle-mb", type=click.IntRange(1, 1 << 16), default=512, show_default=True,
+              help="Largest bundle upload (tar) and unpacked size.")
+@click.option("--keep-warm", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="Loaded interpreters kept between jobs (0 = always cold).")
+@click.option("--report-to", envvar=REPORT_TO_ENV, default=None, metavar="URL",
+              help=f"Also send every job's report to a collector (spooled when away) [env: {REPORT_TO_ENV}].")
+@click.option("--report-token", envvar=TOKEN_ENV, default=None, metavar="TOKEN",
+              help=f"Bearer token for --report-to [env: {TOKEN_ENV}].")
+def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, report_token):
+    """Serve this device to `edgepipe bench`: receive bundles, run bench/run jobs.
+
+    Jobs run one at a time; interpreters stay warm between jobs for the same
+    bundle and settings. Stop with Ctrl-C or SIGTERM (systemd).
+    """
+    from device.agent import Agent, AgentServer
+    from device.bundle_store import BundleStore
+    from device.send import Spool, describe, reports_url, send_report
+
+    store_path = Path(store_dir) if store_dir else default_store_dir()
+    try:
+        store = BundleStore(store_path, max_bytes=max_bundle_mb << 20)
+    except OSError as e:
+        raise click.ClickException(f"cannot use bundle store {store_path}: {e}") from None
+
+    on_report = None
+    if report_to:
+        try:
+            url = reports_url(report_to)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--report-to") from None
+        spool = Spool()
+
+        def on_report(rep):
+            res = send_report(rep, url, spool=spool, token=report_token)
+            click.echo(describe(res, report_to, spool), err=True)
+
+    worker = Agent(store, keep_warm=keep_warm, on_report=on_report)
+    try:
+        server = AgentServer(worker, host, port, token=token, info=device_info)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+    def _term(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _term)
+    click.echo(f"agent listening on {server.url}  store={store_path}  "
+               f"auth={'token' if token else 'none (loopback only)'}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        worker.close()
+        click.echo("agent stopped")
+
+
+@click.command(epilog="""\b
+Examples:
+  edgerun flush --report-to http://HOST:8750
+  EDGERUN_REPORT_TO=http://HOST:8750 edgerun flush --json
+""")
+@click.option("--report-to", envvar=REPORT_TO_ENV, required=True, metavar="URL",
+              help=f"Collector (`edgepipe serve`) to send to [env: {REPORT_TO_ENV}].")
+@click.option("--report-token", envvar=TOKEN_ENV, default=None, metavar="TOKEN",
+              help=f"Bearer token [env: {TOKEN_ENV}].")
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False), default=None,
+              help="Spool directory. Default: $EDGERUN_SPOOL or ~/.local/state/edgerun/spool.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+def flush(report_to, report_token, spool_dir, as_json):
+    """Send reports spooled while the host was unreachable.
+
+    Exits 0 when the spool is empty afterwards, 1 when reports are still
+    waiting (host unreachable) or were rejected.
+    """
+    import json
+
+    from device.send import Spool, deliver, describe, reports_url
+
+    try:
+        url = reports_url(report_to)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--report-to") from None
+    spool = Spool(spool_dir)
+    try:
+        res = deliver(url, spool, token=report_token)
+    except TimeoutError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({"sent": res.sent, "duplicates": res.duplicates,
+                               "rejected": [{"id": i, "reason": r} for i, r in res.rejected],
+                               "pending": res.pending, "error": res.error, "spool": str(spool.dir)}))
+    else:
+        click.echo(describe(res, report_to, spool))
+    sys.exit(0 if res.pending == 0 and not res.rejected else 1)

@@ -1,0 +1,118 @@
+"""The collector: devices POST reports here, they land in the results DB.
+
+Routes (DESIGN.md): ``POST /v1/reports`` (201 new, 200 duplicate id),
+``GET /v1/reports`` with filters, ``GET /v1/reports/{id}``, ``GET /healthz``.
+Anything bad gets a 4xx with a one-line reason and stores nothing.
+"""
+from __future__ import annotations
+
+import json
+import urllib.parse
+from importlib import resources
+from typing import Callable, Optional
+
+from device.http import HTTPError_, JSONHandler, Server, check_bind
+from pipeline.store import FILTERS, Store
+
+DEFAULT_PORT = 8750
+DEFAULT_MAX_BODY = 1 << 20  # a report is a few KB; 1 MiB leaves room for accuracy blocks
+MAX_LIMIT = 10000
+
+
+def report_schema() -> dict:
+    return json.loads(resources.files("device").joinpath("schemas/report.schema.json").read_text("utf-8"))
+
+
+def make_validator() -> Callable[[object], Optional[str]]:
+    """A function returning None for a valid report or a one-line reason."""
+    try:
+        import jsonschema
+    except ImportError:  # pragma: no cover - host installs jsonschema
+        from device.report import validate_report
+
+        def light(doc):
+            try:
+                validate_report(doc)
+            except Exception as e:  # noqa: BLE001 - reason goes back to the client
+                return str(e)
+            return None
+        return light
+
+    validator = jsonschema.Draft202012Validator(report_schema())
+
+    def check(doc):
+        err = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+        if err is None:
+            return None
+        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
+        return f"{where}: {err.message}"[:300]
+    return check
+
+
+class CollectorHandler(JSONHandler):
+    def route(self, method, path, query):
+        srv: CollectorServer = self.server  # type: ignore[assignment]
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            return 200, {"ok": True, "service": "edgepipe-collector"}
+        if path == "/v1/reports":
+            if method == "POST":
+                return self._post(srv)
+            if method == "GET":
+                return 200, self._list(srv, query)
+            raise HTTPError_(405, f"{method} not allowed on {path}")
+        if path.startswith("/v1/reports/") and method == "GET":
+            rep = srv.store.get(path.rsplit("/", 1)[1])
+            if rep is None:
+                raise HTTPError_(404, "no such report")
+            return 200, rep
+        raise HTTPError_(404, f"no route for {method} {path}")
+
+    def _post(self, srv):
+        ctype = self.headers.get("Content-Type", "application/json").split(";")[0].strip()
+        if ctype not in ("application/json", ""):
+            raise HTTPError_(415, f"expected application/json, got {ctype}")
+        doc = self.read_json()
+        if not isinstance(doc, dict):
+            raise HTTPError_(400, "report must be a JSON object")
+        reason = srv.validate(doc)
+        if reason:
+            raise HTTPError_(422, f"report does not match edgepipe.report/1: {reason}")
+        new = srv.store.add(doc)
+        if srv.on_report is not None:
+            srv.on_report(doc, new)
+        return (201 if new else 200), {"id": doc["id"], "stored": new, "duplicate": not new}
+
+    def _list(self, srv, query):
+        params = urllib.parse.parse_qs(query, keep_blank_values=False)
+        filters, since, limit = {}, None, 1000
+        for key, values in params.items():
+            value = values[-1]
+            if key == "since":
+                since = value
+            elif key == "limit":
+                try:
+                    limit = int(value)
+                except ValueError:
+                    raise HTTPError_(400, "limit must be an integer") from None
+                if not 0 < limit <= MAX_LIMIT:
+                    raise HTTPError_(400, f"limit must be between 1 and {MAX_LIMIT}")
+            elif key in FILTERS:
+                if key == "threads" and not value.lstrip("-").isdigit():
+                    raise HTTPError_(400, "threads must be an integer")
+                filters[key] = value
+            else:
+                raise HTTPError_(400, f"unknown filter {key!r} (known: since, limit, "
+                                      f"{', '.join(sorted(FILTERS))})")
+        reports = srv.store.query(since=since, limit=limit, **filters)
+        return {"count": len(reports), "reports": reports}
+
+
+class CollectorServer(Server):
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                 token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
+                 on_report: Optional[Callable[[dict, bool], None]] = None):
+        check_bind(host, token)
+        self.store = store
+        self.validate = make_validator()
+        self.on_report = on_report
+        super().__init__((host, port), CollectorHandler, token=token, max_body=max_body)
