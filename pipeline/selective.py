@@ -1,0 +1,234 @@
+"""Selective int8 quantization: keep the fewest sensitive layers in float to hit a target.
+
+The search ranks layers by their local quantization error (see
+``pipeline.layer_error``), then finds the shortest prefix of that ranking
+whose float-kept model reaches ``target`` top-1 agreement with the float Keras
+model on the evaluation inputs (exponential then binary search: agreement
+grows, roughly monotonically, with every layer kept in float), and finally
+tries to drop each kept layer again in case a later one made it redundant.
+
+Everything is recorded: which layers stayed float, their error score (why),
+the agreement after each step, and the latency each kept layer costs.
+
+Entry point for ``edgepipe convert --target-agreement``::
+
+    from pipeline.selective import selective_int8
+    result = selective_int8(keras_path, recipe, calib_x, eval_x, target)
+    model_bytes = result.tflite
+    manifest_extra = {"selective": result.to_dict()}
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.layer_error import Debugged, LayerError, LayerErrorError, debug_int8
+
+SUPPORTED_RECIPES = ("int8",)
+
+
+class SelectiveError(ValueError):
+    """Selective quantization cannot run as asked; one-line reason."""
+
+
+@dataclass
+class SelectiveResult:
+    tflite: bytes
+    target: float
+    agreement: float  # top-1 agreement of the returned model
+    baseline_agreement: float  # plain int8 (nothing kept in float)
+    reached: bool
+    kept: list  # LayerError, in the order they were added
+    layers_total: int
+    steps: list = field(default_factory=list)  # [{"float_layers": k, "agreement": a}]
+    latency: list = field(default_factory=list)  # [{"layer", "p50_ms", "cost_ms"}]
+    eval_images: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """The manifest's ``extra["selective"]`` block."""
+        return {
+            "method": "denylist most sensitive layers (QuantizationDebugger rmse/scale ranking)",
+            "target_agreement": self.target,
+            "reached": self.reached,
+            "agreement": self.agreement,
+            "baseline_agreement": self.baseline_agreement,
+            "eval_images": self.eval_images,
+            "layers_total": self.layers_total,
+            "float_layers": [
+                {**e.to_dict(), "reason": f"error {e.rmse_steps:.2f} quantization steps "
+                                          f"(rounding alone is 0.29)"}
+                for e in self.kept],
+            "steps": list(self.steps),
+            "latency": list(self.latency),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def run_tflite(model: bytes, x: np.ndarray, *, threads: Optional[int] = 1) -> np.ndarray:
+    """Float outputs (first output, one row per input) of a TFLite model via the device runtime."""
+    from device.runtime import load_model
+
+    fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model)
+        lm = load_model(path, threads=threads)
+        rows = [lm.predict([x[i:i + 1]])[0].reshape(-1) for i in range(x.shape[0])]
+    finally:
+        os.unlink(path)
+    return np.stack(rows)
+
+
+def p50_ms(model: bytes, x: np.ndarray, *, runs: int = 30, warmup: int = 3,
+           threads: Optional[int] = 1) -> float:
+    """Median invoke latency of ``model`` on one input (ms), via the device runtime."""
+    from device.runtime import load_model
+
+    fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model)
+        lm = load_model(path, threads=threads)
+        spec = lm.inputs[0]
+        lm.set_input(0, spec.quantize(x[:1]).reshape(spec.shape))
+        for _ in range(warmup):
+            lm.invoke()
+        samples = []
+        for _ in range(runs):
+            t0 = time.perf_counter_ns()
+            lm.invoke()
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+    finally:
+        os.unlink(path)
+    return float(np.median(samples))
+
+
+def float_outputs(keras_model, x: np.ndarray) -> np.ndarray:
+    """The float reference: the Keras model's first output, one row per input."""
+    from pipeline.tfenv import captured_output
+
+    with captured_output():
+        y = keras_model(x, training=False)
+    if isinstance(y, (list, tuple)):
+        y = y[0]
+    y = np.asarray(y)
+    return y.reshape(y.shape[0], -1)
+
+
+def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.ndarray],
+                   target: float, *, max_float: Optional[int] = None, prune: bool = True,
+                   measure_latency: bool = True, threads: Optional[int] = 1,
+                   on_step: Optional[Callable[[str], None]] = None,
+                   debugged: Optional[Debugged] = None) -> SelectiveResult:
+    """Int8 model keeping the fewest most-sensitive layers in float to reach ``target``.
+
+    ``keras_model``: a Keras model or a .keras path. ``recipe``: a
+    ``pipeline.recipes.Recipe`` or its name (only ``int8``: float I/O, the
+    float layers need float tensors around them). ``calib``/``eval_x``: float
+    model inputs stacked on axis 0 (``eval_x`` defaults to ``calib``).
+    ``target``: top-1 agreement with the float model in (0, 1].
+    """
+    t_start = time.perf_counter()
+    name = getattr(recipe, "name", recipe)
+    if name not in SUPPORTED_RECIPES:
+        raise SelectiveError(f"--target-agreement: only works with recipe "
+                             f"{', '.join(SUPPORTED_RECIPES)}, not {name!r}")
+    if not (0.0 < float(target) <= 1.0):
+        raise SelectiveError(f"--target-agreement: {target} is not in (0, 1]")
+    say = on_step or (lambda msg: None)
+    from pipeline.tfenv import captured_output, import_tf
+
+    tf = import_tf()
+    if not hasattr(keras_model, "predict"):
+        with captured_output():
+            keras_model = tf.keras.models.load_model(str(keras_model), compile=False)
+    calib = np.asarray(calib, dtype=np.float32)
+    ex = np.asarray(eval_x if eval_x is not None else calib, dtype=np.float32)
+    if ex.shape[0] == 0:
+        raise SelectiveError("--target-agreement: no evaluation images")
+
+    say(f"measuring per-layer error on {min(len(calib), 32)} calibration images")
+    try:
+        dbg = debugged or debug_int8(keras_model, calib)
+    except LayerErrorError as e:
+        raise SelectiveError(str(e)) from None
+    ranked = dbg.ranked()
+    limit = len(ranked) if max_float is None else min(max_float, len(ranked))
+    ref = float_outputs(keras_model, ex)
+
+    cache: dict = {}
+
+    def agreement_of(kept: Sequence[LayerError]) -> float:
+        key = frozenset(e.tensor for e in kept)
+        if key not in cache:
+            model = dbg.quantize([e.tensor for e in kept])
+            out = run_tflite(model, ex, threads=threads)
+            cache[key] = (metrics.top1_agreement(out, ref), model)
+            say(f"{len(kept)} float layer(s): agreement {cache[key][0]:.4f}")
+        return cache[key][0]
+
+    steps = []
+
+    def check(k: int) -> bool:
+        a = agreement_of(ranked[:k])
+        steps.append({"float_layers": k, "agreement": a})
+        return a >= target
+
+    baseline = agreement_of([])
+    steps.append({"float_layers": 0, "agreement": baseline})
+    if baseline >= target:
+        best_k = 0
+    else:
+        # Exponential probe, then binary search on the prefix length.
+        lo, hi = 0, None
+        k = 1
+        while k <= limit:
+            if check(k):
+                hi = k
+                break
+            lo = k
+            k = limit if k * 2 > limit and k < limit else k * 2
+        if hi is None:
+            best_k = lo
+        else:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if check(mid):
+                    hi = mid
+                else:
+                    lo = mid
+            best_k = hi
+    kept = list(ranked[:best_k])
+    reached = agreement_of(kept) >= target
+    if reached and prune and 1 < len(kept) <= 12:
+        # A later layer may have fixed what an earlier one was kept for.
+        for e in list(kept):
+            trial = [x for x in kept if x.tensor != e.tensor]
+            a = agreement_of(trial)
+            steps.append({"float_layers": len(trial), "agreement": a, "dropped": e.layer})
+            if a >= target:
+                kept = trial
+    agreement = agreement_of(kept)
+    model = cache[frozenset(e.tensor for e in kept)][1]
+
+    latency = []
+    if measure_latency and kept:
+        say("timing the cost of each float layer")
+        prev = p50_ms(dbg.quantize([]), ex, threads=threads)
+        latency.append({"layer": None, "float_layers": 0, "p50_ms": prev, "cost_ms": 0.0})
+        for i in range(1, len(kept) + 1):
+            cur = p50_ms(dbg.quantize([e.tensor for e in kept[:i]]), ex, threads=threads)
+            latency.append({"layer": kept[i - 1].layer, "tensor": kept[i - 1].tensor,
+                            "float_layers": i, "p50_ms": cur, "cost_ms": cur - prev})
+            prev = cur
+    return SelectiveResult(
+        tflite=model, target=float(target), agreement=agreement, baseline_agreement=baseline,
+        reached=agreement >= target, kept=kept, layers_total=len(ranked), steps=steps,
+        latency=latency, eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start)
