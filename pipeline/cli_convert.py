@@ -1,0 +1,138 @@
+"""`edgepipe convert`: the click boundary around pipeline.convert."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline import calibration
+from pipeline.cache import default_cache_dir
+from pipeline.preprocessing import PRESETS, PreprocessRequest
+from pipeline.recipes import DEFAULT_RECIPES, RECIPES, RecipeError, parse_recipes, with_io_type
+from device.tables import format_bytes, format_table
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    parts = value.lower().replace("*", "x").split("x")
+    try:
+        h, w = (int(parts[0]), int(parts[1])) if len(parts) == 2 else (int(parts[0]),) * 2
+    except ValueError:
+        raise click.BadParameter(f"expected HxW such as 224x224, got {value!r}") from None
+    if h < 1 or w < 1:
+        raise click.BadParameter("sizes must be positive")
+    return (h, w)
+
+
+def _list_recipes(ctx, param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    rows = [[r.name, r.weights, r.activations, r.io_type or "float32",
+             "yes" if r.needs_calibration else "", "yes" if r.edgetpu else "", r.summary]
+            for r in RECIPES.values()]
+    click.echo(format_table(["recipe", "weights", "activations", "I/O", "calibration", "Edge TPU", "what"], rows))
+    ctx.exit(0)
+
+
+EPILOG = """\b
+Examples:
+  edgepipe convert model.keras --recipes all --calib photos/ --out bundles/
+  edgepipe convert mobilenet_v2.keras --preprocess imagenet --labels labels.txt \\
+      --recipes fp32,int8,int8-io --calib sample_data/images --out bundles/
+  edgepipe convert saved_model_dir --recipes fp16 --out bundles/ --json
+"""
+
+
+@click.command(epilog=EPILOG)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--recipes", default=",".join(DEFAULT_RECIPES), show_default=True,
+              help="Comma-separated recipes, or 'all'. See --list-recipes.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory that receives one bundle per recipe (<name>-<recipe>/).")
+@click.option("--calib", "calib_dir", type=click.Path(path_type=Path),
+              help="Folder of real images for calibration (needed by int8, int8-io, int16x8).")
+@click.option("--calib-count", default=calibration.DEFAULT_COUNT, show_default=True, type=int,
+              help="How many calibration images to draw from --calib.")
+@click.option("--seed", default=calibration.DEFAULT_SEED, show_default=True, type=int,
+              help="Seed for choosing the calibration images.")
+@click.option("--preprocess", "preset", type=click.Choice(sorted(PRESETS)),
+              help="Pixel normalisation preset of the model (default: inferred, see the manifest's 'assumed').")
+@click.option("--mean", callback=_floats, help="Per-channel mean on 0..255 pixels, e.g. 127.5 or 123.7,116.3,103.5.")
+@click.option("--std", callback=_floats, help="Per-channel std on 0..255 pixels, e.g. 127.5.")
+@click.option("--color", type=click.Choice(["rgb", "bgr"]), help="Channel order the model expects.")
+@click.option("--resize", type=click.Choice(["stretch", "center-crop"]), help="How frames are fitted to the input.")
+@click.option("--crop-fraction", type=float, help="Centre-crop fraction with --resize center-crop (e.g. 0.875).")
+@click.option("--input-size", callback=_size, help="Fix or change a Keras model's input size, HxW.")
+@click.option("--io-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="Integer input/output type of the int8-io recipe.")
+@click.option("--labels", type=click.Path(path_type=Path), help="Class names, one per line, stored in the bundle.")
+@click.option("--task", type=click.Choice(["classification", "detection", "other"]),
+              help="What the outputs mean (default: inferred).")
+@click.option("--name", help="Bundle name prefix (default: the model file's stem).")
+@click.option("--cache-dir", type=click.Path(path_type=Path),
+              help="Conversion cache (default: $EDGEPIPE_CACHE or ~/.cache/edgepipe).")
+@click.option("--no-cache", is_flag=True, help="Convert from scratch and do not store the result.")
+@click.option("--no-edgetpu", is_flag=True, help="Do not run edgetpu_compiler even when it is installed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--list-recipes", is_flag=True, is_eager=True, expose_value=False, callback=_list_recipes,
+              help="Show what each recipe does and exit.")
+def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean, std, color, resize,
+            crop_fraction, input_size, io_type, labels, task, name, cache_dir, no_cache, no_edgetpu, as_json):
+    """Convert MODEL (.keras, .h5 or a SavedModel directory) into TFLite bundles, one per recipe."""
+    from pipeline.convert import ConvertError, ConvertRequest, convert_model
+
+    try:
+        chosen = tuple(with_io_type(r, io_type) for r in parse_recipes(recipes))
+    except RecipeError as e:
+        raise click.ClickException(str(e)) from None
+    req = ConvertRequest(
+        model=model, recipes=chosen, out_dir=out_dir, calib_dir=calib_dir, calib_count=calib_count,
+        calib_seed=seed,
+        preprocess=PreprocessRequest(preset=preset, mean=mean, std=std, color=color, resize=resize,
+                                     crop_fraction=crop_fraction),
+        input_size=input_size, labels=labels, task=task, name=name,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        edgetpu=not no_edgetpu,
+    )
+
+    def progress(msg: str) -> None:
+        click.echo(f"edgepipe: {msg}", err=True)
+
+    try:
+        results = convert_model(req, progress=progress)
+    except (ConvertError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({"model": str(model), "out": str(out_dir),
+                               "results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        click.echo(_summary(results))
+    failed = [r for r in results if r.error]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(results)} recipes failed: "
+                                   + "; ".join(f"{r.recipe}: {r.error}" for r in failed))
+
+
+def _summary(results) -> str:
+    rows = []
+    for r in results:
+        tpu = ""
+        if r.edgetpu:
+            tpu = (f"{r.edgetpu.get('tpu_ops', 0)} on TPU / {r.edgetpu.get('cpu_ops', 0)} on CPU"
+                   if r.edgetpu.get("compiled") else "not compiled")
+        rows.append([r.recipe, format_bytes(r.size) if r.size else "-",
+                     f"{r.ratio_to_fp32:.2f}x" if r.ratio_to_fp32 else "-",
+                     f"{r.seconds:.1f} s", "hit" if r.cache_hit else ("-" if r.error else "miss"),
+                     tpu, str(r.bundle) if r.bundle else f"FAILED: {r.error}"])
+    return format_table(["recipe", "size", "vs fp32", "time", "cache", "Edge TPU", "bundle"], rows)

@@ -1,0 +1,285 @@
+"""`edgepipe convert`: one source model -> one bundle per recipe.
+
+Stages: validate everything the user gave (before any slow work), digest the
+model and calibration set, then per recipe: serve from the cache or convert
+(loading TensorFlow, the model and the calibration images once, lazily), and
+write the bundle atomically. A failing recipe is reported and the others still
+complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from device import __version__
+from device.bundle import Manifest, Preprocess, TensorInfo, Task
+from pipeline import cache as _cache
+from pipeline import calibration, edgetpu, modelio
+from pipeline.bundle_writer import BundleWriteError, check_writable, write_bundle
+from pipeline.preprocessing import PreprocessRequest, resolve
+from pipeline.recipes import Recipe
+from pipeline.tfenv import captured_output, import_tf, last_error_line, tensorflow_version
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot proceed; message is user-facing."""
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    model: Path
+    recipes: tuple
+    out_dir: Path
+    calib_dir: Optional[Path] = None
+    calib_count: int = calibration.DEFAULT_COUNT
+    calib_seed: int = calibration.DEFAULT_SEED
+    preprocess: PreprocessRequest = field(default_factory=PreprocessRequest)
+    input_size: Optional[tuple] = None
+    labels: Optional[Path] = None
+    task: Optional[str] = None
+    name: Optional[str] = None
+    cache_dir: Optional[Path] = None  # None: no cache
+    edgetpu: bool = True  # compile int8-io when edgetpu_compiler is on PATH
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    recipe: str
+    bundle: Optional[Path]
+    size: int = 0
+    seconds: float = 0.0
+    cache_hit: bool = False
+    ratio_to_fp32: Optional[float] = None
+    edgetpu: Optional[dict] = None
+    error: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe, "bundle": str(self.bundle) if self.bundle else None, "size": self.size,
+                "ratio_to_fp32": self.ratio_to_fp32, "seconds": round(self.seconds, 3),
+                "cache_hit": self.cache_hit, "edgetpu": self.edgetpu, "error": self.error}
+
+
+Progress = Callable[[str], None]
+
+
+def _configure(tf, converter, recipe: Recipe, arrays) -> None:
+    """Apply a recipe (data from pipeline.recipes) to a fresh converter."""
+    if recipe.optimize:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if recipe.supported_types:
+        converter.target_spec.supported_types = [getattr(tf, t) for t in recipe.supported_types]
+    if recipe.needs_calibration:
+        converter.representative_dataset = calibration.representative_dataset(arrays)
+    if recipe.ops:
+        converter.target_spec.supported_ops = [getattr(tf.lite.OpsSet, o.value) for o in recipe.ops]
+    if recipe.io_type:
+        converter.inference_input_type = getattr(tf, recipe.io_type)
+        converter.inference_output_type = getattr(tf, recipe.io_type)
+
+
+class _Session:
+    """Expensive state shared by the recipes of one run, created on first need."""
+
+    def __init__(self, req: ConvertRequest, cset: Optional[calibration.CalibrationSet], progress: Progress):
+        self.req, self.cset, self.progress = req, cset, progress
+        self._tf = self._source = self._spec = self._arrays = None
+
+    @property
+    def tf(self):
+        if self._tf is None:
+            self.progress("loading TensorFlow")
+            self._tf = import_tf()
+        return self._tf
+
+    @property
+    def source(self) -> modelio.LoadedSource:
+        if self._source is None:
+            self.progress(f"loading {self.req.model.name}")
+            tf = self.tf
+            with captured_output():
+                self._source = modelio.load_source(tf, self.req.model)
+        return self._source
+
+    @property
+    def spec(self) -> Optional[Preprocess]:
+        """The manifest's preprocessing; None for models that do not take images."""
+        if self._spec is None:
+            shape = self.source.resolved_input_shape(self.req.input_size)
+            try:
+                self._spec = resolve(shape, self.req.preprocess, rescales_itself=self.source.rescales_itself)
+            except ValueError:
+                if self.cset is not None:
+                    raise
+                return None
+            for note in self._spec.assumed:
+                self.progress(f"assumed: {note}")
+        return self._spec
+
+    def arrays(self):
+        if self._arrays is None:
+            spec = self.spec
+            if spec is None:  # pragma: no cover - resolve() raised above
+                raise ConvertError("calibration needs an image-shaped model input")
+            self.progress(f"calibration: {self.cset.count} images from {self.cset.folder}")
+            self._arrays = calibration.load_arrays(self.cset, spec)
+        return self._arrays
+
+
+def _tensor_infos(model_path: Path) -> tuple:
+    """Inputs/outputs as the device runtime sees them (the same code the board runs)."""
+    from device.runtime import load_model
+
+    m = load_model(model_path)
+    return (tuple(TensorInfo.from_dict(t.to_dict()) for t in m.inputs),
+            tuple(TensorInfo.from_dict(t.to_dict()) for t in m.outputs))
+
+
+def _infer_task(req: ConvertRequest, outputs: tuple) -> Task:
+    if req.task:
+        return Task(req.task)
+    if req.labels is not None:
+        return Task.CLASSIFICATION
+    if len(outputs) == 1 and len(outputs[0]["shape"]) == 2 and outputs[0]["shape"][1] > 1:
+        return Task.CLASSIFICATION
+    return Task.OTHER
+
+
+def validate(req: ConvertRequest) -> Optional[calibration.CalibrationSet]:
+    """Check every input before slow work; returns the calibration set (if needed)."""
+    modelio.model_kind(req.model)
+    if not req.recipes:
+        raise ConvertError("no recipes given")
+    if req.labels is not None:
+        try:
+            req.labels.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConvertError(f"labels file {req.labels}: unreadable ({e})") from None
+    check_writable(req.out_dir)
+    needs_calib = any(r.needs_calibration for r in req.recipes)
+    if needs_calib and req.calib_dir is None:
+        names = ", ".join(r.name for r in req.recipes if r.needs_calibration)
+        raise ConvertError(f"recipes {names} need calibration images: pass --calib DIR")
+    if req.calib_dir is not None and needs_calib:
+        return calibration.select(req.calib_dir, req.calib_count, req.calib_seed)
+    return None
+
+
+def convert_model(req: ConvertRequest, progress: Progress = lambda msg: None) -> list:
+    """Convert ``req.model`` with every recipe; returns one RecipeResult per recipe."""
+    cset = validate(req)
+    digest = modelio.model_digest(req.model)
+    session = _Session(req, cset, progress)
+    store = _cache.ConversionCache(req.cache_dir) if req.cache_dir else None
+    base_name = req.name or req.model.stem
+    compiler_missing_said = False
+    results = []
+    for i, recipe in enumerate(req.recipes, 1):
+        progress(f"[{i}/{len(req.recipes)}] {recipe.name}")
+        t0 = time.perf_counter()
+        key = _cache.cache_key({
+            "model": digest, "recipe": recipe.describe(), "io": recipe.io_type,
+            "calibration": cset.digest if (cset and recipe.needs_calibration) else None,
+            "preprocess": req.preprocess.to_dict(), "input_size": req.input_size,
+            "tensorflow": tensorflow_version(), "edgepipe": __version__,
+        })
+        hit = store.get(key) if store else None
+        try:
+            if hit:
+                data, meta = hit
+            else:
+                data, meta = _convert_one(session, recipe, req)
+                if store:
+                    store.put(key, data, meta)
+            name = f"{base_name}-{recipe.name}"
+            compile_tpu = recipe.edgetpu and req.edgetpu
+            not_compiled = None
+            if compile_tpu and edgetpu.find_compiler() is None:
+                compile_tpu = False
+                not_compiled = {"compiled": False, "reason": f"{edgetpu.COMPILER} not found on PATH"}
+                if not compiler_missing_said:
+                    progress(f"{edgetpu.COMPILER} not on PATH: {recipe.name} bundles are not compiled "
+                             "for the Edge TPU (install the Edge TPU compiler to compile them)")
+                    compiler_missing_said = True
+            bundle, tpu = write_bundle(
+                req.out_dir, name, data,
+                manifest_for=lambda model_path, tpu_block: _manifest(
+                    req, recipe, name, digest, data, meta, model_path, tpu_block or not_compiled, cset),
+                labels=req.labels, compile_edgetpu=compile_tpu)
+            results.append(RecipeResult(recipe.name, bundle, len(data), time.perf_counter() - t0,
+                                        cache_hit=bool(hit), edgetpu=tpu or not_compiled))
+        except (ConvertError, BundleWriteError, edgetpu.EdgeTPUError, modelio.ModelError,
+                calibration.CalibrationError, ValueError) as e:
+            # A recipe the model cannot take (e.g. an op without int16x8 kernels)
+            # must not cost the user the recipes that work.
+            results.append(RecipeResult(recipe.name, None, seconds=time.perf_counter() - t0, error=str(e)))
+            progress(f"{recipe.name} failed: {e}")
+            if isinstance(e, (modelio.ModelError, calibration.CalibrationError)):
+                raise ConvertError(str(e)) from None
+    fp32 = next((r.size for r in results if r.recipe == "fp32" and r.size), None)
+    if fp32:
+        results = [r if not r.size else _with_ratio(r, r.size / fp32) for r in results]
+    return results
+
+
+def _with_ratio(r: RecipeResult, ratio: float) -> RecipeResult:
+    from dataclasses import replace
+
+    return replace(r, ratio_to_fp32=round(ratio, 4))
+
+
+def _convert_one(session: _Session, recipe: Recipe, req: ConvertRequest) -> tuple:
+    """Run the TFLite converter for one recipe; returns (bytes, meta for cache/manifest)."""
+    tf = session.tf
+    source = session.source
+    spec = session.spec
+    arrays = session.arrays() if recipe.needs_calibration else None
+    converter = source.make_converter(tf, req.input_size)
+    _configure(tf, converter, recipe, arrays)
+    log = Path(tempfile.gettempdir()) / f"edgepipe-convert-{os.getpid()}-{recipe.name}.log"
+    try:
+        with captured_output(log):
+            data = converter.convert()
+    except Exception as e:  # noqa: BLE001 - the converter raises many types; one line for the user
+        detail = last_error_line(log) or str(e).splitlines()[0][:200]
+        raise ConvertError(f"{recipe.name}: conversion failed: {detail} (full log: {log})") from None
+    try:
+        log.unlink()
+    except OSError:
+        pass
+    meta = {
+        "preprocess": spec.to_dict() if spec else None,
+        "source_kind": source.kind.value,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return bytes(data), meta
+
+
+def _manifest(req: ConvertRequest, recipe: Recipe, name: str, digest: str, data: bytes, meta: dict,
+              model_path: Path, tpu_block: Optional[dict],
+              cset: Optional[calibration.CalibrationSet]) -> Manifest:
+    import hashlib
+
+    inputs, outputs = _tensor_infos(model_path)
+    task = _infer_task(req, [o.to_dict() for o in outputs])
+    return Manifest(
+        name=name,
+        recipe=recipe.name,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source_model={"name": req.model.name, "sha256": digest, "format": meta.get("source_kind")},
+        model_sha256=hashlib.sha256(data).hexdigest(),
+        model_size=len(data),
+        converter={"tensorflow": tensorflow_version(), "edgepipe": __version__},
+        inputs=inputs,
+        outputs=outputs,
+        preprocess=Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else None,
+        task=task,
+        labels_file="labels.txt" if req.labels else None,
+        calibration=cset.record() if (cset and recipe.needs_calibration) else None,
+        edgetpu=tpu_block,
+        extra={"recipe": recipe.describe(), "input_size": list(req.input_size) if req.input_size else None},
+    )

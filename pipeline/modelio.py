@@ -1,0 +1,138 @@
+"""Reading source models: .keras, .h5 and SavedModel directories.
+
+Digests are computed without TensorFlow so a fully cached conversion never
+imports it; loading (which needs TensorFlow) happens only on a cache miss.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ModelError(ValueError):
+    """The source model is missing, unreadable or unusable; message is user-facing."""
+
+
+class ModelKind(str, Enum):
+    KERAS = "keras"
+    H5 = "h5"
+    SAVED_MODEL = "savedmodel"
+
+
+def model_kind(path: Path) -> ModelKind:
+    """Classify a model path, or raise ModelError with the reason."""
+    if not path.exists():
+        raise ModelError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            return ModelKind.SAVED_MODEL
+        raise ModelError(f"{path}: a directory but not a SavedModel (no saved_model.pb)")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"{path}: not readable")
+    suffix = path.suffix.lower()
+    if suffix == ".keras":
+        return ModelKind.KERAS
+    if suffix in (".h5", ".hdf5"):
+        return ModelKind.H5
+    raise ModelError(f"{path}: unsupported model format {suffix or '(no extension)'!r}; "
+                     "expected .keras, .h5 or a SavedModel directory")
+
+
+def model_digest(path: Path) -> str:
+    """sha256 of a model file, or of a SavedModel tree (relative paths + bytes, sorted)."""
+    h = hashlib.sha256()
+    try:
+        if path.is_file():
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.hexdigest()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedSource:
+    """A source model loaded into TensorFlow, ready to hand to the converter."""
+
+    kind: ModelKind
+    path: Path
+    input_shape: tuple  # including batch (None when free)
+    output_shapes: tuple
+    rescales_itself: bool
+    keras_model: Optional[Any] = None  # keras.Model for .keras/.h5
+
+    def make_converter(self, tf, input_size: Optional[tuple] = None):
+        """A fresh TFLiteConverter (converters are single-use once configured)."""
+        if self.kind == ModelKind.SAVED_MODEL:
+            if input_size:
+                raise ModelError("--input-size is only supported for Keras models")
+            return tf.lite.TFLiteConverter.from_saved_model(str(self.path))
+        shape = fixed_input_shape(self.input_shape, input_size)
+        if shape == tuple(self.input_shape[1:]) and self.input_shape[0] in (None, 1):
+            return tf.lite.TFLiteConverter.from_keras_model(self.keras_model)
+        # A fixed batch-1 signature pins free spatial dims (or a new size) for TFLite.
+        fn = tf.function(lambda x: self.keras_model(x, training=False))
+        concrete = fn.get_concrete_function(tf.TensorSpec((1,) + shape, tf.float32))
+        return tf.lite.TFLiteConverter.from_concrete_functions([concrete], self.keras_model)
+
+    def resolved_input_shape(self, input_size: Optional[tuple]) -> tuple:
+        return (1,) + fixed_input_shape(self.input_shape, input_size)
+
+
+def fixed_input_shape(shape: tuple, input_size: Optional[tuple]) -> tuple:
+    """Per-example input shape (no batch), with ``input_size`` (h, w) applied to NHWC."""
+    dims = tuple(shape[1:])
+    if input_size is None:
+        return dims
+    if len(dims) != 3:
+        raise ModelError(f"--input-size needs an image input, the model takes {tuple(shape)}")
+    return (int(input_size[0]), int(input_size[1]), dims[2])
+
+
+_RESCALING = ("Rescaling", "Normalization")
+
+
+def load_source(tf, path: Path) -> LoadedSource:
+    """Load a model for conversion; every failure becomes a one-line ModelError."""
+    kind = model_kind(path)
+    try:
+        if kind == ModelKind.SAVED_MODEL:
+            loaded = tf.saved_model.load(str(path))
+            sig = loaded.signatures.get("serving_default")
+            if sig is None:
+                raise ModelError(f"{path}: SavedModel has no 'serving_default' signature")
+            inputs = list(sig.structured_input_signature[1].values())
+            if len(inputs) != 1:
+                raise ModelError(f"{path}: {len(inputs)} inputs; edgepipe converts single-input models")
+            outs = tuple(tuple(t.shape.as_list()) for t in sig.structured_outputs.values())
+            return LoadedSource(kind, path, tuple(inputs[0].shape.as_list()), outs, False)
+        import keras
+
+        model = keras.models.load_model(str(path), compile=False)
+    except ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - loaders raise anything from OSError to ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: cannot load model ({first[:200]})") from None
+    if len(model.inputs) != 1:
+        raise ModelError(f"{path}: {len(model.inputs)} inputs; edgepipe converts single-input models")
+    first_layers = [type(layer).__name__ for layer in model.layers[:3]]
+    return LoadedSource(
+        kind=kind,
+        path=path,
+        input_shape=tuple(model.inputs[0].shape),
+        output_shapes=tuple(tuple(o.shape) for o in model.outputs),
+        rescales_itself=any(n in _RESCALING for n in first_layers),
+        keras_model=model,
+    )
