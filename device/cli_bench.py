@@ -1,0 +1,191 @@
+"""`edgerun info` and `edgerun bench`: thin click commands over sysinfo / bench / report."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import click
+
+
+def _fail(msg: str) -> click.ClickException:
+    return click.ClickException(" ".join(str(msg).split()))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def info(as_json: bool) -> None:
+    """Show this device: runtimes, delegates, CPU, board, OS, governor, temperature, memory.
+
+    \b
+    Examples:
+      edgerun info
+      edgerun info --json
+    """
+    from device.sysinfo import info as gather
+
+    data = gather()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    mem = data["memory_mb"]
+    rows = [
+        ("host", data["hostname"]),
+        ("board", data["board"]),
+        ("cpu", f"{data['cpu'] or '?'} ({data['machine']}, {data['cores']} cores)"),
+        ("os", data["os"]),
+        ("python", data["python"]),
+        ("governor", data["governor"]),
+        ("temperature", f"{data['temperature_c']:.1f} C" if data["temperature_c"] is not None else None),
+        ("throttled", (f"{data['throttled']} ({', '.join(data['throttled_flags']) or 'ok'})"
+                       if data["throttled"] is not None else None)),
+        ("memory", f"{mem['total']:.0f} MB total, {mem['available']:.0f} MB available"
+         if mem["total"] is not None and mem["available"] is not None else None),
+        ("backends", ", ".join(f"{b['name']} {b['version'] or ''}".strip() for b in data["backends"])
+         or "none installed (pip install ai-edge-litert, or tflite-runtime)"),
+    ]
+    for name, d in data["delegates"].items():
+        if name == "cpu":
+            rows.append(("delegate cpu", d["note"]))
+            continue
+        if d["available"]:
+            extra = f" devices: {', '.join(d['devices'])}" if d.get("devices") else ""
+            if name == "edgetpu" and not d.get("devices"):
+                extra = " (no device visible)"
+            rows.append((f"delegate {name}", f"{d['library']}{extra}"))
+        else:
+            rows.append((f"delegate {name}", "not found"))
+    if data["emulated"]:
+        rows.append(("note", "running under CPU emulation"))
+    for k, v in rows:
+        if v is not None:  # missing sources are simply absent
+            click.echo(f"{k:<16} {v}")
+
+
+def _int_list(ctx, param, value: Optional[str]) -> List[Optional[int]]:
+    if value is None or value.strip() in ("", "default", "auto"):
+        return [None]
+    out: List[Optional[int]] = []
+    for part in value.split(","):
+        part = part.strip()
+        if part in ("default", "auto"):
+            out.append(None)
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a number (use e.g. 1,2,4)") from None
+        if n < 1:
+            raise click.BadParameter("thread counts must be >= 1")
+        out.append(n)
+    return out
+
+
+def _str_list(ctx, param, value: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter("give at least one delegate")
+    return items
+
+
+def _report_options(f):
+    """`--report-to` / `--report-token` from device.send when the collector client is installed."""
+    try:
+        from device.send import report_to_option
+    except ImportError:
+        return f
+    return report_to_option(f)
+
+
+@click.command()
+@click.argument("model", metavar="BUNDLE|MODEL", type=click.Path(dir_okay=True, file_okay=True))
+@click.option("--threads", default=None, callback=_int_list, metavar="N[,N...]",
+              help="CPU threads; a list (1,2,4) runs one bench per value. Default: the runtime's choice.")
+@click.option("--delegate", default="cpu", show_default=True, callback=_str_list, metavar="NAME[,NAME...]",
+              help="cpu, xnnpack, edgetpu[:usb|:pci|:N], gpu or /path/to/delegate.so; a list compares them.")
+@click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Minimum timed runs.")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed runs first.")
+@click.option("--min-secs", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Keep running until this many seconds of timed runs.")
+@click.option("--input", "input_", default="random", show_default=True, metavar="random|DIR",
+              help="Seeded random tensors, or real images from DIR through the bundle's preprocessing.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for random inputs.")
+@click.option("--backend", default=None, metavar="NAME",
+              help="Force a runtime: ai_edge_litert, tflite_runtime or tensorflow.lite. Default: first installed.")
+@click.option("--edgetpu-device", default=None, metavar="usb|pci|:N", help="Which Edge TPU to use.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
+              help="Write the report JSON here (a JSON list when several settings ran).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report JSON instead of a summary.")
+@_report_options
+def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backend, edgetpu_device, out,
+          as_json) -> None:
+    """Benchmark a bundle or a plain .tflite file on this device.
+
+    Reports cold start (file read, interpreter build, delegate, allocate,
+    first invoke), then latency stats over timed invokes after a warm-up.
+
+    \b
+    Examples:
+      edgerun bench out/mobilenet_v2-int8
+      edgerun bench model.tflite --threads 1,2,4 --runs 100
+      edgerun bench out/mobilenet_v2-int8 --delegate cpu,edgetpu --json --out bench.json
+      edgerun bench out/mobilenet_v2-fp32 --input sample_data/images
+    """
+    from device.bench import BenchError, run_matrix
+    from device.bundle import BundleError
+    from device.report import format_comparison, format_summary
+    from device.runtime import RuntimeLoadError
+
+    expected = (BenchError, BundleError, RuntimeLoadError)
+    failures: List[str] = []
+
+    def on_error(label: str, e: Exception) -> bool:
+        if not isinstance(e, expected):
+            return False
+        if len(threads) * len(delegate) == 1:
+            return False
+        failures.append(f"{label}: {e}")
+        click.echo(f"error: {label}: {e}", err=True)
+        return True
+
+    def on_report(r: dict) -> None:
+        if not as_json:
+            click.echo(format_summary(r))
+            click.echo("")
+
+    try:
+        reports = run_matrix(model, threads=threads, delegates=delegate, runs=runs, warmup=warmup,
+                             min_secs=min_secs, input=input_, backend=backend, seed=seed,
+                             edgetpu_device=edgetpu_device, on_report=on_report, on_error=on_error)
+    except expected as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted") from None
+    emit(reports, out=out, as_json=as_json)
+    if len(reports) > 1 and not as_json:
+        click.echo(format_comparison(reports))
+    if failures:
+        raise _fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
+
+
+def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:
+    """Hand finished reports to their destinations: --out file, --json stdout, --report-to collector."""
+    from device.report import dumps, write_json
+
+    if not reports:
+        return
+    payload = reports[0] if len(reports) == 1 else reports
+    if out:
+        try:
+            write_json(payload, out)
+        except OSError as e:
+            raise _fail(f"cannot write {out}: {e.strerror or e}") from None
+    if as_json:
+        click.echo(dumps(payload))
+    try:
+        from device.send import maybe_send
+    except ImportError:
+        return
+    for r in reports:
+        maybe_send(r)
+    sys.stdout.flush()
