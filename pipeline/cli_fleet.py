@@ -1,0 +1,100 @@
+"""`edgepipe bench`: push bundles to device agents, bench them, collect the reports."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+
+@click.command(epilog="""\b
+Examples:
+  edgerun agent --port 8751                                   # on each device
+  edgepipe bench out/mobilenet_v2-*/ --device http://127.0.0.1:8751
+  edgepipe bench out/*/ --device http://pi4:8751 --device http://pi5:8751 \\
+      --token "$EDGERUN_TOKEN" --threads 4 --runs 200 --db results.db
+""")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--device", "devices", multiple=True, required=True, metavar="URL",
+              help="Agent URL (`edgerun agent`), e.g. http://pi.local:8751; repeat for more devices.")
+@click.option("--token", envvar="EDGERUN_TOKEN", default=None,
+              help="Bearer token of the agents [env: EDGERUN_TOKEN].")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="Results database. Default: $EDGEPIPE_DB or ~/.local/share/edgepipe/results.db.")
+@click.option("--no-db", is_flag=True, help="Do not store the reports (print only).")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Interpreter threads (default: runtime's).")
+@click.option("--delegate", default=None, help="cpu | xnnpack | edgetpu | gpu | PATH.so (default cpu).")
+@click.option("--backend", default=None, help="Runtime on the device (default: the first installed).")
+@click.option("--runs", type=click.IntRange(1, 100000), default=None, help="Timed runs per bundle.")
+@click.option("--warmup", type=click.IntRange(0, 10000), default=None, help="Untimed warm-up runs.")
+@click.option("--min-secs", type=click.FloatRange(0, 3600), default=None, help="Keep running at least this long.")
+@click.option("--seed", type=int, default=None, help="Seed of the random input.")
+@click.option("--timeout", "job_timeout", type=click.FloatRange(1, 86400), default=1800, show_default=True,
+              help="Seconds to wait for one job.")
+@click.option("--json", "as_json", is_flag=True, help="Print outcomes and reports as JSON.")
+def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, runs, warmup, min_secs,
+          seed, job_timeout, as_json):
+    """Bench BUNDLE(s) on every --device at once and store the reports.
+
+    Uploads only what a device lacks (bundles are keyed by sha256), runs the
+    jobs on all devices concurrently (one at a time per device), prints a
+    device x recipe table. Exit code 0 only when every job succeeded.
+    """
+    from device.bundle import BundleError
+    from pipeline.fleet import bench_fleet
+    from pipeline.remote import pack_bundle
+    from pipeline.reporting import quantized_slower, results_table, row, sort_rows
+
+    packed = []
+    for b in bundles:
+        try:
+            packed.append(pack_bundle(b))
+        except (BundleError, OSError) as e:
+            raise click.ClickException(f"{b}: {e}") from None
+    for url in devices:
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--device")
+
+    store = None
+    if not no_db:
+        from pipeline.store import Store, default_db_path
+        path = db_path or default_db_path()
+        try:
+            store = Store(path)
+        except Exception as e:
+            raise click.ClickException(f"cannot open results database {path}: {e}") from None
+
+    t0 = time.monotonic()
+
+    def progress(dev, bundle, stage, detail):
+        click.echo(f"[{time.monotonic() - t0:6.1f}s] {dev:<21} {bundle:<28} {stage:<7} {detail}", err=True)
+
+    params = dict(threads=threads, delegate=delegate, backend=backend, runs=runs, warmup=warmup,
+                  min_secs=min_secs, seed=seed)
+    try:
+        result = bench_fleet(packed, list(devices), params=params, token=token, store=store,
+                             job_timeout=job_timeout, on_event=progress)
+    finally:
+        if store is not None:
+            store.close()
+
+    ok_rows = sort_rows(dict(row(o.report), device=o.device) for o in result.outcomes if o.report)
+    if as_json:
+        click.echo(json.dumps({
+            "ok": result.ok,
+            "outcomes": [{"device": o.device, "bundle": o.bundle, "recipe": o.recipe, "status": o.status,
+                          "error": o.error, "uploaded": o.uploaded, "stored": o.stored,
+                          "report": o.report} for o in result.outcomes],
+            "warnings": quantized_slower(ok_rows)}, indent=2))
+    else:
+        if ok_rows:
+            click.echo(results_table(ok_rows))
+        for w in quantized_slower(ok_rows):
+            click.echo(f"warning: {w}")
+        for o in result.failed():
+            click.echo(f"FAILED  {o.device}  {o.bundle}: {o.error}")
+        n_ok = sum(o.status == "ok" for o in result.outcomes)
+        where = "not stored" if store is None else f"stored in {store.path}"
+        click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {len(devices)} device(s); reports {where}")
+    sys.exit(0 if result.ok else 1)

@@ -1,0 +1,270 @@
+"""Report sets as tables: rows, latest-per-configuration, comparisons, complaints.
+
+A *row* is the flat view of one report that tables, the JSON output, the
+baseline file and the HTML page all share. A saved report set (``edgepipe
+report --save`` or ``--json``) is ``{"schema": "edgepipe.reportset/1", "rows":
+[...]}`` and is what ``--compare`` reads back.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Optional
+
+REPORTSET = "edgepipe.reportset/1"
+LOAD_PARTS = ("file_read", "interpreter_build", "delegate", "allocate", "first_invoke")
+# A quantized recipe within this margin of fp32 is "as fast", not slower:
+# fp16 weights, for one, run through the same float kernels.
+SLOWER_MARGIN = 0.05
+# The configuration a p50 belongs to; compare and "latest" use it.
+KEY = ("device", "model", "recipe", "backend", "delegate", "threads", "kind")
+
+
+def _num(x) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def family(name: str, recipe: Optional[str]) -> str:
+    """``mobilenet_v2-int8`` -> ``mobilenet_v2``: the model the recipes were made from."""
+    if recipe and name.endswith("-" + recipe):
+        return name[: -len(recipe) - 1]
+    return name
+
+
+def row(report: dict) -> dict:
+    """The flat view of one report."""
+    dev = report.get("device") or {}
+    rt = report.get("runtime") or {}
+    model = report.get("model") or {}
+    lat = report.get("latency_ms") or {}
+    load = report.get("load_ms") or {}
+    thr = report.get("throughput") or {}
+    parts = {k: _num(load.get(k)) for k in LOAD_PARTS}
+    known = [v for v in parts.values() if v is not None]
+    name = str(model.get("name", "?"))
+    recipe = model.get("recipe")
+    return {
+        "id": report.get("id"),
+        "created": report.get("created"),
+        "kind": report.get("kind"),
+        "device": dev.get("hostname"),
+        "board": dev.get("board"),
+        "model": name,
+        "family": family(name, recipe),
+        "recipe": recipe or "-",
+        "backend": rt.get("backend"),
+        "delegate": rt.get("delegate"),
+        "threads": rt.get("threads"),
+        "load": rt.get("load"),
+        "n": lat.get("n"),
+        "mean": _num(lat.get("mean")),
+        "p50": _num(lat.get("p50")),
+        "p90": _num(lat.get("p90")),
+        "p99": _num(lat.get("p99")),
+        "min": _num(lat.get("min")),
+        "max": _num(lat.get("max")),
+        "fps": _num(thr.get("fps")),
+        "load_ms": round(sum(known), 3) if known else None,
+        "load_parts": parts,
+        "size": model.get("size"),
+        "governor": dev.get("governor"),
+        "warnings": list(report.get("warnings") or []),
+        "errors": list(report.get("errors") or []),
+    }
+
+
+def key_of(r: dict) -> tuple:
+    return tuple(r.get(k) for k in KEY)
+
+
+def key_str(r: dict) -> str:
+    thr = r.get("threads")
+    return (f"{r.get('device')} {r.get('model')} {r.get('backend')}/{r.get('delegate')}"
+            f" t={thr if thr is not None else 'auto'} {r.get('kind')}")
+
+
+def latest(rows: Iterable[dict]) -> list:
+    """Keep the newest row per configuration (rows come oldest first)."""
+    best: dict = {}
+    for r in rows:
+        best[key_of(r)] = r
+    return sort_rows(best.values())
+
+
+def sort_rows(rows: Iterable[dict]) -> list:
+    return sorted(rows, key=lambda r: (str(r.get("family")), str(r.get("device")), str(r.get("kind")),
+                                       str(r.get("backend")), str(r.get("delegate")),
+                                       r.get("threads") or 0, str(r.get("recipe")), str(r.get("created"))))
+
+
+def quantized_slower(rows: Iterable[dict], margin: float = SLOWER_MARGIN) -> list:
+    """DESIGN.md complaint #1: warn when a quantized variant is slower than fp32 on a device."""
+    groups: dict = {}
+    for r in rows:
+        if r.get("p50") is None:
+            continue
+        g = (r["device"], r["family"], r["backend"], r["delegate"], r["threads"], r["kind"])
+        groups.setdefault(g, {})[r["recipe"]] = r
+    out = []
+    for (dev, fam, _b, dlg, thr, _k), recipes in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        base = recipes.get("fp32")
+        if base is None:
+            continue
+        for recipe, r in sorted(recipes.items()):
+            if recipe in ("fp32", "-") or r["p50"] <= base["p50"] * (1 + margin):
+                continue
+            out.append(f"{dev}: {fam} {recipe} is slower than fp32 ({r['p50']:.2f} vs {base['p50']:.2f} ms "
+                       f"p50, x{r['p50'] / base['p50']:.2f}, delegate {dlg}, threads "
+                       f"{thr if thr is not None else 'auto'}); fp32 is the faster choice there")
+    return out
+
+
+def fastest(rows: Iterable[dict]) -> list:
+    """Per device and model: the recipe with the lowest p50 (what to deploy there)."""
+    best: dict = {}
+    for r in rows:
+        if r.get("p50") is None or r.get("kind") != "bench":
+            continue
+        g = (r["device"], r["family"])
+        if g not in best or r["p50"] < best[g]["p50"]:
+            best[g] = r
+    return [f"{d}: fastest {fam} is {r['recipe']} ({r['delegate']}, t={r['threads'] or 'auto'}) "
+            f"at {r['p50']:.2f} ms p50" for (d, fam), r in sorted(best.items(), key=lambda kv: str(kv[0]))]
+
+
+# -- comparison against a saved set ------------------------------------------
+
+def compare(current: Iterable[dict], baseline: Iterable[dict], tolerance: float) -> list:
+    """Match rows by configuration and judge each p50 against the baseline.
+
+    status: ``regressed`` (p50 above baseline x (1 + tolerance)), ``improved``
+    (below baseline / (1 + tolerance)), ``same``, ``new`` or ``missing``.
+    """
+    cur = {key_of(r): r for r in current}
+    base = {key_of(r): r for r in baseline}
+    out = []
+    for k in sorted(set(cur) | set(base), key=str):
+        c, b = cur.get(k), base.get(k)
+        ref = c or b
+        entry = {"key": key_str(ref), "device": ref.get("device"), "model": ref.get("model"),
+                 "recipe": ref.get("recipe"), "delegate": ref.get("delegate"), "threads": ref.get("threads"),
+                 "baseline_p50": b.get("p50") if b else None, "p50": c.get("p50") if c else None,
+                 "ratio": None}
+        if c is None:
+            entry["status"] = "missing"
+        elif b is None or b.get("p50") is None or c.get("p50") is None:
+            entry["status"] = "new"
+        else:
+            ratio = c["p50"] / b["p50"] if b["p50"] > 0 else math.inf
+            entry["ratio"] = round(ratio, 4)
+            entry["status"] = ("regressed" if ratio > 1 + tolerance else
+                               "improved" if ratio < 1 / (1 + tolerance) else "same")
+        out.append(entry)
+    return out
+
+
+def to_reportset(rows: list, reports: Optional[list] = None) -> dict:
+    d = {"schema": REPORTSET, "rows": rows, "warnings": quantized_slower(rows), "fastest": fastest(rows)}
+    if reports is not None:
+        d["reports"] = reports
+    return d
+
+
+def load_baseline(path: Path) -> list:
+    """Rows of a baseline: a saved report set, a JSON list of reports, or a results DB."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such baseline file")
+    if path.suffix in (".db", ".sqlite", ".sqlite3"):
+        from pipeline.store import Store
+        with Store(path) as s:
+            return latest(row(r) for r in s.query())
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON report set ({e})") from None
+    if isinstance(doc, dict) and doc.get("schema") == REPORTSET and isinstance(doc.get("rows"), list):
+        return doc["rows"]
+    if isinstance(doc, dict) and doc.get("schema") == "edgepipe.report/1":
+        doc = [doc]
+    if isinstance(doc, list) and all(isinstance(r, dict) and r.get("schema") == "edgepipe.report/1" for r in doc):
+        return latest(row(r) for r in doc)
+    raise ValueError(f"{path}: expected a report set from `edgepipe report --save/--json` "
+                     "or a JSON list of reports")
+
+
+# -- text tables ---------------------------------------------------------------
+
+def fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if abs(x) >= 1000:
+            return f"{x:.0f}"
+        return f"{x:.{digits if abs(x) >= 1 or x == 0 else digits + 1}f}"
+    return str(x)
+
+
+def format_table(headers: list, rows: list) -> str:
+    """A plain aligned text table (numbers right-aligned)."""
+    cells = [[fmt(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(vals, widths, numeric)).rstrip()
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def size_mb(n) -> Optional[float]:
+    return round(n / 1e6, 2) if isinstance(n, int) else None
+
+
+def short_warnings(ws: list, width: int = 48) -> str:
+    if not ws:
+        return ""
+    first = ws[0] if len(ws[0]) <= width else ws[0][: width - 3] + "..."
+    return first + (f" (+{len(ws) - 1})" if len(ws) > 1 else "")
+
+
+def results_table(rows: list) -> str:
+    """Device x recipe table: p50, p90, p99, FPS, load ms, size, warnings."""
+    headers = ["device", "model", "recipe", "delegate", "thr", "p50 ms", "p90 ms", "p99 ms", "FPS",
+               "load ms", "MB", "warnings"]
+    body = [[r["device"], r["family"], r["recipe"], r["delegate"], r["threads"], r["p50"], r["p90"],
+             r["p99"], r["fps"], (r["load_ms"] if r.get("load") != "warm" else "warm"),
+             size_mb(r["size"]), short_warnings(r["warnings"])] for r in rows]
+    return format_table(headers, body)
+
+
+def comparison_table(entries: list) -> str:
+    headers = ["configuration", "recipe", "base p50", "p50", "ratio", "status"]
+    body = [[e["key"], e["recipe"], e["baseline_p50"], e["p50"], e["ratio"], e["status"].upper()
+             if e["status"] == "regressed" else e["status"]] for e in entries]
+    return format_table(headers, body)
+
+
+def pivot_table(rows: list) -> str:
+    """p50 (ms) of every recipe on every device, per model: the at-a-glance view."""
+    blocks = []
+    fams = sorted({r["family"] for r in rows if r.get("kind") == "bench"})
+    for fam in fams:
+        sub = [r for r in rows if r["family"] == fam and r.get("kind") == "bench"]
+        recipes = sorted({r["recipe"] for r in sub}, key=_recipe_order)
+        cols = sorted({(r["device"], r["delegate"], r["threads"]) for r in sub}, key=str)
+        cell = {(r["recipe"], (r["device"], r["delegate"], r["threads"])): r["p50"] for r in sub}
+        headers = [f"{fam} p50 ms"] + [f"{d} {g} t{t if t is not None else '-'}" for d, g, t in cols]
+        body = [[rc] + [cell.get((rc, c)) for c in cols] for rc in recipes]
+        blocks.append(format_table(headers, body))
+    return "\n\n".join(blocks)
+
+
+RECIPE_ORDER = ("fp32", "fp16", "dynamic", "int8", "int8-io", "int16x8")
+
+
+def _recipe_order(r: str):
+    return (RECIPE_ORDER.index(r) if r in RECIPE_ORDER else len(RECIPE_ORDER), r)
