@@ -1,0 +1,142 @@
+"""`edgepipe evaluate`: accuracy per bundle and agreement with the float model."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from device.tables import format_bytes, format_table
+
+EPILOG = """\b
+Examples:
+  edgepipe evaluate bundles/fashion_mnist_cnn-* --data sample_data/fashion_mnist/test
+  edgepipe evaluate bundles/mobilenet_v2-int8 bundles/mobilenet_v2-fp16 \\
+      --data sample_data/images --reference .cache/edgepipe/mobilenet_v2.keras --json
+  edgepipe evaluate bundles/*-int8 --data photos/ --labels photo_labels.txt --db results.db
+"""
+
+
+class _Bar:
+    """A click progress bar on stderr, opened per stage, silent with --json or --quiet."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.total = enabled, None, 0
+
+    def start(self, label: str, total: int):
+        self.close()
+        if self.enabled:
+            self.bar = click.progressbar(length=total, label=label, file=sys.stderr, width=30)
+            self.bar.__enter__()
+
+    def step(self, n: int):
+        if self.bar:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+def format_results(results) -> str:
+    rows = []
+    for r in results:
+        a = r.agreement or {}
+        from pipeline.metrics import fmt_snr
+
+        rows.append([
+            r.bundle, r.recipe or "-", format_bytes(r.size), r.images,
+            f"{r.accuracy['top1']:.4f}" if "top1" in r.accuracy else "-",
+            f"{r.accuracy['top5']:.4f}" if "top5" in r.accuracy else "-",
+            f"{a.get('top1_agreement', 0):.4f}", f"{a.get('mean_abs', 0):.2e}",
+            f"{a.get('max_abs', 0):.2e}", f"{a.get('cosine', 0):.5f}",
+            fmt_snr(a.get("snr_db") if a.get("snr_db") is not None else float("inf")),
+        ])
+    return format_table(["bundle", "recipe", "size", "images", "top1", "top5", "agree", "mean|d|",
+                         "max|d|", "cosine", "SNR dB"], rows, right=range(2, 11))
+
+
+@click.command(epilog=EPILOG)
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Images: one sub-folder per class (labelled) or a flat folder.")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Float Keras model to compare with (default: the manifest's source model, "
+                   "looked up next to the bundles and in sample_data/models).")
+@click.option("--labels", "labels_file", type=click.Path(path_type=Path),
+              help="Class names one per line, or '<image file> <class>' per line for a flat folder.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images (evenly spread).")
+@click.option("--threads", type=click.IntRange(min=1), help="Interpreter threads.")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also store one 'eval' report per bundle in this results database.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, as_json, quiet):
+    """Top-1/top-5 accuracy of each BUNDLE and its agreement with the float model.
+
+    Each bundle runs through the device runtime on images read with its own
+    preprocessing; the float reference runs on the same inputs. Agreement is
+    the fraction of images where both pick the same class; mean/max |d|,
+    cosine and SNR compare the raw outputs.
+    """
+    from pipeline.evaluate import EvalError, eval_report, evaluate_bundles
+
+    bar = _Bar(enabled=not (as_json or quiet))
+    n_images = {"n": 0}
+
+    def progress(msg: str, n: int) -> None:
+        if n:
+            bar.step(n)
+        elif msg:
+            if msg.startswith(("reading", "running")) and not msg.startswith("running float"):
+                bar.start(msg, n_images["n"] or 1)
+            elif not (as_json or quiet):
+                bar.close()
+                click.echo(f"edgepipe: {msg}", err=True)
+
+    try:
+        from pipeline.evaluate import load_dataset
+
+        # Count once for the bars (cheap listing; the real load validates again).
+        try:
+            n_images["n"] = len(load_dataset(data, labels_file=labels_file, limit=limit).paths)
+        except EvalError:
+            pass
+        results = evaluate_bundles(bundles, data, reference=reference, labels_file=labels_file,
+                                   limit=limit, threads=threads, progress=progress)
+    except EvalError as e:
+        bar.close()
+        raise click.ClickException(str(e)) from None
+    finally:
+        bar.close()
+    stored = None
+    if db_path is not None:
+        stored = _store(results, data, db_path)
+    if as_json:
+        out = {"data": str(data), "results": [r.to_dict() for r in results]}
+        if stored is not None:
+            out["stored"] = stored
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(format_results(results))
+        for note in sorted({n for r in results for n in r.notes}):
+            click.echo(f"note: {note}")
+        if stored is not None:
+            click.echo(f"stored {stored} eval report(s) in {db_path}")
+
+
+def _store(results, data, db_path) -> int:
+    try:
+        from pipeline.store import Store
+    except ImportError:
+        raise click.ClickException("--db: the results store (pipeline.store) is not available "
+                                   "in this installation") from None
+    from pipeline.evaluate import eval_report
+
+    try:
+        with Store(db_path) as store:
+            return sum(1 for r in results if store.add(eval_report(r, data)))
+    except Exception as e:  # noqa: BLE001 - sqlite/OS errors become one line
+        raise click.ClickException(f"--db: cannot store reports in {db_path} ({e})") from None
