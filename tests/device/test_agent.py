@@ -1,0 +1,238 @@
+"""`edgerun agent` on loopback: tokens, bundle uploads, the job lifecycle, warm loads.
+
+Real HTTP server, real bundle store, real bench (device.bench.run_bench) on the
+tiny committed models. No TensorFlow, no pipeline imports.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from device.agent import Agent, AgentServer
+from device.bundle import Manifest, TensorInfo, sha256_file, write_manifest
+from device.bundle_store import BundleStore
+from device.http import ClientError, request
+
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+TOKEN = "s3cret-token"
+
+
+def make_bundle(root: Path, model: str, name: str, recipe: str) -> Path:
+    """A real bundle directory around one of the committed tiny models."""
+    from device.runtime import load_model
+
+    d = root / name
+    d.mkdir(parents=True)
+    shutil.copy(MODELS / model, d / "model.tflite")
+    m = load_model(d / "model.tflite")
+    write_manifest(d, Manifest(
+        name=name, recipe=recipe, model_sha256=sha256_file(d / "model.tflite"),
+        model_size=(d / "model.tflite").stat().st_size,
+        inputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.inputs),
+        outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.outputs)))
+    return d
+
+
+def tar_of(directory: Path = None, members=None) -> tuple:
+    """(bytes, sha256) of a tar of ``directory`` or of raw ``members`` [(TarInfo, bytes)]."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        if directory is not None:
+            for f in sorted(directory.iterdir()):
+                tar.add(f, arcname=f.name)
+        for info, data in members or ():
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def agent(tmp_path):
+    store = BundleStore(tmp_path / "store", max_bytes=1 << 20)
+    worker = Agent(store, keep_warm=2)
+    server = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
+    server.start_background()
+    yield server
+    server.shutdown()
+    server.server_close()
+    worker.close()
+
+
+def call(server, method, path, token=TOKEN, **kw):
+    return request(method, server.url + path, token=token, **kw)
+
+
+def put_bundle(server, data, sha, **kw):
+    return call(server, "PUT", f"/v1/bundles/{sha}", data=data, content_type="application/x-tar", **kw)
+
+
+def wait_job(server, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, state = call(server, "GET", f"/v1/jobs/{job_id}")
+        if state["status"] in ("done", "failed"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_token_is_enforced_and_healthz_is_public(agent):
+    with pytest.raises(ClientError) as e:
+        call(agent, "GET", "/v1/info", token=None)
+    assert e.value.status == 401
+    with pytest.raises(ClientError) as e:
+        call(agent, "GET", "/v1/info", token="wrong")
+    assert e.value.status == 403
+    assert call(agent, "GET", "/healthz", token=None)[0] == 200
+    status, info = call(agent, "GET", "/v1/info")
+    assert status == 200 and info["bundles"] == [] and "agent" in info
+
+
+def test_refuses_to_listen_beyond_loopback_without_token(tmp_path):
+    worker = Agent(BundleStore(tmp_path / "s"))
+    try:
+        with pytest.raises(ValueError, match="without a token"):
+            AgentServer(worker, "0.0.0.0", 0, token=None)
+    finally:
+        worker.close()
+
+
+def test_upload_is_verified_and_redeploy_is_a_noop(agent, tmp_path):
+    bdir = make_bundle(tmp_path / "b", "float.tflite", "tiny-fp32", "fp32")
+    data, sha = tar_of(bdir)
+    status, body = put_bundle(agent, data, sha)
+    assert status == 201 and body["new"] is True and body["name"] == "tiny-fp32"
+    stored = Path(agent.agent.store.path(sha))
+    mtime = (stored / "model.tflite").stat().st_mtime_ns
+    status, body = put_bundle(agent, data, sha)
+    assert status == 200 and body["new"] is False
+    assert (stored / "model.tflite").stat().st_mtime_ns == mtime
+    assert call(agent, "GET", f"/v1/bundles/{sha}")[1]["recipe"] == "fp32"
+    assert [b["sha256"] for b in call(agent, "GET", "/v1/bundles")[1]["bundles"]] == [sha]
+
+
+def _refused(agent, data, sha, status, match):
+    with pytest.raises(ClientError) as e:
+        put_bundle(agent, data, sha)
+    assert e.value.status == status, e.value
+    assert match in str(e.value)
+    with pytest.raises(ClientError) as e:  # nothing was stored
+        call(agent, "GET", f"/v1/bundles/{sha}")
+    assert e.value.status == 404
+
+
+def test_bad_uploads_are_refused_and_agent_keeps_serving(agent, tmp_path):
+    bdir = make_bundle(tmp_path / "b", "float.tflite", "tiny-fp32", "fp32")
+    data, sha = tar_of(bdir)
+    other = hashlib.sha256(b"something else").hexdigest()
+    _refused(agent, data, other, 400, "digest mismatch")
+
+    evil = tarfile.TarInfo("../../escape.txt")
+    evil.size = 3
+    _refused(agent, *tar_of(members=[(evil, b"bad")]), 422, "'..'")
+
+    link = tarfile.TarInfo("model.tflite")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    _refused(agent, *tar_of(members=[(link, None)]), 422, "links")
+
+    absolute = tarfile.TarInfo("/tmp/abs.txt")
+    absolute.size = 1
+    _refused(agent, *tar_of(members=[(absolute, b"x")]), 422, "absolute")
+
+    big = bytes(2 << 20)  # store cap is 1 MiB
+    _refused(agent, big, hashlib.sha256(big).hexdigest(), 413, "exceeds")
+
+    junk = tarfile.TarInfo("readme.txt")
+    junk.size = 2
+    _refused(agent, *tar_of(members=[(junk, b"hi")]), 422, "not a bundle")
+
+    # A manifest whose digest does not match the model: corrupt in transit or tampered.
+    (bdir / "model.tflite").write_bytes((MODELS / "int8_io.tflite").read_bytes())
+    _refused(agent, *tar_of(bdir), 422, "does not match")
+
+    with pytest.raises(ClientError) as e:
+        put_bundle(agent, b"x", "not-a-digest")
+    assert e.value.status == 400
+    assert not list((tmp_path / "escape.txt").parent.glob("escape.txt"))
+    assert call(agent, "GET", "/healthz")[0] == 200
+
+
+def test_bad_job_requests(agent, tmp_path):
+    missing = hashlib.sha256(b"nope").hexdigest()
+    cases = [
+        ({"kind": "bench", "bundle": missing}, 409, "PUT /v1/bundles"),
+        ({"kind": "dance", "bundle": missing}, 400, "kind"),
+        ({"kind": "bench", "bundle": "zz"}, 400, "sha256"),
+        ({"kind": "bench", "bundle": missing, "runz": 3}, 400, "unknown bench job parameter"),
+        ({"kind": "bench", "bundle": missing, "runs": "many"}, 400, "runs must be int"),
+        ({"kind": "bench", "bundle": missing, "runs": 0}, 400, ">= 1"),
+        ({"kind": "run", "bundle": missing}, 400, "needs a source"),
+    ]
+    for body, status, match in cases:
+        with pytest.raises(ClientError) as e:
+            call(agent, "POST", "/v1/jobs", body=body)
+        assert e.value.status == status and match in str(e.value), (body, e.value)
+    with pytest.raises(ClientError) as e:
+        call(agent, "POST", "/v1/jobs", data=b"{not json")
+    assert e.value.status == 400
+    with pytest.raises(ClientError) as e:
+        call(agent, "GET", "/v1/jobs/does-not-exist")
+    assert e.value.status == 404
+
+
+def test_job_lifecycle_warm_reuse_and_one_at_a_time(agent, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parents[2] / "device" / "schemas"
+                         / "report.schema.json").read_text())
+    bdir = make_bundle(tmp_path / "b", "int8_io.tflite", "tiny-int8-io", "int8-io")
+    data, sha = tar_of(bdir)
+    put_bundle(agent, data, sha)
+
+    params = {"kind": "bench", "bundle": sha, "runs": 20, "warmup": 2, "seed": 1}
+    ids = []
+    for extra in ({}, {}, {"threads": 1}):
+        status, job = call(agent, "POST", "/v1/jobs", body={**params, **extra})
+        assert status == 202 and job["status"] in ("queued", "running")
+        ids.append(job["id"])
+    states = [wait_job(agent, i) for i in ids]
+    for s in states:
+        assert s["status"] == "done", s["error"]
+        jsonschema.validate(s["report"], schema)
+        assert s["report"]["kind"] == "bench" and s["report"]["latency_ms"]["n"] >= 20
+        assert s["report"]["model"]["name"] == "tiny-int8-io"
+    loads = [s["report"]["runtime"]["load"] for s in states]
+    # Same bundle + settings reuse the interpreter; other threads -> a new, cold load.
+    assert loads == ["cold", "warm", "cold"]
+    cold = states[0]["report"]["load_ms"]
+    assert cold["first_invoke"] is not None and cold["interpreter_build"] is not None
+    assert states[1]["report"]["load_ms"] is None
+    # One at a time: each job started after the previous one finished.
+    for a, b in zip(states, states[1:]):
+        assert a["finished_at"] <= b["started_at"]
+    listed = call(agent, "GET", "/v1/jobs")[1]["jobs"]
+    assert {j["id"] for j in listed} == set(ids) and all("report" not in j for j in listed)
+
+
+def test_failing_job_is_reported_and_next_job_runs(agent, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(MODELS / "not_a_model.tflite", bad / "model.tflite")  # no manifest: plain model
+    data, sha = tar_of(bad)
+    put_bundle(agent, data, sha)
+    _, job = call(agent, "POST", "/v1/jobs", body={"kind": "bench", "bundle": sha, "runs": 5})
+    state = wait_job(agent, job["id"])
+    assert state["status"] == "failed" and state["report"] is None
+    assert state["error"] and "\n" not in state["error"]
+
+    good = make_bundle(tmp_path / "g", "float.tflite", "tiny-fp32", "fp32")
+    data, sha = tar_of(good)
+    put_bundle(agent, data, sha)
+    _, job = call(agent, "POST", "/v1/jobs", body={"kind": "bench", "bundle": sha, "runs": 5})
+    assert wait_job(agent, job["id"])["status"] == "done"
