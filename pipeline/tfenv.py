@@ -69,11 +69,14 @@ def captured_output(log_path: Optional[Path] = None) -> Iterator[Path]:
     else:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     saved = (os.dup(1), os.dup(2))
-    with open(log_path, "ab") as log:
+    with open(log_path, "ab") as log, open(log_path, "a", encoding="utf-8", errors="replace") as text:
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            yield log_path
+            # Python-level prints (Keras' "Saved artifact at ...") may go to a
+            # replaced sys.stdout that is not fd 1 (e.g. under click's runner).
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield log_path
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
