@@ -71,7 +71,8 @@ class Server(ThreadingHTTPServer):
 
     def start_background(self) -> threading.Thread:
         """Serve in a daemon thread (tests, embedding); stop with ``shutdown()``."""
-        t = threading.Thread(target=self.serve_forever, name=type(self).__name__, daemon=True)
+        t = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
+                             name=type(self).__name__, daemon=True)
         t.start()
         return t
 

@@ -25,6 +25,8 @@ REPORTS_PATH = "/v1/reports"
 TOKEN_ENV = "EDGEPIPE_TOKEN"
 REPORT_TO_ENV = "EDGERUN_REPORT_TO"
 SPOOL_ENV = "EDGERUN_SPOOL"
+# Attempts per report before a host counts as away (default 4: ~3.5 s of backoff).
+ATTEMPTS_ENV = "EDGERUN_SEND_ATTEMPTS"
 REJECTED = "rejected"
 
 
@@ -123,7 +125,14 @@ def _post(url: str, path: Path, token: Optional[str], timeout: float) -> int:
     return status
 
 
-def deliver(url: str, spool: Spool, *, token: Optional[str] = None, attempts: int = 4,
+def default_attempts() -> int:
+    try:
+        return max(1, int(os.environ.get(ATTEMPTS_ENV, "4")))
+    except ValueError:
+        return 4
+
+
+def deliver(url: str, spool: Spool, *, token: Optional[str] = None, attempts: Optional[int] = None,
             backoff: float = 0.5, max_backoff: float = 8.0, timeout: float = 10.0,
             sleep: Callable[[float], None] = time.sleep) -> SendResult:
     """Send everything in ``spool`` to the collector at ``url``, oldest first.
@@ -134,6 +143,7 @@ def deliver(url: str, spool: Spool, *, token: Optional[str] = None, attempts: in
     report under ``rejected/`` so it cannot block the queue forever.
     """
     target = reports_url(url)
+    attempts = default_attempts() if attempts is None else max(1, attempts)
     res = SendResult()
     with spool.locked():
         for path in spool.pending():
