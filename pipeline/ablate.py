@@ -1,0 +1,293 @@
+"""`edgepipe ablate`: measure a grid of variants (size, latency, accuracy/agreement).
+
+Stages per point, each shared by the points that agree on it: the Keras model
+(architecture + input size; factories train it once), the bundle (+ recipe,
+converted by ``pipeline.convert``), accuracy/agreement (per bundle, on the
+device runtime), latency (per bundle x threads x delegate, ``device.bench``
+locally or an ``edgerun agent`` with ``device_url``).
+
+Every finished point is appended to ``<out>/points.jsonl`` at once; a re-run
+reuses points whose key and spec digest match, so an interrupted study resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from pipeline.ablate_spec import Point, Spec
+
+CACHE_FILE = "points.jsonl"
+
+
+class AblateError(RuntimeError):
+    """A study that cannot continue; one line for the user."""
+
+
+def spec_digest(spec: Spec) -> str:
+    return hashlib.sha256(json.dumps(spec.digest_fields(), sort_keys=True, default=str)
+                          .encode()).hexdigest()[:16]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "base"
+
+
+def load_cache(out_dir: Path, digest: str) -> dict:
+    """Measured points of this spec (by point key) from an earlier, maybe interrupted, run."""
+    path = out_dir / CACHE_FILE
+    done = {}
+    if not path.exists():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption
+        res = rec.get("result")
+        # Failed points are retried; only real measurements are reused.
+        if rec.get("digest") == digest and isinstance(res, dict) and not res.get("error"):
+            done[rec["key"]] = res
+    return done
+
+
+def _append(out_dir: Path, digest: str, key: str, result: dict) -> None:
+    with open(out_dir / CACHE_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"digest": digest, "key": key, "result": result}) + "\n")
+
+
+# ------------------------------------------------------------------ models
+
+
+def _labels_for(spec: Spec) -> Optional[Path]:
+    from pipeline import samples
+
+    if spec.labels:
+        return spec.labels
+    if spec.source == "sample:mobilenet_v2":
+        return samples.imagenet_labels_path()
+    if spec.source == "sample:fashion_mnist" or spec.source.endswith(":fashion_mnist_cnn"):
+        return samples.fashion_mnist_labels_path()
+    return None
+
+
+def model_path(spec: Spec, point: Point, out_dir: Path, say: Callable[[str], None]) -> Path:
+    """The Keras model of ``point`` (built and trained once for factories)."""
+    from pipeline import samples
+
+    if spec.source == "sample:mobilenet_v2":
+        say("preparing the sample MobileNetV2")
+        return samples.mobilenet_v2_keras()
+    if spec.source == "sample:fashion_mnist":
+        return samples.fashion_mnist_model_path()
+    if not spec.is_factory:
+        return Path(spec.source)
+    import importlib
+
+    _, module, func = spec.source.split(":")
+    try:
+        factory = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise AblateError(f"model.source: cannot import {module}:{func} ({e})") from None
+    kw_digest = hashlib.sha256(json.dumps(spec.factory_kwargs, sort_keys=True).encode()).hexdigest()[:8]
+    out = out_dir / "models" / f"{slug(point.model_key())}-{kw_digest}.keras"
+    if not out.exists():
+        say(f"training {point.model_key()}")
+        try:
+            factory(out, width=point.width, depth=point.depth, remove=point.remove,
+                    input_size=point.input_size, **spec.factory_kwargs)
+        except TypeError as e:
+            raise AblateError(f"factory: {e}") from None
+        except ValueError as e:  # FactoryError and friends name their field
+            raise AblateError(str(e)) from None
+    return out
+
+
+def flat_calibration(spec: Spec, out_dir: Path) -> Path:
+    """A flat folder for calibration: class sub-folders are linked into one, evenly."""
+    from device.preprocess import list_images
+
+    top, _ = list_images(spec.calib_dir)
+    if top:
+        return spec.calib_dir
+    subdirs = sorted(p for p in spec.calib_dir.iterdir() if p.is_dir())
+    per = [list_images(d)[0] for d in subdirs]
+    if not any(per):
+        raise AblateError(f"data.calib: no images in {spec.calib_dir}")
+    flat = out_dir / "calib"
+    flat.mkdir(parents=True, exist_ok=True)
+    want = spec.calib_limit or 100
+    i = 0
+    # Round-robin over classes so a small calibration set still covers them all.
+    while i < want and any(per):
+        for imgs in per:
+            if imgs and i < want:
+                src = imgs.pop(0)
+                dst = flat / f"{src.parent.name}__{src.name}"
+                if not dst.exists():
+                    dst.symlink_to(src.resolve())
+                i += 1
+    return flat
+
+
+def convert_point(spec: Spec, point: Point, keras_path: Path, out_dir: Path, recipes: tuple,
+                  say: Callable[[str], None]) -> dict:
+    """Bundles for ``recipes`` of one Keras model; returns {recipe: bundle path}."""
+    from pipeline.cache import default_cache_dir
+    from pipeline.convert import ConvertError, ConvertRequest, convert_model
+    from pipeline.preprocessing import PreprocessRequest
+    from pipeline.recipes import RECIPES
+
+    calib = flat_calibration(spec, out_dir)
+    size = (point.input_size, point.input_size) if point.input_size else None
+    req = ConvertRequest(
+        model=keras_path, recipes=tuple(RECIPES[r] for r in recipes),
+        out_dir=out_dir / "bundles", calib_dir=calib, calib_count=spec.calib_limit or 100,
+        preprocess=PreprocessRequest(preset=spec.preprocess), input_size=size,
+        labels=_labels_for(spec), name=slug(f"{spec.name}-{point.model_key()}"),
+        cache_dir=default_cache_dir(), edgetpu=False)
+    try:
+        results = convert_model(req, progress=lambda m: say(m))
+    except (ConvertError, ValueError, OSError) as e:
+        raise AblateError(f"convert: {e}") from None
+    return {r.recipe: (r.bundle, r.error) for r in results}
+
+
+# ------------------------------------------------------------------ measuring
+
+
+class _Evaluator:
+    """Accuracy/agreement per bundle, with the float reference computed once per model."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self._ds = None
+        self._refs: dict = {}
+
+    def dataset(self, bundle):
+        from pipeline.evaluate import load_dataset
+
+        if self._ds is None:
+            self._ds = load_dataset(self.spec.data_dir, class_names=bundle.labels or None,
+                                    limit=self.spec.limit)
+        return self._ds
+
+    def reference(self, ref_key: str, keras_path: Path, spec_pre) -> np.ndarray:
+        """Float outputs of the reference model at its own native input size."""
+        from pipeline.evaluate import KerasReference, load_inputs
+
+        if ref_key not in self._refs:
+            ref = KerasReference(keras_path)
+            h, w = ref.input_shape[0], ref.input_shape[1]
+            pre = dataclasses.replace(spec_pre, height=h or spec_pre.height, width=w or spec_pre.width)
+            x = load_inputs(self.dataset(None).paths, pre)
+            self._refs[ref_key] = ref.predict(x)
+        return self._refs[ref_key]
+
+    def measure(self, bundle_path: Path, ref_key: str, ref_keras: Path) -> dict:
+        from pipeline import metrics
+        from pipeline.evaluate import load_inputs, open_bundle, run_bundle
+
+        b = open_bundle(bundle_path)
+        ds = self.dataset(b)
+        x = load_inputs(ds.paths, b.manifest.preprocess)
+        out = run_bundle(b, x, threads=None)
+        ref = self.reference(ref_key, ref_keras, b.manifest.preprocess)
+        res = {"size": b.manifest.model_size, "images": len(ds.paths)}
+        if ds.labelled:
+            res.update(metrics.accuracy_block(out, ds.labels))
+        agr = metrics.compare_outputs(out, ref)
+        res.update({"agreement": agr.top1_agreement, "snr_db": metrics.json_number(agr.snr_db),
+                    "cosine": agr.cosine})
+        return res
+
+
+def measure_latency(bundle: Path, point: Point, spec: Spec, device_url: Optional[str],
+                    token: Optional[str]) -> dict:
+    """p50/mean latency of one bundle at the point's threads/delegate."""
+    b = spec.bench
+    if device_url:
+        from pipeline.remote import AgentClient, pack_bundle
+
+        client = AgentClient(device_url, token=token)
+        pb = pack_bundle(bundle)
+        client.upload(pb)
+        job = client.submit("bench", pb.sha256, threads=point.threads, delegate=point.delegate,
+                            runs=b["runs"], warmup=b["warmup"], min_secs=b["min_secs"])
+        state = client.wait(job["id"])
+        if state.get("status") != "done":
+            raise AblateError(f"{device_url}: bench failed ({state.get('error') or state.get('status')})")
+        rep = state["report"]
+    else:
+        from device.bench import run_bench
+
+        rep = run_bench(bundle, threads=point.threads, delegate=point.delegate, runs=int(b["runs"]),
+                        warmup=int(b["warmup"]), min_secs=float(b["min_secs"]))
+    lat = rep.get("latency_ms") or {}
+    return {"p50_ms": lat.get("p50"), "mean_ms": lat.get("mean"), "p90_ms": lat.get("p90"),
+            "device": (rep.get("device") or {}).get("hostname"),
+            "backend": (rep.get("runtime") or {}).get("backend")}
+
+
+def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
+                 token: Optional[str] = None, say: Callable[[str], None] = lambda m: None,
+                 tick: Callable[[dict], None] = lambda r: None) -> list:
+    """Measure every point of ``spec`` (reusing cached ones); returns result dicts in grid order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = spec_digest(spec)
+    cached = load_cache(out_dir, digest)
+    points = spec.points()
+    results: dict = {}
+    evaluator = _Evaluator(spec)
+    evals: dict = {}
+    groups: dict = {}
+    for p in points:
+        groups.setdefault(p.model_key(), []).append(p)
+    for mkey, pts in groups.items():
+        todo = [p for p in pts if p.key() not in cached]
+        for p in pts:
+            if p.key() in cached:
+                results[p.key()] = {**cached[p.key()], "cached": True}
+                tick(results[p.key()])
+        if not todo:
+            continue
+        keras_path = model_path(spec, todo[0], out_dir, say)
+        recipes = tuple(dict.fromkeys(p.recipe for p in todo))
+        bundles = convert_point(spec, todo[0], keras_path, out_dir, recipes, say)
+        ref_key = mkey if spec.is_factory else "base"
+        ref_keras = keras_path
+        for p in todo:
+            t0 = time.perf_counter()
+            bundle, err = bundles.get(p.recipe, (None, "not converted"))
+            res = {"point": p.to_dict(), "label": p.label(), "bundle": str(bundle) if bundle else None}
+            if err or bundle is None:
+                res["error"] = f"convert: {err}"
+            else:
+                try:
+                    if p.bundle_key() not in evals:
+                        say(f"evaluating {p.bundle_key()}")
+                        evals[p.bundle_key()] = evaluator.measure(bundle, ref_key, ref_keras)
+                    res.update(evals[p.bundle_key()])
+                    say(f"timing {p.label()}")
+                    res.update(measure_latency(bundle, p, spec, device_url, token))
+                except AblateError as e:
+                    res["error"] = str(e)
+                except Exception as e:  # noqa: BLE001 - one bad point must not cost the study
+                    res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            res["seconds"] = round(time.perf_counter() - t0, 2)
+            _append(out_dir, digest, p.key(), res)
+            results[p.key()] = res
+            tick(res)
+    return [results[p.key()] for p in points if p.key() in results]
+
+
+def quality_key(results: list) -> str:
+    """``top1`` when the data had labels, else ``agreement``."""
+    return "top1" if any("top1" in r for r in results) else "agreement"

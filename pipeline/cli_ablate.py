@@ -1,0 +1,101 @@
+"""`edgepipe ablate`: run an ablation spec -> table, Pareto fronts, PNG, HTML."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+EPILOG = """\b
+Examples:
+  edgepipe ablate examples/ablate/fashion_mnist_arch.toml --out runs/fm-arch
+  edgepipe ablate examples/ablate/mobilenet_v2.toml --out runs/mnv2
+  edgepipe ablate examples/ablate/mobilenet_v2.toml --out runs/mnv2-pi --device http://pi.local:8751
+Re-running with the same --out reuses every point already measured.
+"""
+
+
+@click.command(epilog=EPILOG)
+@click.argument("spec_path", metavar="SPEC.toml", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: ablate-<spec name>/ next to the spec is NOT used; "
+                   "required unless --dry-run).")
+@click.option("--device", "device_url", help="Time on an 'edgerun agent' at this URL instead of locally.")
+@click.option("--token", envvar="EDGEPIPE_TOKEN", help="Bearer token for --device [env: EDGEPIPE_TOKEN].")
+@click.option("--dry-run", is_flag=True, help="Validate the spec and list the points, measure nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
+    """Measure every point of SPEC.toml: size, p50 latency, accuracy/agreement.
+
+    Writes results.json, table.md, pareto.png and index.html into --out.
+    Points measured by an earlier (or interrupted) run of the same spec are
+    reused from --out/points.jsonl.
+    """
+    from pipeline.ablate_spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as e:
+        raise click.ClickException(str(e)) from None
+    points = spec.points()
+    if dry_run:
+        for p in points:
+            click.echo(p.label())
+        click.echo(f"{len(points)} point(s)", err=True)
+        return
+    if out_dir is None:
+        raise click.ClickException("--out: required (the folder receiving results and the resume cache)")
+    from pipeline.ablate import AblateError, quality_key, run_ablation
+    from pipeline import pareto
+
+    talk = not (quiet or as_json)
+    state = {"n": 0}
+
+    def say(msg: str) -> None:
+        if talk:
+            click.echo(f"edgepipe: {msg}", err=True)
+
+    def tick(res: dict) -> None:
+        state["n"] += 1
+        if talk:
+            tag = "cached" if res.get("cached") else ("FAILED" if res.get("error") else "done")
+            p50 = res.get("p50_ms")
+            detail = res.get("error") or (f"p50 {p50:.3f} ms" if p50 is not None else "")
+            click.echo(f"[{state['n']}/{len(points)}] {res.get('label')}: {tag} {detail}", err=True)
+
+    try:
+        results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick)
+    except AblateError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: re-run the same command to resume ({state['n']} point(s) kept)",
+                   err=True)
+        sys.exit(130)
+    quality = quality_key(results)
+    headers, rows = pareto.table_rows(results, quality)
+    title = f"ablation: {spec.name}"
+    cmd = f"edgepipe ablate {spec_path} --out {out_dir}" + (f" --device {device_url}" if device_url else "")
+    (out_dir / "results.json").write_text(json.dumps(
+        {"spec": str(spec.path), "name": spec.name, "quality": quality, "results": results},
+        indent=2) + "\n", encoding="utf-8")
+    (out_dir / "table.md").write_text(pareto.markdown_table(headers, rows) + "\n", encoding="utf-8")
+    try:
+        pareto.plot_png(results, quality, out_dir / "pareto.png", title)
+        png = "pareto.png"
+    except ImportError:
+        png = ""
+        say("matplotlib is not installed: no pareto.png (pip install matplotlib)")
+    (out_dir / "index.html").write_text(pareto.html_page(title, headers, rows, png, quality, cmd),
+                                        encoding="utf-8")
+    if as_json:
+        click.echo(json.dumps({"name": spec.name, "quality": quality, "out": str(out_dir),
+                               "results": results}, indent=2))
+    else:
+        from device.tables import format_table
+
+        click.echo(format_table(headers, rows, right=range(1, 7)))
+        click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")
+    if results and all(r.get("error") for r in results):
+        raise click.ClickException("every point failed; see the table above")
