@@ -262,27 +262,58 @@ def explain_build_error(path: str, plan: DelegatePlan, data: bytes, err: Excepti
     return RuntimeLoadError(f"{path}: cannot load model ({_one_line(text) or type(err).__name__})")
 
 
-def cpu_fallback(interp: Any, plan: DelegatePlan, data: bytes) -> Optional[Any]:
-    """How many ops the delegate took and which ran on the CPU; None for the CPU itself."""
+def _partition(node: dict, producers: Dict[int, int], ops: List[dict]) -> set:
+    """Original node indices a delegate node replaced: walk back from its outputs
+    to its inputs through the producing nodes (TFLite partitions are convex)."""
+    stop = {int(t) for t in node.get("inputs", ())}
+    covered: set = set()
+    stack = [int(t) for t in node.get("outputs", ())]
+    while stack:
+        t = stack.pop()
+        p = producers.get(t)
+        if p is None or p in covered:
+            continue
+        covered.add(p)
+        stack.extend(int(x) for x in ops[p].get("inputs", ()) if int(x) >= 0 and int(x) not in stop)
+    return covered
+
+
+def cpu_fallback(ops: Optional[List[dict]], plan: DelegatePlan, data: bytes) -> Optional[Any]:
+    """How many ops the delegate took and which ran on the CPU; None for the CPU itself.
+
+    ``ops`` must be the interpreter's op details taken *before* allocate_tensors:
+    at that point the only delegate nodes are the requested delegate's (XNNPACK
+    is applied lazily by allocate and would otherwise look like an accelerator).
+    """
     from device.runtime import CpuFallback  # avoid an import cycle at module load
 
     if plan.kind == "cpu":
         return None
-    try:
-        ops = interp._get_ops_details()  # private but stable across litert/tflite_runtime/tf.lite
-    except Exception:  # noqa: BLE001 - introspection is best effort, never fatal
+    if ops is None:
         return CpuFallback(plan.label, 0, 0, 0, note="op details not available from this runtime")
-    # Nodes the delegate claimed are replaced by one "DELEGATE" node per partition;
-    # the Edge TPU compiler instead bakes its partitions into "edgetpu-custom-op".
-    names = [str(o.get("op_name", "")) for o in ops]
-    delegated_kinds = {"DELEGATE", EDGETPU_CUSTOM_OP.decode()}
-    delegated = sum(1 for n in names if n in delegated_kinds or n.startswith("TfLite"))
+    original = [i for i, o in enumerate(ops) if o.get("op_name") != "DELEGATE"]
+    producers = {int(t): i for i in original for t in ops[i].get("outputs", ())}
+    on_accel: set = set()
+    for o in ops:
+        if o.get("op_name") == "DELEGATE":
+            on_accel |= _partition(o, producers, ops)
+    # The Edge TPU compiler bakes its partitions into custom ops that only the TPU runs.
+    tpu_op = EDGETPU_CUSTOM_OP.decode()
+    on_accel |= {i for i in original if ops[i].get("op_name") == tpu_op}
     cpu: Dict[str, int] = {}
-    for n in names:
-        if n in delegated_kinds or n.startswith("TfLite"):
-            continue
-        cpu[n] = cpu.get(n, 0) + 1
+    for i in original:
+        if i not in on_accel:
+            name = str(ops[i].get("op_name"))
+            cpu[name] = cpu.get(name, 0) + 1
     note = None
     if plan.kind == "edgetpu" and EDGETPU_CUSTOM_OP not in data:
         note = "model is not compiled for the Edge TPU: every op runs on the CPU (run edgetpu_compiler first)"
-    return CpuFallback(plan.label, len(names), delegated, sum(cpu.values()), cpu, note)
+    return CpuFallback(plan.label, len(original), len(on_accel), sum(cpu.values()), cpu, note)
+
+
+def op_details(interp: Any) -> Optional[List[dict]]:
+    """The interpreter's op list (private API, present in litert, tflite_runtime and tf.lite)."""
+    try:
+        return list(interp._get_ops_details())
+    except Exception:  # noqa: BLE001 - introspection is best effort, never fatal
+        return None

@@ -378,6 +378,7 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
         except (ValueError, RuntimeError) as e:
             raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
         load_ms["interpreter_build"] = ns_to_ms(now_ns() - t0)
+        ops = _dl.op_details(interp) if plan.kind != "cpu" else None
         t0 = now_ns()
         try:
             interp.allocate_tensors()
@@ -385,7 +386,7 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
             raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
         load_ms["allocate"] = ns_to_ms(now_ns() - t0)
 
-    fallback = _dl.cpu_fallback(interp, plan, data)
+    fallback = _dl.cpu_fallback(ops, plan, data)
     return LoadedModel(interp, path=path, backend=be.info.name, backend_version=be.version,
                        delegate=plan.label, threads=threads, load_ms=load_ms, cpu_fallback=fallback,
                        model_size=len(data), delegate_library=plan.library, model_content=data)

@@ -1,0 +1,247 @@
+"""Shared fixtures for the device tests (run in .venv-device: no TensorFlow here).
+
+- the tiny committed models under tests/data/models (scripts/make_test_models.py)
+- ``make_bundle``: a real bundle directory around one of them
+- ``assert_valid_report``: checks a report against the JSON Schema with jsonschema
+- markers: ``timing`` tests skip under emulation (EDGEPIPE_EMULATED=1, set by
+  scripts/test-arm64.sh); ``edgetpu`` / ``picamera`` skip without the hardware
+"""
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "tests" / "data" / "models"
+REPORT_SCHEMA = ROOT / "device" / "schemas" / "report.schema.json"
+
+EMULATED = os.environ.get("EDGEPIPE_EMULATED", "") not in ("", "0")
+
+
+def _edgetpu_present() -> bool:
+    from device.delegates import edgetpu_devices, find_delegates
+
+    return bool(find_delegates()["edgetpu"]["available"] and edgetpu_devices())
+
+
+def _picamera_present() -> bool:
+    try:
+        import picamera2  # noqa: F401
+    except ImportError:
+        return False
+    return bool(glob.glob("/dev/video*"))
+
+
+def pytest_collection_modifyitems(config, items):
+    lazy = {}
+    for item in items:
+        if "timing" in item.keywords and EMULATED:
+            item.add_marker(pytest.mark.skip(reason="timing test: meaningless under CPU emulation"))
+        if "edgetpu" in item.keywords:
+            if "edgetpu" not in lazy:
+                lazy["edgetpu"] = _edgetpu_present()
+            if not lazy["edgetpu"]:
+                item.add_marker(pytest.mark.skip(reason="needs a Coral Edge TPU (library + device)"))
+        if "picamera" in item.keywords:
+            if "picamera" not in lazy:
+                lazy["picamera"] = _picamera_present()
+            if not lazy["picamera"]:
+                item.add_marker(pytest.mark.skip(reason="needs picamera2 and a Raspberry Pi camera"))
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _model(name: str) -> Path:
+    p = MODELS / name
+    if not p.exists():
+        pytest.fail(f"{p} missing: run '.venv/bin/python scripts/make_test_models.py'")
+    return p
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    return MODELS
+
+
+@pytest.fixture(scope="session")
+def float_model() -> Path:
+    """float32 in/out, (1, 8, 8, 3) -> (1, 4) softmax."""
+    return _model("float.tflite")
+
+
+@pytest.fixture(scope="session")
+def int8_model() -> Path:
+    """Full int8 kernels with float32 input/output."""
+    return _model("int8_float_io.tflite")
+
+
+@pytest.fixture(scope="session")
+def int8_io_model() -> Path:
+    return _model("int8_io.tflite")
+
+
+@pytest.fixture(scope="session")
+def uint8_io_model() -> Path:
+    return _model("uint8_io.tflite")
+
+
+@pytest.fixture(scope="session")
+def two_output_model() -> Path:
+    return _model("two_outputs.tflite")
+
+
+@pytest.fixture(scope="session")
+def custom_op_model() -> Path:
+    return _model("custom_op.tflite")
+
+
+@pytest.fixture(scope="session")
+def edgetpu_like_model() -> Path:
+    return _model("edgetpu_like.tflite")
+
+
+@pytest.fixture(scope="session")
+def truncated_model() -> Path:
+    return _model("truncated.tflite")
+
+
+@pytest.fixture(scope="session")
+def not_a_model() -> Path:
+    return _model("not_a_model.tflite")
+
+
+MOBILENET_PRE = {"mean": (127.5, 127.5, 127.5), "std": (127.5, 127.5, 127.5)}
+
+
+@pytest.fixture
+def make_bundle(tmp_path):
+    """``make_bundle(model_path, name=..., recipe=..., labels=[...], preprocess={...})`` -> bundle dir.
+
+    Writes model.tflite + a manifest whose tensors come from the runtime's own
+    view of the model, like ``edgepipe convert`` does.
+    """
+    from device.bundle import (LABELS, MODEL, Manifest, Preprocess, Quantization, Task, TensorInfo,
+                               sha256_file, write_manifest)
+    from device.runtime import load_model
+
+    def make(model: Path, *, name: str = "tiny", recipe: str = "fp32", labels=None, preprocess=None,
+             task: str = "classification", directory: Path | None = None) -> Path:
+        d = directory or tmp_path / f"{name}-{recipe}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(model, d / MODEL)
+        loaded = load_model(d / MODEL)
+
+        def info(s):
+            q = Quantization(s.scale, s.zero_point) if s.quantized else None
+            return TensorInfo(s.name, s.shape, s.dtype, q)
+
+        shape = loaded.inputs[0].shape
+        pre = dict(MOBILENET_PRE, height=shape[1], width=shape[2])
+        pre.update(preprocess or {})
+        labels_file = None
+        if labels:
+            (d / LABELS).write_text("\n".join(labels) + "\n", encoding="utf-8")
+            labels_file = LABELS
+        manifest = Manifest(
+            name=name, recipe=recipe, model_sha256=sha256_file(d / MODEL), model_size=(d / MODEL).stat().st_size,
+            inputs=tuple(info(s) for s in loaded.inputs), outputs=tuple(info(s) for s in loaded.outputs),
+            preprocess=Preprocess.from_dict(pre), task=Task(task), labels_file=labels_file,
+            created="2026-01-01T00:00:00Z")
+        write_manifest(d, manifest)
+        return d
+
+    return make
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@pytest.fixture(scope="session")
+def report_schema() -> dict:
+    return json.loads(REPORT_SCHEMA.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def assert_valid_report(report_schema):
+    """Validate with the real jsonschema package (a dev dependency; device code never needs it)."""
+    import jsonschema
+
+    def check(report: dict) -> dict:
+        jsonschema.Draft202012Validator(report_schema).validate(report)
+        return report
+
+    return check
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="session")
+def edgerun():
+    """Run ``edgerun ARGS`` in a fresh interpreter (this venv); returns CompletedProcess (text)."""
+    def run(*args, env=None, timeout=120, cwd=None):
+        e = dict(os.environ)
+        e.update(env or {})
+        return subprocess.run([sys.executable, "-m", "device.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env=e, cwd=cwd or ROOT)
+
+    return run
+
+
+NOOP_DELEGATE_C = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+/* Layout of TfLiteDelegate (tensorflow/lite/core/c/common.h). */
+typedef struct D { void* data_; int (*Prepare)(void*, struct D*); void* copy_from; void* copy_to;
+                   void* free_handle; int64_t flags; void* opaque_builder; } D;
+static int prepare(void* ctx, D* d) { (void)ctx; (void)d; return 0; /* claims no node */ }
+D* tflite_plugin_create_delegate(char** keys, char** values, size_t n, void (*report)(const char*)) {
+  for (size_t i = 0; i < n; i++)
+    if (strcmp(keys[i], "fail") == 0 && strcmp(values[i], "1") == 0) {
+      report("edgepipe test delegate refused to start");
+      return NULL;
+    }
+  D* d = (D*)calloc(1, sizeof(D));
+  d->Prepare = prepare;
+  return d;
+}
+void tflite_plugin_destroy_delegate(D* d) { free(d); }
+"""
+
+
+@pytest.fixture(scope="session")
+def noop_delegate(tmp_path_factory) -> Path:
+    """A real external delegate library that claims no ops (everything stays on the CPU).
+
+    Built with the system C compiler; skips when there is none.
+    """
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        pytest.skip("no C compiler to build the test delegate")
+    d = tmp_path_factory.mktemp("delegate")
+    src, lib = d / "noop_delegate.c", d / "libnoop_delegate.so"
+    src.write_text(NOOP_DELEGATE_C)
+    out = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot build the test delegate: {out.stderr.strip()[:200]}")
+    return lib
+
+
+@pytest.fixture(scope="session")
+def libm_path() -> Path:
+    """A real shared library that is not a TFLite delegate."""
+    name = ctypes.util.find_library("m")
+    for cand in (name, "/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6"):
+        if cand and os.path.isabs(cand) and os.path.exists(cand):
+            return Path(cand)
+    pytest.skip("no absolute path to libm found")
