@@ -1,0 +1,375 @@
+"""`edgerun run`: frames from a source -> preprocess -> invoke -> postprocess -> predictions + report.
+
+Two modes with identical predictions:
+
+* sequential: one thread does capture, preprocess, invoke, postprocess per frame.
+* pipelined: a reader thread captures frames in order and hands each to a pool
+  of preprocessing workers, then to the interpreter(s), through a bounded
+  queue; the calling thread takes results in frame order and postprocesses
+  them. ``invoke`` releases the GIL, so decoding frame n+1 overlaps inference
+  on frame n. On the CPU delegate several interpreter copies ("lanes") may
+  invoke in parallel, so all cores stay busy even when invoke is the longer
+  stage; every copy has the same settings, so numerics do not change.
+
+Per-stage timings (capture, preprocess, invoke = set_input + invoke +
+get_output, postprocess) and end-to-end latency use :func:`device.timing.stats`
+like ``edgerun bench``. Errors before the first frame raise (one line); errors
+after it are recorded in the report's ``errors`` and the partial results are
+kept.
+"""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Callable, List, Optional, Union
+
+import numpy as np
+
+from device.bundle import load_bundle
+from device.postprocess import Postprocessor, infer_task
+from device.preprocess import ImageError, load_image, to_model_input
+from device.sources import Frame, Source, SourceError, open_source
+from device.timing import now_ns, ns_to_ms, stats
+
+STAGES = ("capture", "preprocess", "invoke", "postprocess")
+MAX_WARNED_SKIPS = 5
+
+
+class RunError(Exception):
+    """A run that cannot start; the message is one line for the user."""
+
+
+@dataclass
+class _Prepared:
+    x: Optional[np.ndarray]
+    ms: float
+    error: Optional[str] = None
+
+
+@dataclass
+class _Result:
+    raw: Optional[List[np.ndarray]]
+    prep: _Prepared
+    invoke_ms: float = 0.0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Stats:
+    """Per-frame samples and counters; the report is built from this."""
+
+    def __init__(self):
+        self.samples = {s: [] for s in STAGES}
+        self.latency: List[float] = []
+        self.frames = 0
+        self.skipped: List[str] = []
+        self.t_first: Optional[int] = None
+        self.t_last: Optional[int] = None
+
+
+def _make_prep(pre, tensor) -> Callable[[Frame], _Prepared]:
+    def prep(frame: Frame) -> _Prepared:
+        if frame.error:
+            return _Prepared(None, 0.0, frame.error)
+        t0 = now_ns()
+        data = io.BytesIO(frame.data) if isinstance(frame.data, (bytes, bytearray)) else frame.data
+        try:
+            x = to_model_input(load_image(data, pre, order=frame.order), pre, tensor)
+        except ImageError as e:
+            msg = str(e)
+            return _Prepared(None, ns_to_ms(now_ns() - t0), msg if frame.name in msg else f"{frame.name}: {msg}")
+        return _Prepared(x, ns_to_ms(now_ns() - t0))
+    return prep
+
+
+def _infer(model, x: np.ndarray) -> List[np.ndarray]:
+    model.set_input(0, x)
+    model.invoke()
+    return [model.get_output(i) for i in range(len(model.outputs))]
+
+
+class _Runner:
+    def __init__(self, models: "queue.Queue", prep, post: Postprocessor, emit: Callable[[dict], None]):
+        self.models = models
+        self.prep = prep
+        self.post = post
+        self.emit = emit
+        self.st = _Stats()
+
+    def infer(self, p: _Prepared) -> _Result:
+        if p.x is None:
+            return _Result(None, p)
+        model = self.models.get()
+        try:
+            t0 = now_ns()
+            raw = _infer(model, p.x)
+            return _Result(raw, p, ns_to_ms(now_ns() - t0))
+        finally:
+            self.models.put(model)
+
+    def finish(self, frame: Frame, res: _Result) -> None:
+        """Postprocess and emit one frame, in order, on the calling thread."""
+        st = self.st
+        if st.t_first is None:
+            st.t_first = frame.t0_ns
+        if res.raw is None:
+            st.skipped.append(res.prep.error or f"{frame.name}: skipped")
+            self.emit({"frame": frame.index, "source": frame.name, "error": res.prep.error})
+            return
+        t0 = now_ns()
+        record = {"frame": frame.index, "source": frame.name}
+        record.update(self.post(res.raw))
+        self.emit(record)
+        t1 = now_ns()
+        for stage, ms in zip(STAGES, (frame.capture_ms, res.prep.ms, res.invoke_ms, ns_to_ms(t1 - t0))):
+            st.samples[stage].append(ms)
+        st.latency.append(ns_to_ms(t1 - frame.t0_ns))
+        st.frames += 1
+        st.t_last = t1
+
+    def sequential(self, frames) -> None:
+        for frame in frames:
+            self.finish(frame, self.infer(self.prep(frame)))
+
+    def pipelined(self, frames, workers: int, lanes: int, depth: int) -> None:
+        done = object()
+        q: "queue.Queue" = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        prep_pool = ThreadPoolExecutor(workers, thread_name_prefix="edgerun-prep")
+        infer_pool = ThreadPoolExecutor(lanes, thread_name_prefix="edgerun-invoke")
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            try:
+                for frame in frames:
+                    fp = prep_pool.submit(self.prep, frame)
+                    fi = infer_pool.submit(lambda f=fp: self.infer(f.result()))
+                    if not put((frame, fi)):
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+                put(e)
+            finally:
+                put(done)
+
+        t = threading.Thread(target=reader, name="edgerun-reader", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                frame, fut = item
+                self.finish(frame, fut.result())
+        finally:
+            stop.set()
+            while True:  # unblock the reader, then let in-flight work end
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            t.join(timeout=10.0)
+            prep_pool.shutdown(wait=True, cancel_futures=True)
+            infer_pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _image_input(loaded) -> Any:
+    if len(loaded.inputs) != 1 or len(loaded.inputs[0].shape) != 4:
+        shapes = ", ".join(str(tuple(t.shape)) for t in loaded.inputs)
+        raise RunError(f"edgerun run needs a model with one image input (N, H, W, C); this one takes {shapes}")
+    return loaded.inputs[0]
+
+
+def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline: Optional[bool] = None,
+               max_frames: Optional[int] = None, threads: Optional[int] = None, delegate: str = "cpu",
+               on_prediction: Optional[Callable[[dict], None]] = None, loaded=None,
+               backend: Optional[str] = None, edgetpu_device: Optional[str] = None,
+               workers: Optional[int] = None, lanes: Optional[int] = None, queue_depth: Optional[int] = None,
+               top_k: int = 5, live: bool = False) -> dict:
+    """Run a bundle (or ``.tflite``) over a source; returns a ``run`` report.
+
+    ``source`` is a :class:`device.sources.Source` or a spec for
+    :func:`device.sources.open_source` (DIR, image, video, ``camera[:N]``,
+    ``picamera``). ``pipeline`` None picks pipelined for folders, video and
+    cameras, sequential for one image. ``workers`` preprocessing threads and
+    ``lanes`` interpreter copies (CPU delegate only) default to the core
+    count; ``loaded`` reuses a warm model (the agent's). ``on_prediction``
+    gets each record in frame order. Raises RunError, BundleError,
+    SourceError or device.runtime.RuntimeLoadError before the first frame.
+    """
+    from device import sysinfo
+    from device.bench import model_block
+    from device.inputs import assumed_preprocess
+    from device.report import new_report
+    from device.runtime import load_model
+
+    if max_frames is not None and max_frames < 1:
+        raise RunError("--max-frames must be at least 1")
+    bundle = load_bundle(bundle_path)
+    from device.bench import _model_for  # the Edge TPU-compiled model when asked for the TPU
+
+    model_path = _model_for(bundle, delegate)
+    device = sysinfo.device_info()
+    start = {"governor": device["governor"], "temperature_c": device["temperature_c"]["start"],
+             "throttled": device["throttled"]["start"]}
+    src = open_source(source, live=live) if isinstance(source, (str, os.PathLike)) else source
+    owned = src is not source
+    try:
+        cold = loaded is None
+        if cold:
+            loaded = load_model(model_path, backend=backend, delegate=delegate, threads=threads,
+                                edgetpu_device=edgetpu_device)
+        tensor = _image_input(loaded)
+        manifest = bundle.manifest
+        assumed: List[str] = []
+        pre = manifest.preprocess if manifest and manifest.preprocess else None
+        if pre is None:
+            pre, notes = assumed_preprocess(tensor)
+            assumed += notes
+        if manifest is not None:
+            task, labels = manifest.task, bundle.labels
+        else:
+            task, notes = infer_task(loaded.outputs)
+            labels, assumed = (), assumed + notes
+        post = Postprocessor(loaded.outputs, task, labels, top_k=top_k)
+
+        # Warm-up outside the timed window: the first invoke pays one-off costs.
+        zeros = np.zeros(tensor.shape, dtype=np.dtype(tensor.dtype))
+        loaded.set_input(0, zeros)
+        if cold:
+            loaded.first_invoke()
+        else:
+            loaded.invoke()
+
+        many = not (src.kind == "image")
+        use_pipeline = many if pipeline is None else bool(pipeline)
+        cores = _cores()
+        n_workers = max(1, workers or cores)
+        cpu = loaded.delegate.split(":")[0].lower() in ("cpu", "xnnpack")
+        n_lanes = max(1, lanes or (cores if cpu and many and not src.live else 1)) if use_pipeline else 1
+        if n_lanes > 1 and not cpu:
+            raise RunError(f"several interpreter lanes need the CPU delegate (got {loaded.delegate}); use --lanes 1")
+        depth = max(1, queue_depth or (1 if src.live else 2 * (n_workers + n_lanes)))
+
+        models: "queue.Queue" = queue.Queue()
+        models.put(loaded)
+        lines: List[int] = [0]
+
+        def emit(rec: dict) -> None:
+            lines[0] += 1
+            if on_prediction is not None:
+                on_prediction(rec)
+
+        runner = _Runner(models, _make_prep(pre, tensor), post, emit)
+        errors: List[str] = []
+        clone_ms: List[float] = []
+        clone_errors: List[str] = []
+        loader = None
+        if n_lanes > 1:
+            # Extra interpreter copies load while the first frames already run on the warm one.
+            def load_clones() -> None:
+                try:
+                    for _ in range(n_lanes - 1):
+                        t0 = now_ns()
+                        m = load_model(model_path, backend=backend, delegate=delegate, threads=threads,
+                                       edgetpu_device=edgetpu_device)
+                        m.set_input(0, zeros)
+                        m.invoke()
+                        clone_ms.append(ns_to_ms(now_ns() - t0))
+                        models.put(m)
+                except Exception as e:  # noqa: BLE001 - the run goes on with the lanes it has
+                    clone_errors.append(f"extra interpreter lane failed to load: {e}")
+            loader = threading.Thread(target=load_clones, name="edgerun-clones", daemon=True)
+            loader.start()
+        frames = islice(iter(src), max_frames) if max_frames else iter(src)
+        try:
+            if use_pipeline:
+                runner.pipelined(frames, n_workers, n_lanes, depth)
+            else:
+                runner.sequential(frames)
+        except KeyboardInterrupt:
+            errors.append(f"interrupted after {runner.st.frames} frame(s)")
+        except SourceError as e:
+            errors.append(str(e))
+        except (RuntimeError, ValueError, OSError) as e:
+            errors.append(f"run failed after {runner.st.frames} frame(s): {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}")
+        if loader is not None:
+            loader.join(timeout=30.0)
+        info = src.info()
+        dropped = src.dropped
+    finally:
+        if owned:
+            src.close()
+
+    st = runner.st
+    if st.frames == 0 and not errors:
+        errors.append(f"no frame could be processed ({len(st.skipped)} unreadable)" if st.skipped
+                      else "the source produced no frames")
+    wall_ms = ns_to_ms(st.t_last - st.t_first) if st.frames and st.t_last and st.t_first else None
+    end = sysinfo.snapshot()
+    device["temperature_c"]["end"] = end["temperature_c"]
+    device["throttled"]["end"] = end["throttled"]
+    runtime = loaded.runtime_dict()
+    runtime["load"] = "cold" if cold else "warm"
+    info.update(unreadable=len(st.skipped), assumed=assumed + list(pre.assumed), preprocess=pre.to_dict(),
+                task=post.task.value)
+    report = new_report(
+        "run", device=device, runtime=runtime, model=model_block(bundle, model_path),
+        load_ms=dict(loaded.load_ms) if cold else None,
+        latency_ms=stats(st.latency),
+        stages_ms={s: stats(v) for s, v in st.samples.items()},
+        throughput={"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None,
+                    "mode": "pipelined" if use_pipeline else "sequential",
+                    "workers": n_workers if use_pipeline else 1, "queue_depth": depth if use_pipeline else None,
+                    "frames": st.frames, "frames_dropped": dropped, "frames_skipped": len(st.skipped)},
+        peak_rss_mb=sysinfo.peak_rss_mb(), input=info,
+        settings={"pipeline": use_pipeline, "workers": n_workers, "lanes": n_lanes, "queue_depth": depth,
+                  "threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
+                  "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path),
+                  "wall_ms": wall_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None},
+    )
+    report["warnings"].extend(_warnings(start, end, loaded, st, dropped, src) + clone_errors)
+    report["errors"].extend(errors)
+    return report
+
+
+def _warnings(start: dict, end: dict, loaded, st: _Stats, dropped: int, src: Source) -> List[str]:
+    out: List[str] = []
+    try:
+        from device.bench import _warnings as bench_warnings  # governor, throttling, heat, CPU fallback
+        out.extend(bench_warnings(start, end, loaded, None))
+    except ImportError:
+        pass
+    if st.skipped:
+        shown = "; ".join(st.skipped[:MAX_WARNED_SKIPS])
+        more = f" (+{len(st.skipped) - MAX_WARNED_SKIPS} more)" if len(st.skipped) > MAX_WARNED_SKIPS else ""
+        out.append(f"skipped {len(st.skipped)} unreadable frame(s): {shown}{more}")
+    if src.non_images:
+        out.append(f"skipped {src.non_images} non-image file(s) in the folder")
+    if dropped:
+        out.append(f"dropped {dropped} live frame(s): the model is slower than the source "
+                   "(latest-frame policy)")
+    return out
+
+
+__all__ = ["RunError", "STAGES", "run_source"]
