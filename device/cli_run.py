@@ -1,0 +1,151 @@
+"""`edgerun run`: predictions as JSON lines plus a run report (thin click layer over device.runner)."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+
+
+def _fail(msg: str) -> click.ClickException:
+    return click.ClickException(" ".join(str(msg).split()))
+
+
+def _report_options(f):
+    """`--report-to` / `--report-token` when the collector client (device.send) is installed."""
+    try:
+        from device.send import report_to_option
+    except ImportError:
+        return f
+    return report_to_option(f)
+
+
+@click.command()
+@click.argument("bundle", metavar="BUNDLE|MODEL", type=click.Path(dir_okay=True, file_okay=True))
+@click.option("--source", "-s", required=True, metavar="DIR|IMAGE|VIDEO|camera[:N]|picamera",
+              help="Folder of images (sorted; non-images skipped), one image, a video file, a USB camera "
+                   "or the Raspberry Pi camera.")
+@click.option("--pipeline/--sequential", default=None,
+              help="Overlap decoding/preprocessing with inference in worker threads (default for folders, "
+                   "video and cameras), or do one frame at a time.")
+@click.option("--max-frames", type=click.IntRange(min=1), default=None, help="Stop after N frames.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads per interpreter. Default: the runtime's choice.")
+@click.option("--delegate", default="cpu", show_default=True, metavar="NAME",
+              help="cpu, xnnpack, edgetpu[:usb|:pci|:N], gpu or /path/to/delegate.so.")
+@click.option("--backend", default=None, metavar="NAME",
+              help="Force a runtime: ai_edge_litert, tflite_runtime or tensorflow.lite.")
+@click.option("--edgetpu-device", default=None, metavar="usb|pci|:N", help="Which Edge TPU to use.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Preprocessing threads when pipelined. Default: one per core.")
+@click.option("--lanes", type=click.IntRange(min=1), default=None,
+              help="Interpreter copies invoking in parallel when pipelined (CPU delegate). Default: one per "
+                   "core for files and video, 1 for cameras.")
+@click.option("--queue-depth", type=click.IntRange(min=1), default=None,
+              help="Frames in flight when pipelined. Default: 2 x (workers + lanes); 1 for live sources.")
+@click.option("--live", is_flag=True,
+              help="Play a video file in real time like a camera (latest-frame policy, drops counted).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Classes per prediction for classifiers.")
+@click.option("--out", "out", default=None, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write predictions (JSON lines) here instead of stdout.")
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the run report (JSON, edgepipe.report/1) here.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report JSON on stdout at the end (needs --out FILE for the predictions).")
+@click.option("--quiet", "-q", is_flag=True, help="No summary on stderr.")
+@_report_options
+def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetpu_device, workers, lanes,
+        queue_depth, live, top_k, out, report_path, as_json, quiet) -> None:
+    """Run a bundle over images, a video or a camera; stream predictions as JSON lines.
+
+    Predictions go to stdout (or --out), one JSON object per frame in frame
+    order; a summary with per-stage timings goes to stderr, the full report
+    to --report. Unreadable images are skipped, counted and reported.
+
+    \b
+    Examples:
+      edgerun run out/mobilenet_v2-int8 --source sample_data/images
+      edgerun run out/mobilenet_v2-int8 --source sample_data/video/vtest_short.avi --out preds.jsonl --report run.json
+      edgerun run out/mobilenet_v2-int8 --source sample_data/images --sequential --max-frames 10
+      edgerun run out/mobilenet_v2-int8 --source camera:0 --max-frames 300
+      edgerun run model.tflite --source picamera --threads 4
+    """
+    from device.bundle import BundleError
+    from device.postprocess import json_line
+    from device.runner import RunError, run_source
+    from device.runtime import RuntimeLoadError
+    from device.sources import SourceError
+
+    to_stdout = out in (None, "-")
+    if as_json and to_stdout:
+        raise _fail("--json prints the report on stdout: send the predictions elsewhere with --out FILE")
+    try:
+        sink = sys.stdout if to_stdout else open(out, "w", encoding="utf-8")
+    except OSError as e:
+        raise _fail(f"cannot write {out}: {e.strerror or e}") from None
+
+    def on_prediction(rec: dict) -> None:
+        sink.write(json_line(rec) + "\n")
+        if to_stdout:
+            sink.flush()  # stream: a consumer sees each frame as it is done
+
+    try:
+        report = run_source(bundle, source, pipeline=pipeline, max_frames=max_frames, threads=threads,
+                            delegate=delegate, backend=backend, edgetpu_device=edgetpu_device, workers=workers,
+                            lanes=lanes, queue_depth=queue_depth, top_k=top_k, live=live,
+                            on_prediction=on_prediction)
+    except (RunError, BundleError, SourceError, RuntimeLoadError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted") from None
+    except BrokenPipeError:
+        sys.stderr.close()  # e.g. `| head`: the reader left; nothing more to say
+        raise SystemExit(1) from None
+    finally:
+        if not to_stdout:
+            sink.close()
+    finish(report, report_path=report_path, as_json=as_json, quiet=quiet)
+
+
+def finish(report: dict, *, report_path: Optional[str], as_json: bool, quiet: bool) -> None:
+    """Hand the finished report on (file, stdout, collector), then fail if the run had errors.
+
+    Partial results are written before the non-zero exit, so nothing already produced is lost.
+    """
+    from device.report import dumps, format_summary, write_json
+
+    if report_path:
+        try:
+            write_json(report, report_path)
+        except OSError as e:
+            raise _fail(f"cannot write {report_path}: {e.strerror or e}") from None
+    if as_json:
+        click.echo(dumps(report))
+    if not quiet:
+        click.echo(summary(report, format_summary), err=True)
+    try:
+        from device.send import maybe_send
+    except ImportError:
+        pass
+    else:
+        maybe_send(report)
+    if report["errors"]:
+        raise _fail(report["errors"][0])
+
+
+def summary(report: dict, format_summary) -> str:
+    """bench's summary plus the run's stages, mode and counters."""
+    lines = [format_summary(report)]
+    tp = report.get("throughput") or {}
+    st = report.get("stages_ms") or {}
+    parts = [f"{k} {v['p50']:.2f}" for k, v in st.items() if v and v.get("n")]
+    if parts:
+        lines.append("stages p50 (ms)  " + " | ".join(parts))
+    s = report.get("settings") or {}
+    mode = tp.get("mode")
+    if mode == "pipelined":
+        mode += f" ({s.get('workers')} workers, {s.get('lanes')} lane(s), queue {s.get('queue_depth')})"
+    lines.append(f"frames {tp.get('frames')}  skipped {tp.get('frames_skipped')}  dropped {tp.get('frames_dropped')}"
+                 f"  mode {mode}")
+    return "\n".join(lines)
