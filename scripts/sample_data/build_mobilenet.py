@@ -37,8 +37,11 @@ def main() -> int:
         return 1
     print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
-    import keras
     from pipeline import mobilenet_v2
+    from pipeline.tfenv import import_tf
+
+    import_tf()
+    import keras
 
     model = keras.saving.load_model(path)
     labels = samples.imagenet_labels_path().read_text(encoding="utf-8").splitlines()

@@ -76,8 +76,10 @@ def main() -> int:
     x_train, y_train = samples.fashion_mnist_train()
     x_test, y_test = samples.fashion_mnist_test()
 
-    import keras
+    from pipeline.tfenv import import_tf
 
+    import_tf()
+    import keras
     keras.utils.set_random_seed(SEED)
     model = build_model(keras)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
