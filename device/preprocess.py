@@ -154,7 +154,8 @@ def _open(x: ImageInput, spec: Preprocess, order: ColorOrder) -> Tuple[Image.Ima
         except ImageError:
             raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{x}: cannot read image ({_short(e)})") from None
+            where = f"{os.fspath(x)}: " if isinstance(x, (str, os.PathLike)) else ""
+            raise ImageError(f"{where}cannot read image ({_short(e)})") from None
     want = "L" if gray else "RGB"
     if img.mode != want:
         with warnings.catch_warnings():
