@@ -94,6 +94,11 @@ def fashion_mnist_test_dir() -> Path:
     return SAMPLE_DATA / "fashion_mnist" / "test"
 
 
+def fashion_mnist_calib_dir() -> Path:
+    """Flat folder of Fashion-MNIST TRAINING images for ``edgepipe convert --calib``."""
+    return SAMPLE_DATA / "fashion_mnist" / "calib"
+
+
 # ---------------------------------------------------------------- Fashion-MNIST
 
 

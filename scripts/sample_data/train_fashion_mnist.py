@@ -7,9 +7,12 @@ compact CNN on CPU (seeded, a few epochs, ~2 minutes on 2 cores) and writes:
 - ``sample_data/models/fashion_mnist_cnn.keras`` (input 28x28x1 float = pixels / 255,
   i.e. preset ``unit``; output 10 softmax probabilities),
 - ``sample_data/fashion_mnist/labels.txt`` and ``sample_data/fashion_mnist/test/<class>/*.png``
-  (the first ``--per-class`` test images of each class; file names are test-set indices).
+  (the first ``--per-class`` test images of each class; file names are test-set indices),
+- ``sample_data/fashion_mnist/calib/*.png``: ``--calib`` images drawn (seeded) from the
+  TRAINING set, a flat folder for ``edgepipe convert --calib`` (never calibrate on test data).
 
 Usage: .venv/bin/python scripts/sample_data/train_fashion_mnist.py [--epochs 4] [--per-class 50]
+       [--calib 200] [--data-only]   (--data-only: re-export the PNGs, keep the committed model)
 """
 from __future__ import annotations
 
@@ -66,15 +69,36 @@ def export_subset(images, labels, out_dir: Path, per_class: int) -> int:
     return written
 
 
+def export_calibration(images, out_dir: Path, count: int) -> int:
+    """Write `count` seeded-random training images as a flat folder of PNGs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    chosen = np.sort(np.random.default_rng(SEED).choice(len(images), size=count, replace=False))
+    for idx in chosen:
+        Image.fromarray(images[idx], mode="L").save(out_dir / f"train_{idx:05d}.png", optimize=True)
+    return len(chosen)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--calib", type=int, default=200)
+    ap.add_argument("--data-only", action="store_true")
     args = ap.parse_args()
 
     x_train, y_train = samples.fashion_mnist_train()
     x_test, y_test = samples.fashion_mnist_test()
+    labels_path = samples.fashion_mnist_labels_path()
+    labels_path.parent.mkdir(parents=True, exist_ok=True)
+    labels_path.write_text("\n".join(samples.FASHION_MNIST_CLASSES) + "\n", encoding="utf-8")
+    n = export_subset(x_test, y_test, samples.fashion_mnist_test_dir(), args.per_class)
+    c = export_calibration(x_train, samples.fashion_mnist_calib_dir(), args.calib)
+    print(f"exported {n} labelled test PNGs and {c} calibration PNGs")
+    if args.data_only:
+        return 0
 
     from pipeline.tfenv import import_tf
 
@@ -99,13 +123,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     clean.save(out)
 
-    labels_path = samples.fashion_mnist_labels_path()
-    labels_path.parent.mkdir(parents=True, exist_ok=True)
-    labels_path.write_text("\n".join(samples.FASHION_MNIST_CLASSES) + "\n", encoding="utf-8")
-    n = export_subset(x_test, y_test, samples.fashion_mnist_test_dir(), args.per_class)
-
     probs = clean.predict(xe, batch_size=500, verbose=0)
-    sub_idx = np.concatenate([np.flatnonzero(y_test == c)[:args.per_class] for c in range(10)])
+    sub_idx = np.concatenate([np.flatnonzero(y_test == k)[:args.per_class] for k in range(10)])
     sub_acc = float((probs[sub_idx].argmax(1) == y_test[sub_idx]).mean())
     print(f"trained {args.epochs} epochs in {train_s:.0f} s; params {clean.count_params()}")
     print(f"test accuracy (10,000 images): {acc:.4f}; exported subset ({n} PNGs): {sub_acc:.4f}")

@@ -204,6 +204,9 @@ def test_fashion_subset_layout_matches_labels():
     assert folders == sorted(labels)
     for name in labels:
         assert len(list((samples.fashion_mnist_test_dir() / name).glob("*.png"))) == 50
+    # calibration images come from the training set, never from the test subset
+    calib = sorted(samples.fashion_mnist_calib_dir().glob("*.png"))
+    assert len(calib) == 200 and all(p.name.startswith("train_") for p in calib)
 
 
 # ------------------------------------------------------------ TensorFlow side
