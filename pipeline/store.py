@@ -57,6 +57,13 @@ def default_db_path() -> Path:
     return Path(base) / "edgepipe" / "results.db"
 
 
+class _Pending:
+    __slots__ = ("row", "done", "new", "error")
+
+    def __init__(self, row: tuple):
+        self.row, self.done, self.new, self.error = row, False, None, None
+
+
 class Store:
     """Thread-safe report store; one connection guarded by a lock.
 
@@ -69,6 +76,8 @@ class Store:
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list = []
         self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -91,21 +100,49 @@ class Store:
         self.close()
 
     def add(self, report: dict) -> bool:
-        """Store ``report``; True when new, False when its id was already stored."""
+        """Store ``report``; True when new, False when its id was already stored.
+
+        Group commit: concurrent callers queue their rows and whoever holds
+        the database lock writes every queued row in one transaction, so a
+        burst of reporters costs one commit instead of one each.
+        """
         rt = report.get("runtime") or {}
         model = report.get("model") or {}
         dev = report.get("device") or {}
-        row = (
+        item = _Pending((
             report["id"], str(report.get("created", "")), time.time(), str(report.get("kind", "")),
             dev.get("hostname"), model.get("name"), model.get("recipe"), model.get("sha256"),
             rt.get("delegate"), rt.get("threads"),
             json.dumps(report, separators=(",", ":"), sort_keys=True),
-        )
+        ))
+        with self._queue_lock:
+            self._queue.append(item)
         with self._lock:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO reports (id, created, received, kind, hostname, model, recipe,"
-                " sha256, delegate, threads, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-            return cur.rowcount == 1
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._write(batch)
+        if item.error is not None:
+            raise item.error
+        return bool(item.new)
+
+    def _write(self, batch: list) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for it in batch:
+                cur = self._db.execute(
+                    "INSERT OR IGNORE INTO reports (id, created, received, kind, hostname, model, recipe,"
+                    " sha256, delegate, threads, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", it.row)
+                it.new = cur.rowcount == 1
+            self._db.execute("COMMIT")
+        except Exception as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for it in batch:
+                it.new, it.error = None, e
+        finally:
+            for it in batch:
+                it.done = True
 
     def add_many(self, reports: Iterable[dict]) -> int:
         """Store several reports; returns how many were new."""

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Collector ingest rate: 50 concurrent senders -> `edgepipe serve` on loopback.
+
+Starts the real collector (`python -m pipeline.cli serve`) as a separate
+process with a fresh SQLite DB, then N sender threads in this process each
+POST reports; then the same burst again the way a device delivers (spool on
+disk, POST, remove on ack). Prints reports/s ingested and how many were lost
+(ids sent minus ids stored). Target: >= 1000 reports/s, 0 lost.
+
+    .venv/bin/python scripts/bench/collector_load.py [--senders 50] [--per-sender 40]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from device.http import request  # noqa: E402
+from device.report import new_report  # noqa: E402
+from device.send import Spool, send_report  # noqa: E402
+
+TOKEN = "load-test-token"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of a process (Linux /proc), 0 when unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def make_report(k: int, i: int) -> dict:
+    """A report of realistic size (~2 KB): every block a bench report carries."""
+    p50 = 10.0 + (i % 7)
+    stats = {"n": 200, "mean": p50, "std": 0.3, "min": p50 * 0.9, "p50": p50, "p90": p50 * 1.1,
+             "p99": p50 * 1.3, "max": p50 * 2}
+    return new_report(
+        "bench",
+        device={"hostname": f"pi-{k:02d}", "board": "Raspberry Pi 5 Model B Rev 1.0",
+                "cpu": "Cortex-A76", "machine": "aarch64", "cores": 4, "os": "Debian GNU/Linux 12",
+                "python": "3.11.2", "governor": "performance", "temperature_c": {"start": 48.2, "end": 55.1},
+                "throttled": {"start": "0x0", "end": "0x0"}, "memory_mb": 8064},
+        runtime={"backend": "ai_edge_litert", "version": "2.3.0", "delegate": "cpu", "threads": 4,
+                 "cpu_fallback_ops": None, "load": "cold"},
+        model={"name": "mobilenet_v2-int8", "recipe": "int8", "sha256": "ab" * 32, "size": 3_900_000},
+        load_ms={"file_read": 1.2, "interpreter_build": 20.5, "delegate": 0.0, "allocate": 3.3,
+                 "first_invoke": 40.1},
+        latency_ms=stats, throughput={"fps": 1000 / p50, "mode": "sequential", "workers": 1, "frames": 200},
+        peak_rss_mb=80.5, settings={"runs": 200, "warmup": 10, "seed": i},
+    )
+
+
+def run(mode: str, url: str, proc, tmp: Path, senders: int, per_sender: int) -> tuple:
+    """One burst; prints its figures and returns (rate, lost)."""
+    reports = [[make_report(k, i) for i in range(per_sender)] for k in range(senders)]
+    failures = []
+    barrier = threading.Barrier(senders + 1)
+
+    def sender(k: int) -> None:
+        spool = Spool(tmp / f"spool-{mode}-{k}")
+        barrier.wait()
+        for r in reports[k]:
+            try:
+                if mode == "post":
+                    request("POST", url + "/v1/reports", body=r, token=TOKEN)
+                else:
+                    res = send_report(r, url, spool=spool, token=TOKEN, attempts=5, backoff=0.05)
+                    if res.pending:
+                        failures.append(res.error)
+            except Exception as e:  # counted as lost below
+                failures.append(str(e))
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(senders)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    cpu0 = cpu_seconds(proc.pid)
+    me0 = time.process_time()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    server_cpu = cpu_seconds(proc.pid) - cpu0
+    sender_cpu = time.process_time() - me0
+    sent = {r["id"] for rs in reports for r in rs}
+    stored = set()
+    for k in range(senders):
+        _, page = request("GET", url + f"/v1/reports?device=pi-{k:02d}&limit=10000", token=TOKEN, timeout=60)
+        stored |= {r["id"] for r in page["reports"]}
+    lost = len(sent - stored)
+    rate = len(sent) / elapsed
+    label = "plain POSTs" if mode == "post" else "device path: spool on disk + POST + ack"
+    print(f"{senders} senders x {per_sender} reports, {label}")
+    print(f"  ingested {len(sent & stored)} / {len(sent)} in {elapsed:.2f} s = {rate:.0f} reports/s; "
+          f"lost {lost}; send failures {len(failures)}")
+    if server_cpu > 0:
+        print(f"  collector CPU {server_cpu * 1e6 / len(sent):.0f} us/report (~{len(sent) / server_cpu:.0f} "
+              f"reports/s per free core); senders' CPU {sender_cpu * 1e6 / len(sent):.0f} us/report")
+    return rate, lost
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--senders", type=int, default=50)
+    ap.add_argument("--per-sender", type=int, default=40)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-load-"))
+    db = tmp / "results.db"
+    env = dict(os.environ, EDGEPIPE_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", "0", "--db", str(db),
+                             "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if "listening on" not in line:
+            print(f"collector did not start: {line!r}", file=sys.stderr)
+            return 1
+        url = line.split()[3]
+        print(f"collector_load: `edgepipe serve` on loopback, fresh SQLite DB "
+              f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; figures are noisy)")
+        rate, lost = run("post", url, proc, tmp, args.senders, args.per_sender)
+        # Same burst through device.send: on one box the senders' spool fsyncs
+        # compete with the collector; on real devices each has its own disk.
+        _, lost2 = run("send", url, proc, tmp, args.senders, args.per_sender)
+        ok = rate >= 1000 and lost == 0 and lost2 == 0
+        print(f"target: >= 1000 reports/s ingested, 0 lost -> {'OK' if ok else 'MISSED'} "
+              f"({rate:.0f} reports/s, {lost + lost2} lost)")
+        return 0 if lost + lost2 == 0 else 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
