@@ -142,11 +142,16 @@ def debug_int8(model, calib: np.ndarray, *, debug: Optional[np.ndarray] = None,
         except Exception as e:  # noqa: BLE001
             raise LayerErrorError(f"quantization debugger failed: {last_error_line(log) or e}") from None
     buf.seek(0)
+    # The model's output tensor is named after the signature, not the layer.
+    out_layer = keras_model.layers[-1].name if len(keras_model.outputs) == 1 else None
     layers = []
     for row in csv.DictReader(buf):
         mse = float(row["mean_squared_error"])
+        name = keras_layer_name(row["tensor_name"])
+        if out_layer and name.startswith("StatefulPartitionedCall"):
+            name = out_layer
         layers.append(LayerError(
-            tensor=row["tensor_name"], op=row["op_name"], layer=keras_layer_name(row["tensor_name"]),
+            tensor=row["tensor_name"], op=row["op_name"], layer=name,
             rmse=math.sqrt(max(mse, 0.0)), max_abs=float(row["max_abs_error"]),
             scale=float(row["scale"]), num_elements=int(float(row["num_elements"]))))
     return Debugged(calibrated=debugger.calibrated_model, layers=layers,

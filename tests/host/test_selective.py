@@ -1,0 +1,87 @@
+"""Per-layer error and selective quantization on the sample Fashion-MNIST CNN."""
+import math
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture(scope="module")
+def fm():
+    from device.bundle import ColorOrder, Preprocess
+    from pipeline import samples
+    from pipeline.evaluate import load_dataset, load_inputs
+
+    spec = Preprocess(height=28, width=28, color=ColorOrder.GRAY, mean=(0.0,), std=(255.0,))
+    ds = load_dataset(samples.fashion_mnist_test_dir(), limit=300)
+    x = load_inputs(ds.paths, spec)
+    return {"model": samples.fashion_mnist_model_path(), "x": x, "labels": ds.labels}
+
+
+def test_layer_names_from_tensor_names():
+    from pipeline.layer_error import keras_layer_name
+
+    assert keras_layer_name("functional_1/conv2_1/Relu;functional_1/conv2_1/BiasAdd") == "conv2"
+    assert keras_layer_name("StatefulPartitionedCall_1:0") == "StatefulPartitionedCall_1:0"
+
+
+def test_layer_error_ranks_a_clipped_layer_first():
+    """A layer whose calibration range misses the real data loses most; it must rank first."""
+    from pipeline.layer_error import debug_int8
+    from pipeline.tfenv import import_tf
+
+    tf = import_tf()
+    keras = tf.keras
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    a = keras.layers.Dense(16, activation="relu", name="early")(inp)
+    b = keras.layers.Dense(16, name="late")(a)
+    model = keras.Model(inp, b)
+    rng = np.random.default_rng(0)
+    calib = rng.uniform(-1, 1, (16, 8)).astype(np.float32)
+    # Debug on inputs 20x larger than calibration: every layer clips, and
+    # the error in quantization steps is far above rounding noise.
+    dbg = debug_int8(model, calib, debug=calib * 20)
+    ranked = dbg.ranked()
+    assert {e.layer for e in ranked} >= {"early", "late"}
+    assert ranked[0].rmse_steps > 1.0
+    calm = debug_int8(model, calib)
+    assert max(e.rmse_steps for e in calm.layers) < 1.0  # in range: about rounding noise
+    assert all(e.scale > 0 for e in calm.layers)
+
+
+@pytest.mark.slow
+def test_selective_reaches_target_with_fewer_float_layers(fm):
+    from pipeline import metrics
+    from pipeline.selective import float_outputs, run_tflite, selective_int8
+    from pipeline.tfenv import captured_output, import_tf
+
+    tf = import_tf()
+    with captured_output():
+        model = tf.keras.models.load_model(str(fm["model"]), compile=False)
+    x = fm["x"]
+    # A deliberately thin calibration set (4 images) so plain int8 misses the target.
+    calib = x[::75][:4]
+    r = selective_int8(model, "int8", calib, x, 1.0, measure_latency=True)
+    assert r.baseline_agreement < 1.0
+    assert r.reached and r.agreement == 1.0
+    assert 0 < len(r.kept) < r.layers_total
+    # The returned model really is that model: re-run it independently.
+    out = run_tflite(r.tflite, x)
+    assert metrics.top1_agreement(out, float_outputs(model, x)) == r.agreement
+    d = r.to_dict()
+    assert [f["layer"] for f in d["float_layers"]] == [e.layer for e in r.kept]
+    assert all("quantization steps" in f["reason"] for f in d["float_layers"])
+    assert [lat["float_layers"] for lat in d["latency"]] == list(range(len(r.kept) + 1))
+    assert all(lat["p50_ms"] > 0 for lat in d["latency"])
+    assert d["steps"][0] == {"float_layers": 0, "agreement": r.baseline_agreement}
+
+
+def test_selective_rejects_bad_requests(fm):
+    from pipeline.selective import SelectiveError, selective_int8
+
+    with pytest.raises(SelectiveError, match="only works with recipe int8"):
+        selective_int8(fm["model"], "fp16", fm["x"][:2], None, 0.9)
+    with pytest.raises(SelectiveError, match=r"1.5 is not in \(0, 1\]"):
+        selective_int8(fm["model"], "int8", fm["x"][:2], None, 1.5)
