@@ -1,0 +1,129 @@
+"""`edgepipe bench` against real agents on loopback, one of them dead.
+
+Two `edgerun agent`s run in this process on ephemeral ports with the real
+bundle store and the real bench; a third URL has nothing listening.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from device.agent import Agent, AgentServer
+from device.bundle import Manifest, TensorInfo, sha256_file, write_manifest
+from device.bundle_store import BundleStore
+from pipeline.cli import main as edgepipe
+from pipeline.remote import AgentClient, pack_bundle
+from pipeline.store import Store
+
+MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
+TOKEN = "fleet-token"
+
+
+def make_bundle(root: Path, model: str, name: str, recipe: str) -> Path:
+    from device.runtime import load_model
+
+    d = root / name
+    d.mkdir(parents=True)
+    shutil.copy(MODELS / model, d / "model.tflite")
+    m = load_model(d / "model.tflite")
+    write_manifest(d, Manifest(
+        name=name, recipe=recipe, model_sha256=sha256_file(d / "model.tflite"),
+        model_size=(d / "model.tflite").stat().st_size,
+        inputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.inputs),
+        outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.outputs)))
+    return d
+
+
+@pytest.fixture
+def bundles(tmp_path):
+    return [make_bundle(tmp_path / "b", "float.tflite", "tiny-fp32", "fp32"),
+            make_bundle(tmp_path / "b", "int8_io.tflite", "tiny-int8-io", "int8-io")]
+
+
+@pytest.fixture
+def agents(tmp_path):
+    servers = []
+    for i in range(2):
+        worker = Agent(BundleStore(tmp_path / f"store{i}"))
+        srv = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
+        srv.start_background()
+        servers.append(srv)
+    yield servers
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+        srv.agent.close()
+
+
+def dead_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def bench(*args):
+    return CliRunner().invoke(edgepipe, ["bench", *map(str, args)])
+
+
+def test_fleet_bench_with_a_dead_device(agents, bundles, tmp_path):
+    db = tmp_path / "results.db"
+    dead = dead_url()
+    common = ["--token", TOKEN, "--db", db, "--runs", 10, "--warmup", 1]
+    res = bench(*bundles, "--device", agents[0].url, "--device", dead, "--device", agents[1].url, *common)
+    assert res.exit_code == 1, res.output  # not everything succeeded...
+    out = res.stdout
+    live = [a.url.split("//")[1] for a in agents]
+    for label in live:  # ...but both live devices ran both recipes
+        for recipe in ("fp32", "int8-io"):
+            assert any(label in ln and f" {recipe} " in ln for ln in out.splitlines()), out
+    assert f"FAILED  {dead.split('//')[1]}  tiny-fp32: device unreachable" in out
+    assert "4/6 jobs succeeded on 3 device(s)" in out
+    assert "down" in res.output  # progress lines (stderr)
+    with Store(db) as s:
+        reps = s.query()
+    assert len(reps) == 4 and {r["runtime"]["load"] for r in reps} == {"cold"}
+    assert {r["model"]["recipe"] for r in reps} == {"fp32", "int8-io"}
+
+    # Again on the live devices only: nothing re-uploaded, warm interpreters, exit 0.
+    res = bench(*bundles, "--device", agents[0].url, "--device", agents[1].url, *common, "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["ok"] and len(doc["outcomes"]) == 4
+    assert all(o["uploaded"] is False and o["stored"] is True for o in doc["outcomes"])
+    assert {o["report"]["runtime"]["load"] for o in doc["outcomes"]} == {"warm"}
+    with Store(db) as s:
+        assert s.count() == 8
+
+
+def test_failing_job_is_reported_and_the_rest_continue(agents, bundles, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(MODELS / "not_a_model.tflite", broken / "model.tflite")
+    res = bench(broken, *bundles, "--device", agents[0].url, "--token", TOKEN, "--no-db", "--runs", 5)
+    assert res.exit_code == 1
+    assert "FAILED" in res.stdout and "2/3 jobs succeeded" in res.stdout
+    assert "Traceback" not in res.output
+
+
+def test_wrong_token_and_bad_arguments(agents, bundles, tmp_path):
+    res = bench(bundles[0], "--device", agents[0].url, "--token", "nope", "--no-db")
+    assert res.exit_code == 1 and "403" in res.stdout
+    res = bench(tmp_path, "--device", agents[0].url, "--no-db")
+    assert res.exit_code == 1 and "not a bundle" in res.output
+    res = bench(bundles[0], "--device", "pi.local:8751", "--no-db")
+    assert res.exit_code == 2 and "http" in res.output
+
+
+def test_bundle_tar_is_deterministic_and_upload_is_skipped_when_present(agents, bundles):
+    a, b = pack_bundle(bundles[0]), pack_bundle(bundles[0])
+    assert a.data == b.data and a.sha256 == b.sha256 and a.name == "tiny-fp32" and a.recipe == "fp32"
+    client = AgentClient(agents[0].url, token=TOKEN)
+    assert client.upload(a) is True and client.upload(a) is False
+    assert client.info()["bundles"][0]["sha256"] == a.sha256
