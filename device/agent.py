@@ -23,6 +23,10 @@ from device.bundle_store import BundleStore, UploadError, check_digest
 from device.http import HTTPError_, JSONHandler, Server, check_bind
 
 DEFAULT_PORT = 8751
+# Failures with a one-line reason for the user; anything else also gets a
+# traceback on the agent's stderr (the journal under systemd).
+_EXPECTED_ERRORS = ("BundleError", "RuntimeLoadError", "BenchError", "RunError", "SourceError", "InputError",
+                    "ValueError")
 MAX_JOBS_KEPT = 500
 
 # Job parameters: name -> (type check, description). Unknown keys are refused
@@ -203,7 +207,7 @@ class Agent:
             except Exception as e:  # a failed job must not stop the agent
                 job.error = _one_line(e)
                 job.status = "failed"
-                if type(e).__name__ not in ("BundleError", "RuntimeLoadError", "ValueError"):
+                if type(e).__name__ not in _EXPECTED_ERRORS:
                     traceback.print_exc()
             finally:
                 job.finished_at = _now()

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from device.http import ClientError
 from pipeline.remote import AgentClient, PackedBundle
+from pipeline.reporting import fmt
 
 # What `edgepipe bench` forwards to every bench job (None = agent default).
 JOB_PARAMS = ("threads", "delegate", "runs", "warmup", "min_secs", "input", "backend", "seed")
@@ -100,7 +101,7 @@ def _bench_device(url: str, packed: list, params: dict, *, token: Optional[str],
         record(o)
         if o.status == "ok":
             p50 = ((o.report or {}).get("latency_ms") or {}).get("p50")
-            emit(label, pb.name, "done", f"p50 {p50:.2f} ms" if isinstance(p50, (int, float)) else "")
+            emit(label, pb.name, "done", f"p50 {fmt(p50)} ms" if isinstance(p50, (int, float)) else "")
         else:
             emit(label, pb.name, "failed", o.error or "")
 

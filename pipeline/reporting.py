@@ -130,7 +130,7 @@ def fastest(rows: Iterable[dict]) -> list:
         if g not in best or r["p50"] < best[g]["p50"]:
             best[g] = r
     return [f"{d}: fastest {fam} is {r['recipe']} ({r['delegate']}, t={r['threads'] or 'auto'}) "
-            f"at {r['p50']:.2f} ms p50" for (d, fam), r in sorted(best.items(), key=lambda kv: str(kv[0]))]
+            f"at {fmt(r['p50'])} ms p50" for (d, fam), r in sorted(best.items(), key=lambda kv: str(kv[0]))]
 
 
 # -- comparison against a saved set ------------------------------------------

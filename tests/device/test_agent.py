@@ -236,3 +236,22 @@ def test_failing_job_is_reported_and_next_job_runs(agent, tmp_path):
     put_bundle(agent, data, sha)
     _, job = call(agent, "POST", "/v1/jobs", body={"kind": "bench", "bundle": sha, "runs": 5})
     assert wait_job(agent, job["id"])["status"] == "done"
+
+
+def test_run_job_over_real_photos(agent, tmp_path):
+    photos = Path(__file__).resolve().parents[2] / "sample_data" / "images"
+    if not photos.is_dir():
+        pytest.fail(f"{photos} is missing: the sample photos are part of the repository")
+    bdir = make_bundle(tmp_path / "b", "float.tflite", "tiny-fp32", "fp32")
+    data, sha = tar_of(bdir)
+    put_bundle(agent, data, sha)
+    body = {"kind": "run", "bundle": sha, "source": str(photos), "max_frames": 3, "pipeline": False}
+    state = wait_job(agent, call(agent, "POST", "/v1/jobs", body=body)[1]["id"])
+    assert state["status"] == "done", state["error"]
+    rep = state["report"]
+    assert rep["kind"] == "run" and rep["runtime"]["load"] == "cold"
+    assert rep["throughput"]["frames"] == 3 and rep["load_ms"]["first_invoke"] is not None
+    # A source that does not exist fails the job with a reason, not the agent.
+    body["source"] = str(tmp_path / "nothing-here")
+    state = wait_job(agent, call(agent, "POST", "/v1/jobs", body=body)[1]["id"])
+    assert state["status"] == "failed" and state["error"]
