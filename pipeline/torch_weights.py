@@ -147,9 +147,9 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a weights file")
 
     def persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.60}")
-        stype, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        stype, key, numel = pid[1], str(pid[2]), int(pid[4])  # pid[3] is the device, e.g. "cpu"
         if not isinstance(stype, _StorageType):
             raise pickle.UnpicklingError("persistent id without a storage type")
         storage = self.storages.get(key)
