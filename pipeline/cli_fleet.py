@@ -29,12 +29,14 @@ Examples:
 @click.option("--runs", type=click.IntRange(1, 100000), default=None, help="Timed runs per bundle.")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=None, help="Untimed warm-up runs.")
 @click.option("--min-secs", type=click.FloatRange(0, 3600), default=None, help="Keep running at least this long.")
+@click.option("--input", "input_", default=None, metavar="random|DIR",
+              help="Seeded random tensors (default) or a folder of images ON THE DEVICE.")
 @click.option("--seed", type=int, default=None, help="Seed of the random input.")
 @click.option("--timeout", "job_timeout", type=click.FloatRange(1, 86400), default=1800, show_default=True,
               help="Seconds to wait for one job.")
 @click.option("--json", "as_json", is_flag=True, help="Print outcomes and reports as JSON.")
 def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, runs, warmup, min_secs,
-          seed, job_timeout, as_json):
+          input_, seed, job_timeout, as_json):
     """Bench BUNDLE(s) on every --device at once and store the reports.
 
     Uploads only what a device lacks (bundles are keyed by sha256), runs the
@@ -71,7 +73,7 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
         click.echo(f"[{time.monotonic() - t0:6.1f}s] {dev:<21} {bundle:<28} {stage:<7} {detail}", err=True)
 
     params = dict(threads=threads, delegate=delegate, backend=backend, runs=runs, warmup=warmup,
-                  min_secs=min_secs, seed=seed)
+                  min_secs=min_secs, input=input_, seed=seed)
     try:
         result = bench_fleet(packed, list(devices), params=params, token=token, store=store,
                              job_timeout=job_timeout, on_event=progress)
