@@ -115,7 +115,7 @@ class JSONHandler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.1"
     # A silent client frees its worker after this long (socket timeout).
-    timeout = 60
+    timeout = 30
     # Paths answered without a token (liveness probes).
     public_paths: tuple = ("/healthz",)
     server_version = "edgepipe"

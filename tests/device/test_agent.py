@@ -255,3 +255,32 @@ def test_run_job_over_real_photos(agent, tmp_path):
     body["source"] = str(tmp_path / "nothing-here")
     state = wait_job(agent, call(agent, "POST", "/v1/jobs", body=body)[1]["id"])
     assert state["status"] == "failed" and state["error"]
+
+
+def test_agent_command_serves_and_stops_cleanly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGERUN_TOKEN",)}
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "device.cli", "agent", "--port", "0", "--store", str(tmp_path / "store")]
+    refused = subprocess.run(cmd + ["--host", "0.0.0.0"], env=env, capture_output=True, text=True,
+                             timeout=60, cwd=repo)
+    assert refused.returncode == 1 and "without a token" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+    try:
+        line = proc.stdout.readline()
+        assert "agent listening on http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split()[3]
+        status, info = request("GET", url + "/v1/info")  # loopback without a token: allowed
+        assert status == 200 and info["bundles"] == [] and info["edgerun"]
+        assert "backends" in info and "delegates" in info and info["hostname"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "agent stopped" in out
