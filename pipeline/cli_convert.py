@@ -85,10 +85,14 @@ Examples:
 @click.option("--no-cache", is_flag=True, help="Convert from scratch and do not store the result.")
 @click.option("--no-edgetpu", is_flag=True, help="Do not run edgetpu_compiler even when it is installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True),
+              help="int8 only: keep the fewest most sensitive layers in float until top-1 agreement "
+                   "with the float model reaches this (e.g. 0.97) on the calibration images.")
 @click.option("--list-recipes", is_flag=True, is_eager=True, expose_value=False, callback=_list_recipes,
               help="Show what each recipe does and exit.")
 def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean, std, color, resize,
-            crop_fraction, input_size, io_type, labels, task, name, cache_dir, no_cache, no_edgetpu, as_json):
+            crop_fraction, input_size, io_type, labels, task, name, cache_dir, no_cache, no_edgetpu, as_json,
+            target_agreement):
     """Convert MODEL (.keras, .h5 or a SavedModel directory) into TFLite bundles, one per recipe."""
     from pipeline.convert import ConvertError, ConvertRequest, convert_model
 
@@ -109,10 +113,16 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     def progress(msg: str) -> None:
         click.echo(f"edgepipe: {msg}", err=True)
 
+    if target_agreement is not None and not any(r.name == "int8" for r in chosen):
+        raise click.ClickException("--target-agreement: needs the int8 recipe in --recipes")
     try:
         results = convert_model(req, progress=progress)
     except (ConvertError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    if target_agreement is not None:
+        from pipeline.selective import apply_selective_to_results
+
+        results = apply_selective_to_results(results, model, target_agreement, progress)
     if as_json:
         click.echo(json.dumps({"model": str(model), "out": str(out_dir),
                                "results": [r.to_dict() for r in results]}, indent=2))

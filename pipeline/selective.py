@@ -147,8 +147,12 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
 
     tf = import_tf()
     if not hasattr(keras_model, "predict"):
-        with captured_output():
-            keras_model = tf.keras.models.load_model(str(keras_model), compile=False)
+        try:
+            with captured_output():
+                keras_model = tf.keras.models.load_model(str(keras_model), compile=False)
+        except Exception as e:  # noqa: BLE001 - loaders raise anything
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise SelectiveError(f"--target-agreement: needs a Keras model ({first})") from None
     calib = np.asarray(calib, dtype=np.float32)
     ex = np.asarray(eval_x if eval_x is not None else calib, dtype=np.float32)
     if ex.shape[0] == 0:
@@ -232,3 +236,102 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
         tflite=model, target=float(target), agreement=agreement, baseline_agreement=baseline,
         reached=agreement >= target, kept=kept, layers_total=len(ranked), steps=steps,
         latency=latency, eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start)
+
+
+def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=None,
+                    eval_limit: int = 300, measure_latency: bool = True,
+                    on_step: Optional[Callable[[str], None]] = None) -> SelectiveResult:
+    """Re-make an ``int8`` bundle so it reaches ``target`` agreement; rewrites it atomically.
+
+    Calibration uses the images recorded in the bundle's manifest (same
+    folder, count and seed, so the same files); agreement is measured on
+    ``eval_dir`` (folder, class sub-folders allowed) or on those calibration
+    images. The manifest gets ``extra["selective"]`` (which layers, why, and
+    the latency each one costs) and the new model's digest and size.
+    """
+    import dataclasses
+    import hashlib
+    from pathlib import Path
+
+    from device.bundle import BundleError, TensorInfo, load_bundle
+    from pipeline import calibration
+    from pipeline.bundle_writer import write_bundle
+
+    try:
+        b = load_bundle(bundle_path)
+    except BundleError as e:
+        raise SelectiveError(str(e)) from None
+    m = b.manifest
+    if m is None or m.recipe not in SUPPORTED_RECIPES:
+        raise SelectiveError(f"--target-agreement: {bundle_path} is not an int8 bundle")
+    if (m.extra or {}).get("input_size"):
+        raise SelectiveError("--target-agreement: not supported together with --input-size")
+    if m.calibration is None or not m.calibration.source or m.preprocess is None:
+        raise SelectiveError(f"--target-agreement: {bundle_path} records no calibration images")
+    cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
+    calib = calibration.load_arrays(cset, m.preprocess)
+    ex = None
+    if eval_dir is not None:
+        from pipeline.evaluate import EvalError, load_dataset, load_inputs
+
+        try:
+            ds = load_dataset(Path(eval_dir), class_names=b.labels or None, limit=eval_limit)
+            ex = load_inputs(ds.paths, m.preprocess)
+        except EvalError as e:
+            raise SelectiveError(str(e)) from None
+    res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
+                         measure_latency=measure_latency, on_step=on_step)
+
+    def manifest_for(model_file, _tpu):
+        from device.runtime import load_model
+
+        lm = load_model(model_file)
+        return dataclasses.replace(
+            m, model_sha256=hashlib.sha256(res.tflite).hexdigest(), model_size=len(res.tflite),
+            inputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in lm.inputs),
+            outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in lm.outputs),
+            extra={**m.extra, "selective": res.to_dict()})
+
+    labels = b.path / m.labels_file if m.labels_file else None
+    if labels is not None:
+        # write_bundle copies labels into a fresh folder; read them from a copy
+        # outside the folder being replaced.
+        import shutil
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="edgepipe-labels-"))
+        shutil.copyfile(labels, tmp / "labels.txt")
+        labels = tmp / "labels.txt"
+    write_bundle(b.path.parent, b.path.name, res.tflite, manifest_for=manifest_for, labels=labels)
+    if labels is not None:
+        shutil.rmtree(labels.parent, ignore_errors=True)
+    return res
+
+
+def apply_selective_to_results(results: list, model_path, target: float,
+                               progress: Callable[[str], None]) -> list:
+    """``edgepipe convert --target-agreement``: rework the int8 bundle of a convert run.
+
+    Returns the results with the int8 entry's size updated; raises
+    ``click.ClickException`` (one line) when the search cannot run.
+    """
+    import dataclasses
+
+    import click
+
+    out = []
+    for r in results:
+        if r.recipe == "int8" and r.bundle and not r.error:
+            progress(f"int8: searching the fewest float layers for agreement >= {target}")
+            try:
+                sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress)
+            except (SelectiveError, ValueError, OSError) as e:
+                raise click.ClickException(str(e)) from None
+            kept = ", ".join(f"{e.layer} ({c['cost_ms']:+.3f} ms)" for e, c in
+                             zip(sel.kept, sel.latency[1:])) or "none"
+            progress(f"int8: agreement {sel.agreement:.4f} (plain int8 {sel.baseline_agreement:.4f}); "
+                     f"float layers: {kept}" + ("" if sel.reached else
+                                                 f"; target {target} NOT reached"))
+            r = dataclasses.replace(r, size=len(sel.tflite))
+        out.append(r)
+    return out
