@@ -42,7 +42,7 @@ class CalibrationSet:
 
 
 def select(folder: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) -> CalibrationSet:
-    """Pick up to ``count`` images from ``folder`` (recursively), reproducibly for ``seed``."""
+    """Pick up to ``count`` images from ``folder`` (not its sub-folders), reproducibly for ``seed``."""
     from device.preprocess import list_images
 
     if count < 1:

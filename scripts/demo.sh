@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The whole edgepipe loop on this machine, on the real sample model:
+#   1. build the pretrained ImageNet MobileNetV2 (cached after the first run)
+#   2. convert it with all six recipes (conversion cache: second runs are instant)
+#   3. start a results collector and a device agent on loopback
+#   4. bench every bundle through the agent; reports land in the collector's DB
+#   5. run the int8 bundle on the sample video and photos (predictions + per-stage timings)
+#   6. print the comparison and write the HTML report
+# Everything it started is stopped at the end. Output goes to $EDGEPIPE_DEMO_OUT (default: out/demo).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/setup-env.sh host
+
+out="${EDGEPIPE_DEMO_OUT:-$root/out/demo}"
+mkdir -p "$out"
+export EDGEPIPE_CACHE="${EDGEPIPE_CACHE:-$root/.cache/edgepipe}"
+py=.venv/bin/python
+edgepipe=.venv/bin/edgepipe
+edgerun=.venv/bin/edgerun
+token="demo-$($py -c 'import secrets; print(secrets.token_hex(8))')"
+
+pids=()
+cleanup() {
+    for pid in "${pids[@]:-}"; do
+        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]:-}"; do
+        [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT INT TERM
+
+free_port() { $py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'; }
+wait_http() {  # wait_http URL: until /healthz-style URL answers (max ~30 s)
+    for _ in $(seq 1 150); do
+        if $py -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "$1" 2>/dev/null; then return 0; fi
+        sleep 0.2
+    done
+    echo "demo: $1 did not come up" >&2; return 1
+}
+
+echo "== 1. sample model: pretrained ImageNet MobileNetV2 (torchvision weights, built without torch)"
+model="$($py -c 'from pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())')"
+labels="$($py -c 'from pipeline.samples import imagenet_labels_path; print(imagenet_labels_path())')"
+echo "   $model"
+
+echo "== 2. convert with all recipes (calibration on the sample photos)"
+$edgepipe convert "$model" --recipes all --preprocess imagenet --labels "$labels" \
+    --calib sample_data/images --calib-count 32 --out "$out/bundles"
+
+echo "== 3. collector and device agent on loopback"
+cport=$(free_port); aport=$(free_port)
+$edgepipe serve --db "$out/results.db" --host 127.0.0.1 --port "$cport" --token "$token" --quiet \
+    > "$out/collector.log" 2>&1 &
+pids+=($!)
+EDGERUN_TOKEN="$token" $edgerun agent --host 127.0.0.1 --port "$aport" --token "$token" --store "$out/agent-store" \
+    > "$out/agent.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$cport/healthz"
+wait_http "http://127.0.0.1:$aport/healthz"
+echo "   collector http://127.0.0.1:$cport   agent http://127.0.0.1:$aport"
+
+echo "== 4. bench every bundle through the agent"
+EDGERUN_TOKEN="$token" $edgepipe bench "$out"/bundles/mobilenet_v2-* --device "http://127.0.0.1:$aport" \
+    --db "$out/results.db" --runs 30 --warmup 3
+
+echo "== 5. run the int8 bundle on real frames, report sent to the collector"
+$edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/video --max-frames 60 \
+    --out "$out/predictions-video.jsonl" --report-to "http://127.0.0.1:$cport" --report-token "$token"
+$edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/images \
+    --out "$out/predictions-photos.jsonl" --report-to "http://127.0.0.1:$cport" --report-token "$token"
+echo "   first predictions on the photos:"
+head -n 3 "$out/predictions-photos.jsonl"
+
+echo "== 6. comparison and HTML report"
+$edgepipe report --db "$out/results.db" --html "$out/report.html"
+echo
+echo "demo done: bundles in $out/bundles, results in $out/results.db, report at $out/report.html"
