@@ -236,6 +236,19 @@ def maybe_send(report: dict, ctx: Optional[click.Context] = None) -> Optional[Se
     if not url:
         return None
     spool = Spool()
-    res = send_report(report, reports_url(url), spool=spool, token=opts.get("report_token"))
+    token = opts.get("report_token")
+    try:
+        res = send_report(report, reports_url(url), spool=spool, token=token)
+    except (OSError, TimeoutError) as e:
+        # No usable spool (read-only home, full disk, stuck lock): one direct
+        # attempt, and say plainly if the report did not make it.
+        click.echo(f"warning: cannot use the report spool {spool.dir}: {e}", err=True)
+        try:
+            status, _ = request("POST", reports_url(url), body=report, token=token)
+        except ClientError as ce:
+            click.echo(f"warning: report {report.get('id')} NOT sent and not spooled: {ce}", err=True)
+            return None
+        res = SendResult()
+        (res.sent if status == 201 else res.duplicates).append(str(report.get("id")))
     click.echo(describe(res, url, spool), err=True)
     return res

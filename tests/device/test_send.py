@@ -174,3 +174,13 @@ def test_bench_report_to_sends_spools_and_catches_up(sink, tmp_path, monkeypatch
     # The next run delivers the earlier report too, each exactly once.
     assert len(sink.reports) == 2 and sink.posts == 2 and Spool(tmp_path).pending() == []
     assert {r["kind"] for r in sink.reports.values()} == {"bench"}
+
+
+def test_unusable_spool_falls_back_to_a_direct_send(sink, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the spool directory should be")
+    monkeypatch.setenv("EDGERUN_SPOOL", str(blocker / "spool"))
+    res = CliRunner().invoke(edgerun, ["bench", str(MODELS / "float.tflite"), "--runs", "3", "--min-secs", "0",
+                                       "--report-to", sink.url])
+    assert res.exit_code == 0, res.output
+    assert "cannot use the report spool" in res.output and len(sink.reports) == 1
