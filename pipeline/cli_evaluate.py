@@ -71,9 +71,12 @@ def format_results(results) -> str:
 @click.option("--threads", type=click.IntRange(min=1), help="Interpreter threads.")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also store one 'eval' report per bundle in this results database.")
+@click.option("--layers", "n_layers", type=click.IntRange(min=1),
+              help="For int8 bundles, also list the N layers with the largest int8 error vs float.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, as_json, quiet):
+def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_layers, as_json,
+             quiet):
     """Top-1/top-5 accuracy of each BUNDLE and its agreement with the float model.
 
     Each bundle runs through the device runtime on images read with its own
@@ -106,6 +109,14 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, as_
             pass
         results = evaluate_bundles(bundles, data, reference=reference, labels_file=labels_file,
                                    limit=limit, threads=threads, progress=progress)
+        layers = {}
+        if n_layers:
+            from pipeline.evaluate import layer_errors
+
+            for r in results:
+                if r.recipe in ("int8", "int8-io"):
+                    progress(f"per-layer error of {r.bundle}", 0)
+                    layers[r.bundle] = layer_errors(Path(r.path), reference, n_layers)
     except EvalError as e:
         bar.close()
         raise click.ClickException(str(e)) from None
@@ -118,9 +129,17 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, as_
         out = {"data": str(data), "results": [r.to_dict() for r in results]}
         if stored is not None:
             out["stored"] = stored
+        if layers:
+            out["layers"] = layers
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(format_results(results))
+        for name, rows in layers.items():
+            click.echo(f"\nmost sensitive layers of {name} (int8 error in quantization steps; "
+                       "rounding alone is 0.29):")
+            click.echo(format_table(["layer", "op", "rmse/step", "max |d|"], [
+                [x["layer"], x["op"], "inf" if x["rmse_steps"] is None else f"{x['rmse_steps']:.3f}",
+                 f"{x['max_abs']:.3g}"] for x in rows], right=(2, 3)))
         for note in sorted({n for r in results for n in r.notes}):
             click.echo(f"note: {note}")
         if stored is not None:
