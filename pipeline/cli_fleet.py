@@ -13,7 +13,7 @@ Examples:
   edgerun agent --port 8751                                   # on each device
   edgepipe bench out/mobilenet_v2-*/ --device http://127.0.0.1:8751
   edgepipe bench out/*/ --device http://pi4:8751 --device http://pi5:8751 \\
-      --token "$EDGERUN_TOKEN" --threads 4 --runs 200 --db results.db
+      --token "$EDGERUN_TOKEN" --threads 1,2,4 --runs 200 --db results.db
 """)
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--device", "devices", multiple=True, required=True, metavar="URL",
@@ -23,8 +23,10 @@ Examples:
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
               help="Results database. Default: $EDGEPIPE_DB or ~/.local/share/edgepipe/results.db.")
 @click.option("--no-db", is_flag=True, help="Do not store the reports (print only).")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Interpreter threads (default: runtime's).")
-@click.option("--delegate", default=None, help="cpu | xnnpack | edgetpu | gpu | PATH.so (default cpu).")
+@click.option("--threads", default=None, metavar="N[,N...]",
+              help="Interpreter threads; a list (1,2,4) benches each value. Default: the runtime's choice.")
+@click.option("--delegate", default=None, metavar="NAME[,NAME...]",
+              help="cpu | xnnpack | edgetpu | gpu | PATH.so; a list compares them. Default cpu.")
 @click.option("--backend", default=None, help="Runtime on the device (default: the first installed).")
 @click.option("--runs", type=click.IntRange(1, 100000), default=None, help="Timed runs per bundle.")
 @click.option("--warmup", type=click.IntRange(0, 10000), default=None, help="Untimed warm-up runs.")
@@ -44,10 +46,12 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     device x recipe table. Exit code 0 only when every job succeeded.
     """
     from device.bundle import BundleError
-    from pipeline.fleet import bench_fleet
+    from pipeline.fleet import bench_fleet, expand_settings
     from pipeline.remote import pack_bundle
     from pipeline.reporting import quantized_slower, results_table, row, sort_rows
 
+    thread_list = _list(threads, "--threads", int)
+    delegate_list = _list(delegate, "--delegate", str)
     packed = []
     for b in bundles:
         try:
@@ -72,10 +76,10 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     def progress(dev, bundle, stage, detail):
         click.echo(f"[{time.monotonic() - t0:6.1f}s] {dev:<21} {bundle:<28} {stage:<7} {detail}", err=True)
 
-    params = dict(threads=threads, delegate=delegate, backend=backend, runs=runs, warmup=warmup,
-                  min_secs=min_secs, input=input_, seed=seed)
+    params = dict(backend=backend, runs=runs, warmup=warmup, min_secs=min_secs, input=input_, seed=seed)
+    settings = expand_settings(params, threads=thread_list, delegates=delegate_list)
     try:
-        result = bench_fleet(packed, list(devices), params=params, token=token, store=store,
+        result = bench_fleet(packed, list(devices), settings=settings, token=token, store=store,
                              job_timeout=job_timeout, on_event=progress)
     finally:
         if store is not None:
@@ -85,7 +89,8 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     if as_json:
         click.echo(json.dumps({
             "ok": result.ok,
-            "outcomes": [{"device": o.device, "bundle": o.bundle, "recipe": o.recipe, "status": o.status,
+            "outcomes": [{"device": o.device, "bundle": o.bundle, "recipe": o.recipe, "setting": o.setting,
+                          "status": o.status,
                           "error": o.error, "uploaded": o.uploaded, "stored": o.stored,
                           "report": o.report} for o in result.outcomes],
             "warnings": quantized_slower(ok_rows)}, indent=2))
@@ -100,3 +105,22 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
         where = "not stored" if store is None else f"stored in {store.path}"
         click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {len(devices)} device(s); reports {where}")
     sys.exit(0 if result.ok else 1)
+
+
+def _list(value, hint: str, kind):
+    """``"1,2,4"`` -> [1, 2, 4]; None -> [None] (the agent's default)."""
+    if value is None or not value.strip():
+        return [None]
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            v = kind(part)
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a number", param_hint=hint) from None
+        if kind is int and not 1 <= v <= 256:
+            raise click.BadParameter("thread counts must be between 1 and 256", param_hint=hint)
+        if not part:
+            raise click.BadParameter("empty item in the list", param_hint=hint)
+        out.append(v)
+    return out

@@ -29,7 +29,8 @@ class Outcome:
     error: Optional[str] = None
     uploaded: bool = False
     stored: Optional[bool] = None  # True new, False duplicate, None not stored
-    index: int = 0  # position of the bundle on the command line
+    index: int = 0  # position of the job (bundle x setting) on this device
+    setting: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -52,29 +53,48 @@ def device_label(url: str) -> str:
 Event = Callable[[str, str, str, str], None]  # (device, bundle, stage, detail)
 
 
-def _bench_device(url: str, packed: list, params: dict, *, token: Optional[str], store, validate,
+def setting_label(setting: dict) -> str:
+    """``cpu t4``: the per-job settings that vary across a matrix."""
+    parts = []
+    if "delegate" in setting:
+        parts.append(str(setting["delegate"]))
+    if "threads" in setting:
+        parts.append(f"t{setting['threads']}")
+    return " ".join(parts)
+
+
+def _bench_device(url: str, packed: list, settings: list, *, token: Optional[str], store, validate,
                   job_timeout: float, emit: Event, out: list, lock: threading.Lock) -> None:
     label = device_label(url)
+    jobs = [(i, pb, st) for i, pb in enumerate(packed) for st in settings]
 
     def record(o: Outcome) -> None:
         with lock:
             out.append(o)
+
+    def name(pb, st) -> str:
+        extra = setting_label(st) if len(settings) > 1 else ""
+        return f"{pb.name} {extra}".strip()
 
     client = AgentClient(url, token=token)
     try:
         client.info()
     except ClientError as e:
         emit(label, "-", "down", str(e))
-        for j, pb in enumerate(packed):
-            record(Outcome(label, pb.name, pb.recipe, "failed", error=f"device unreachable: {e}", index=j))
+        for n, (i, pb, st) in enumerate(jobs):
+            record(Outcome(label, pb.name, pb.recipe, "failed", error=f"device unreachable: {e}", index=n,
+                           setting=st))
         return
-    for i, pb in enumerate(packed):
-        o = Outcome(label, pb.name, pb.recipe, "failed", index=i)
+    present: set = set()
+    for n, (i, pb, st) in enumerate(jobs):
+        o = Outcome(label, pb.name, pb.recipe, "failed", index=n, setting=st)
         try:
-            emit(label, pb.name, "upload", f"{len(pb.data) / 1e6:.1f} MB")
-            o.uploaded = client.upload(pb)
-            emit(label, pb.name, "queued", "uploaded" if o.uploaded else "already on device")
-            job = client.submit("bench", pb.sha256, **params)
+            if pb.sha256 not in present:
+                emit(label, name(pb, st), "upload", f"{len(pb.data) / 1e6:.1f} MB")
+                o.uploaded = client.upload(pb)
+                present.add(pb.sha256)
+                emit(label, name(pb, st), "queued", "uploaded" if o.uploaded else "already on device")
+            job = client.submit("bench", pb.sha256, **st)
             state = client.wait(job["id"], timeout=job_timeout)
             if state.get("status") != "done":
                 o.error = state.get("error") or f"job ended as {state.get('status')}"
@@ -91,28 +111,49 @@ def _bench_device(url: str, packed: list, params: dict, *, token: Optional[str],
             o.error = str(e)
             if e.status is None:  # the device stopped answering: skip the rest
                 record(o)
-                emit(label, pb.name, "failed", o.error)
-                for j in range(i + 1, len(packed)):
-                    record(Outcome(label, packed[j].name, packed[j].recipe, "skipped",
-                                   error="skipped: device stopped answering", index=j))
+                emit(label, name(pb, st), "failed", o.error)
+                for m in range(n + 1, len(jobs)):
+                    _, pb2, st2 = jobs[m]
+                    record(Outcome(label, pb2.name, pb2.recipe, "skipped", index=m, setting=st2,
+                                   error="skipped: device stopped answering"))
                 return
         except Exception as e:  # a bad report or a bug: report it, keep going
             o.error = f"{type(e).__name__}: {e}"
         record(o)
         if o.status == "ok":
             p50 = ((o.report or {}).get("latency_ms") or {}).get("p50")
-            emit(label, pb.name, "done", f"p50 {fmt(p50)} ms" if isinstance(p50, (int, float)) else "")
+            emit(label, name(pb, st), "done", f"p50 {fmt(p50)} ms" if isinstance(p50, (int, float)) else "")
         else:
-            emit(label, pb.name, "failed", o.error or "")
+            emit(label, name(pb, st), "failed", o.error or "")
 
 
-def bench_fleet(packed: list, devices: list, *, params: Optional[dict] = None,
+def expand_settings(params: Optional[dict], threads=(None,), delegates=(None,)) -> list:
+    """One job-parameter dict per (delegate, threads) pair, shared params merged in."""
+    base = {k: v for k, v in (params or {}).items() if k in JOB_PARAMS and v is not None}
+    out = []
+    for d in delegates or (None,):
+        for t in threads or (None,):
+            st = dict(base)
+            if d is not None:
+                st["delegate"] = d
+            if t is not None:
+                st["threads"] = t
+            out.append(st)
+    return out
+
+
+def bench_fleet(packed: list, devices: list, *, params: Optional[dict] = None, settings: Optional[list] = None,
                 token: Optional[str] = None, store=None, job_timeout: float = 1800.0,
                 on_event: Optional[Event] = None) -> FleetResult:
-    """Run a bench job for every ``PackedBundle`` on every device URL."""
+    """Run a bench job for every ``PackedBundle`` x setting on every device URL.
+
+    ``settings`` is a list of job-parameter dicts (see :func:`expand_settings`);
+    default: one job per bundle with ``params``.
+    """
     from pipeline.collector import make_validator
 
-    params = {k: v for k, v in (params or {}).items() if k in JOB_PARAMS and v is not None}
+    if settings is None:
+        settings = expand_settings(params)
     validate = make_validator()
     out: list = []
     lock = threading.Lock()
@@ -124,7 +165,7 @@ def bench_fleet(packed: list, devices: list, *, params: Optional[dict] = None,
                 on_event(dev, bundle, stage, detail)
 
     threads = [threading.Thread(
-        target=_bench_device, args=(url, packed, params),
+        target=_bench_device, args=(url, packed, settings),
         kwargs=dict(token=token, store=store, validate=validate, job_timeout=job_timeout,
                     emit=emit, out=out, lock=lock), name=f"fleet-{device_label(url)}", daemon=True)
         for url in devices]
@@ -137,4 +178,4 @@ def bench_fleet(packed: list, devices: list, *, params: Optional[dict] = None,
     return FleetResult(out)
 
 
-__all__ = ["bench_fleet", "FleetResult", "Outcome", "PackedBundle", "device_label"]
+__all__ = ["bench_fleet", "expand_settings", "FleetResult", "Outcome", "PackedBundle", "device_label"]

@@ -127,3 +127,16 @@ def test_bundle_tar_is_deterministic_and_upload_is_skipped_when_present(agents, 
     client = AgentClient(agents[0].url, token=TOKEN)
     assert client.upload(a) is True and client.upload(a) is False
     assert client.info()["bundles"][0]["sha256"] == a.sha256
+
+
+def test_thread_matrix_uploads_once_per_bundle(agents, bundles, tmp_path):
+    res = bench(*bundles, "--device", agents[0].url, "--token", TOKEN, "--no-db", "--runs", 5,
+                "--threads", "1,2", "--json")
+    assert res.exit_code == 0, res.output
+    outs = json.loads(res.stdout)["outcomes"]
+    assert [(o["bundle"], o["setting"].get("threads")) for o in outs] == [
+        ("tiny-fp32", 1), ("tiny-fp32", 2), ("tiny-int8-io", 1), ("tiny-int8-io", 2)]
+    assert [o["uploaded"] for o in outs] == [True, False, True, False]
+    assert [o["report"]["runtime"]["threads"] for o in outs] == [1, 2, 1, 2]
+    res = bench(*bundles, "--device", agents[0].url, "--no-db", "--threads", "1,x")
+    assert res.exit_code == 2 and "not a number" in res.output
