@@ -85,3 +85,38 @@ def test_selective_rejects_bad_requests(fm):
         selective_int8(fm["model"], "fp16", fm["x"][:2], None, 0.9)
     with pytest.raises(SelectiveError, match=r"1.5 is not in \(0, 1\]"):
         selective_int8(fm["model"], "int8", fm["x"][:2], None, 1.5)
+
+
+@pytest.mark.slow
+def test_convert_target_agreement_records_float_layers(tmp_path):
+    """`edgepipe convert --target-agreement` rewrites the int8 bundle and says why in the manifest."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from device.bundle import load_bundle
+    from pipeline import samples
+    from pipeline.cli import main
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    # Two images per class, flat (calibration reads one folder).
+    for d in sorted(samples.fashion_mnist_test_dir().iterdir()):
+        for p in sorted(d.glob("*.png"))[:2]:
+            os.symlink(p, calib / f"{d.name}_{p.name}")
+    out = tmp_path / "bundles"
+    args = ["convert", str(samples.fashion_mnist_model_path()), "--recipes", "int8", "--calib", str(calib),
+            "--preprocess", "unit", "--out", str(out), "--no-cache", "--target-agreement", "1.0"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    b = load_bundle(out / "fashion_mnist_cnn-int8")  # verifies the rewritten model's sha256
+    sel = b.manifest.extra["selective"]
+    assert sel["reached"] and sel["agreement"] == 1.0 and sel["eval_images"] == 20
+    assert len(sel["float_layers"]) < sel["layers_total"]
+    if sel["float_layers"]:
+        assert len(sel["latency"]) == len(sel["float_layers"]) + 1
+    json.dumps(sel)  # JSON-clean
+
+    r = CliRunner().invoke(main, args[:3] + ["fp16"] + args[4:])
+    assert r.exit_code == 1 and "--target-agreement: needs the int8 recipe" in r.output
