@@ -23,6 +23,7 @@ import io
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -265,7 +266,11 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         cores = _cores()
         n_workers = max(1, workers or cores)
         cpu = loaded.delegate.split(":")[0].lower() in ("cpu", "xnnpack")
-        n_lanes = max(1, lanes or (cores if cpu and many and not src.live else 1)) if use_pipeline else 1
+        # Lanes x threads should not exceed the cores: XNNPACK's pool threads spin while they wait.
+        n_lanes = 1
+        if use_pipeline:
+            n_lanes = max(1, lanes or (cores // (threads or 1) if cpu and many and not src.live else 1))
+        lane_threads = threads
         if n_lanes > 1 and not cpu:
             raise RunError(f"several interpreter lanes need the CPU delegate (got {loaded.delegate}); use --lanes 1")
         depth = max(1, queue_depth or (1 if src.live else 2 * (n_workers + n_lanes)))
@@ -283,24 +288,22 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         errors: List[str] = []
         clone_ms: List[float] = []
         clone_errors: List[str] = []
-        loader = None
-        if n_lanes > 1:
-            # Extra interpreter copies load while the first frames already run on the warm one.
-            def load_clones() -> None:
-                try:
-                    for _ in range(n_lanes - 1):
-                        t0 = now_ns()
-                        m = load_model(model_path, backend=backend, delegate=delegate, threads=threads,
-                                       edgetpu_device=edgetpu_device)
-                        m.set_input(0, zeros)
-                        m.invoke()
-                        clone_ms.append(ns_to_ms(now_ns() - t0))
-                        models.put(m)
-                except Exception as e:  # noqa: BLE001 - the run goes on with the lanes it has
-                    clone_errors.append(f"extra interpreter lane failed to load: {e}")
-            loader = threading.Thread(target=load_clones, name="edgerun-clones", daemon=True)
-            loader.start()
+        # Extra interpreter copies load before the clock starts: a copy loading
+        # while frames run would steal the CPU the measurement is about.
+        for _ in range(n_lanes - 1):
+            t0 = now_ns()
+            try:
+                m = load_model(model_path, backend=backend, delegate=delegate, threads=lane_threads,
+                               edgetpu_device=edgetpu_device)
+                m.set_input(0, zeros)
+                m.invoke()
+            except Exception as e:  # noqa: BLE001 - the run goes on with the lanes it has
+                clone_errors.append(f"extra interpreter lane failed to load: {e}")
+                break
+            clone_ms.append(ns_to_ms(now_ns() - t0))
+            models.put(m)
         frames = islice(iter(src), max_frames) if max_frames else iter(src)
+        cpu0 = time.process_time()
         try:
             if use_pipeline:
                 runner.pipelined(frames, n_workers, n_lanes, depth)
@@ -313,8 +316,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         except (RuntimeError, ValueError, OSError) as e:
             errors.append(f"run failed after {runner.st.frames} frame(s): {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
-        if loader is not None:
-            loader.join(timeout=30.0)
+        cpu_ms = (time.process_time() - cpu0) * 1000.0
         info = src.info()
         dropped = src.dropped
     finally:
@@ -346,7 +348,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         settings={"pipeline": use_pipeline, "workers": n_workers, "lanes": n_lanes, "queue_depth": depth,
                   "threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
                   "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path),
-                  "wall_ms": wall_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None},
+                  "wall_ms": wall_ms, "process_cpu_ms": cpu_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None},
     )
     report["warnings"].extend(_warnings(start, end, loaded, st, dropped, src) + clone_errors)
     report["errors"].extend(errors)

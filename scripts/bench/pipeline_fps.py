@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Pipelined `edgerun run` FPS on a folder of real 1280x720 JPEGs vs the machine's bound and vs sequential.
+
+    bound = cores / (single-thread preprocess time + single-thread invoke time), per frame
+
+i.e. every core busy with useful work and no overhead. Measured in this one
+run, on the same frames: the single-thread preprocess time (decode + resize
++ normalize + quantize of each frame) and the single-thread invoke time
+(threads=1, the frames' real inputs). Then `run_source` on the folder:
+
+* sequential with threads 1, 2, ... cores and the runtime default; the best is
+  "best sequential";
+* pipelined with the defaults (one preprocessing worker and one interpreter
+  lane per core) and a few other settings.
+
+Targets (issue 3): default pipelined >= 0.9 x bound, and close to the bound's
+ratio over best sequential. Nothing is asserted: the CPU may be shared, so
+settings are interleaved over --rounds rounds and the best round of each is
+reported (noise only ever slows a run down).
+
+    .venv-device/bin/python scripts/bench/pipeline_fps.py --bundle out/mobilenet_v2-int8
+    (make it with: .venv/bin/edgepipe convert <mobilenet_v2.keras> --preprocess imagenet \\
+        --recipes int8 --calib sample_data/images --out out/)
+
+Without --bundle it uses <repo>/.cache/edgepipe/bench-bundles/mobilenet_v2-int8, converting the
+sample MobileNetV2 there with .venv/bin/edgepipe the first time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from device.bundle import load_bundle  # noqa: E402
+from device.preprocess import list_images, load_image, to_model_input  # noqa: E402
+from device.runner import _cores, run_source  # noqa: E402
+from device.runtime import load_model  # noqa: E402
+
+DEFAULT_OUT = ROOT / ".cache" / "edgepipe" / "bench-bundles"
+
+
+def default_bundle() -> Path:
+    b = DEFAULT_OUT / "mobilenet_v2-int8"
+    if (b / "manifest.json").exists():
+        return b
+    edgepipe = ROOT / ".venv" / "bin" / "edgepipe"
+    keras = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c",
+                            "from pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())"],
+                           capture_output=True, text=True, cwd=ROOT)
+    if keras.returncode != 0 or not edgepipe.exists():
+        raise SystemExit("no --bundle given and the sample MobileNetV2 cannot be built here: " +
+                         (keras.stderr.strip().splitlines() or ["no .venv"])[-1])
+    print(f"converting the sample MobileNetV2 to {b} (once) ...", file=sys.stderr)
+    subprocess.run([str(edgepipe), "convert", keras.stdout.strip(), "--preprocess", "imagenet",
+                    "--labels", str(ROOT / "sample_data" / "imagenet_labels.txt"), "--recipes", "int8",
+                    "--calib", str(ROOT / "sample_data" / "images"), "--out", str(DEFAULT_OUT)], check=True)
+    return b
+
+
+def make_frames(src_dir: Path, out: Path, count: int) -> Path:
+    photos = sorted(src_dir.glob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"no .jpg photos in {src_dir}")
+    for i in range(count):
+        p = photos[i % len(photos)]
+        img = Image.open(p).convert("RGB")
+        if i >= len(photos):  # later laps: mirrored, so no two frames are the same picture
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img.resize((1280, 720), Image.Resampling.BICUBIC).save(out / f"{i:04d}.jpg", quality=90)
+    return out
+
+
+def single_thread_costs(bundle, frames: list) -> tuple:
+    """Single-thread preprocess and invoke per frame: (wall ms, CPU ms) each, best of two passes."""
+    pre = bundle.manifest.preprocess
+    m = load_model(bundle.model_path, threads=1)
+    spec = m.inputs[0]
+    xs, prep, prep_cpu = [], [], []
+    n = len(frames)
+    for _ in range(2):
+        t0, c0 = time.perf_counter_ns(), time.process_time()
+        xs = [to_model_input(load_image(p, pre), pre, spec) for p in frames]
+        prep.append((time.perf_counter_ns() - t0) / 1e6 / n)
+        prep_cpu.append((time.process_time() - c0) * 1000 / n)
+    m.set_input(0, xs[0])
+    m.invoke()
+    inv, inv_cpu = [], []
+    for _ in range(2):
+        t0, c0 = time.perf_counter_ns(), time.process_time()
+        for x in xs:
+            m.set_input(0, x)
+            m.invoke()
+        inv.append((time.perf_counter_ns() - t0) / 1e6 / n)
+        inv_cpu.append((time.process_time() - c0) * 1000 / n)
+    return min(prep), min(inv), min(prep_cpu), min(inv_cpu)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bundle", help="bundle directory (default: the sample MobileNetV2 int8, see above)")
+    ap.add_argument("--frames", type=int, default=60, help="1280x720 JPEGs in the folder")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every setting")
+    args = ap.parse_args()
+
+    bundle_path = Path(args.bundle) if args.bundle else default_bundle()
+    bundle = load_bundle(bundle_path)
+    if bundle.manifest is None or bundle.manifest.preprocess is None:
+        raise SystemExit(f"{bundle_path}: needs a bundle with preprocessing in its manifest")
+    cores = _cores()
+    seq_settings = [("sequential", dict(pipeline=False, threads=t)) for t in sorted({1, 2, cores})]
+    seq_settings.append(("sequential", dict(pipeline=False, threads=None)))
+    pip_settings = [("pipelined", {}),  # the defaults
+                    ("pipelined", dict(pipeline=True, lanes=1, threads=cores)),
+                    ("pipelined", dict(pipeline=True, lanes=1, threads=1))]
+    with tempfile.TemporaryDirectory(prefix="edgepipe-fps-") as tmp:
+        folder = make_frames(ROOT / "sample_data" / "images", Path(tmp), args.frames)
+        frames, _ = list_images(folder)
+        fps = {i: [] for i in range(len(seq_settings) + len(pip_settings))}
+        cpu = {i: [] for i in fps}
+        costs = []
+        for r in range(args.rounds):
+            costs.append(single_thread_costs(bundle, frames))
+            for i, (_, kw) in enumerate(seq_settings + pip_settings):
+                rep = run_source(bundle_path, str(folder), **kw)
+                assert not rep["errors"], rep["errors"]
+                fps[i].append(rep["throughput"]["fps"])
+                cpu[i].append(rep["settings"]["process_cpu_ms"] / rep["throughput"]["frames"])
+                if r == 0 and i == len(seq_settings):
+                    default_settings = rep["settings"]
+    prep_ms = min(c[0] for c in costs)
+    inv_ms = min(c[1] for c in costs)
+    prep_cpu = min(c[2] for c in costs)
+    inv_cpu = min(c[3] for c in costs)
+    bound = cores * 1000.0 / (prep_ms + inv_ms)
+    best = {i: max(v) for i, v in fps.items()}
+    print(f"bundle {bundle.name} ({bundle_path}); {args.frames} real 1280x720 JPEGs; {cores} cores; "
+          f"{args.rounds} round(s), best round shown")
+    print(f"single-thread preprocess {prep_ms:.2f} ms + invoke {inv_ms:.2f} ms per frame "
+          f"-> bound {cores} / {prep_ms + inv_ms:.2f} ms = {bound:.1f} FPS")
+    print(f"  (CPU time: preprocess {prep_cpu:.2f} ms + invoke {inv_cpu:.2f} ms = {prep_cpu + inv_cpu:.2f} ms per "
+          f"frame; wall >> CPU means other processes share these cores)")
+    print(f"{'mode':<11} {'settings':<34} {'FPS':>7} {'/bound':>7} {'CPU ms/frame':>12}")
+    labels = []
+    for (mode, kw) in seq_settings + pip_settings:
+        if not kw:
+            kw = {"workers": default_settings["workers"], "lanes": default_settings["lanes"], "threads": None}
+        labels.append((mode, ", ".join(f"{k}={v if v is not None else 'default'}" for k, v in kw.items()
+                                       if k != "pipeline")))
+    for i, (mode, text) in enumerate(labels):
+        print(f"{mode:<11} {text:<34} {best[i]:>7.1f} {best[i] / bound:>7.2f} {min(cpu[i]):>12.2f}")
+    n_seq = len(seq_settings)
+    best_seq = max(best[i] for i in range(n_seq))
+    default_pip = best[n_seq]
+    print(f"default pipelined / bound          = {default_pip / bound:.2f}   (target >= 0.90)")
+    print(f"default pipelined / best sequential = {default_pip / best_seq:.2f}   "
+          f"(bound / best sequential = {bound / best_seq:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
