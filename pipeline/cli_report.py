@@ -56,7 +56,7 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     except Exception as e:
         raise click.ClickException(f"cannot read {path}: {e}") from None
     rows = [rp.row(r) for r in reports]
-    rows = rp.sort_rows(rows) if show_all else rp.latest(rows)
+    rows = rp.attach_accuracy(rp.sort_rows(rows) if show_all else rp.latest(rows))
     if show_all:
         kept = reports
     else:

@@ -162,10 +162,10 @@ def render_html(rows: list, *, comparison: Optional[list] = None, source: str = 
     parts.append("<h2>Results</h2>")
     parts.append(_table(
         ["device", "model", "recipe", "kind", "backend", "delegate", "threads", "load", "n", "p50 ms", "p90 ms",
-         "p99 ms", "FPS", "load ms", "MB", "governor", "warnings"],
+         "p99 ms", "FPS", "load ms", "MB", "top-1", "agreement", "governor", "warnings"],
         [[r["device"], r["model"], r["recipe"], r["kind"], r["backend"], r["delegate"], r["threads"], r["load"],
-          r["n"], r["p50"], r["p90"], r["p99"], r["fps"], r["load_ms"], size_mb(r["size"]), r["governor"],
-          "; ".join(r["warnings"])] for r in rows]))
+          r["n"], r["p50"], r["p90"], r["p99"], r["fps"], r["load_ms"], size_mb(r["size"]), r.get("top1"),
+          r.get("agreement"), r["governor"], "; ".join(r["warnings"])] for r in rows]))
     for title, fn in (("Latency per recipe per device", plot_latency_per_recipe),
                       ("Latency distributions", plot_distributions),
                       ("Cold-start breakdown", plot_cold_start)):

@@ -40,6 +40,7 @@ def row(report: dict) -> dict:
     lat = report.get("latency_ms") or {}
     load = report.get("load_ms") or {}
     thr = report.get("throughput") or {}
+    acc = report.get("accuracy") or {}
     parts = {k: _num(load.get(k)) for k in LOAD_PARTS}
     known = [v for v in parts.values() if v is not None]
     name = str(model.get("name", "?"))
@@ -68,10 +69,33 @@ def row(report: dict) -> dict:
         "load_ms": round(sum(known), 3) if known else None,
         "load_parts": parts,
         "size": model.get("size"),
+        "sha256": model.get("sha256"),
+        "top1": _num(acc.get("top1")),
+        "agreement": _num((acc.get("agreement") or {}).get("top1_agreement")
+                          if isinstance(acc.get("agreement"), dict) else None),
         "governor": dev.get("governor"),
         "warnings": list(report.get("warnings") or []),
         "errors": list(report.get("errors") or []),
     }
+
+
+def attach_accuracy(rows: list) -> list:
+    """Give timing rows the accuracy of the same model file from its newest eval report.
+
+    Latency and accuracy then sit side by side, so a fast recipe that lost
+    accuracy is visible in one table.
+    """
+    evals: dict = {}
+    for r in rows:
+        if r.get("kind") == "eval" and r.get("sha256"):
+            evals[r["sha256"]] = r
+    for r in rows:
+        e = evals.get(r.get("sha256"))
+        if r.get("kind") != "eval" and e is not None:
+            r.setdefault("top1", None)
+            r["top1"] = r["top1"] if r["top1"] is not None else e.get("top1")
+            r["agreement"] = r.get("agreement") if r.get("agreement") is not None else e.get("agreement")
+    return rows
 
 
 def key_of(r: dict) -> tuple:
@@ -232,13 +256,23 @@ def short_warnings(ws: list, width: int = 48) -> str:
 
 
 def results_table(rows: list) -> str:
-    """Device x recipe table: p50, p90, p99, FPS, load ms, size, warnings."""
-    headers = ["device", "model", "recipe", "delegate", "thr", "p50 ms", "p90 ms", "p99 ms", "FPS",
-               "load ms", "MB", "warnings"]
-    body = [[r["device"], r["family"], r["recipe"], r["delegate"], r["threads"], r["p50"], r["p90"],
-             r["p99"], r["fps"], (r["load_ms"] if r.get("load") != "warm" else "warm"),
-             size_mb(r["size"]), short_warnings(r["warnings"])] for r in rows]
-    return format_table(headers, body)
+    """Device x recipe table: p50, p90, p99, FPS, load ms, size, warnings (+ accuracy when known)."""
+    timing = [r for r in rows if r.get("kind") != "eval"]
+    with_acc = any(r.get("top1") is not None or r.get("agreement") is not None for r in timing)
+    headers = ["device", "model", "recipe", "kind", "delegate", "thr", "p50 ms", "p90 ms", "p99 ms", "FPS",
+               "load ms", "MB"] + (["top-1", "agree"] if with_acc else []) + ["warnings"]
+    body = [[r["device"], r["family"], r["recipe"], r["kind"], r["delegate"], r["threads"], r["p50"], r["p90"],
+             r["p99"], r["fps"], (r["load_ms"] if r.get("load") != "warm" else "warm"), size_mb(r["size"])]
+            + ([r.get("top1"), r.get("agreement")] if with_acc else []) + [short_warnings(r["warnings"])]
+            for r in timing]
+    out = format_table(headers, body) if timing else ""
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    if evals:
+        table = format_table(["host", "model", "recipe", "top-1", "agreement vs float", "MB"],
+                             [[r["device"], r["family"], r["recipe"], r.get("top1"), r.get("agreement"),
+                               size_mb(r["size"])] for r in evals])
+        out = (out + "\n\n" if out else "") + table
+    return out
 
 
 def comparison_table(entries: list) -> str:

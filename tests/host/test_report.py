@@ -22,7 +22,7 @@ def make(device, recipe, p50, threads=4, delegate="cpu", load="cold"):
     r = new_report("bench", device={"hostname": device, "governor": "performance"},
                    runtime={"backend": "ai_edge_litert", "version": "2.3.0", "delegate": delegate,
                             "threads": threads, "load": load},
-                   model={"name": f"mnv2-{recipe}", "recipe": recipe, "sha256": "b" * 64, "size": 3_500_000},
+                   model={"name": f"mnv2-{recipe}", "recipe": recipe, "sha256": recipe[:1] * 64, "size": 3_500_000},
                    load_ms={"file_read": 1.0, "interpreter_build": 12.0, "delegate": 0.0, "allocate": 3.0,
                             "first_invoke": 2 * p50} if load == "cold" else None,
                    latency_ms={"n": 100, "mean": p50 * 1.02, "std": 0.5, "min": p50 * 0.9, "p50": p50,
@@ -61,7 +61,7 @@ def test_latest_rows_and_quantized_slower_warning(db):
 def test_report_tables_and_json(db):
     res = run("--db", db)
     assert res.exit_code == 0, res.output
-    assert re.search(r"pi3 +mnv2 +int8 +cpu +4 +40\.00", res.output)
+    assert re.search(r"pi3 +mnv2 +int8 +bench +cpu +4 +40\.00", res.output)
     assert "warning: pi3: mnv2 dynamic is slower than fp32" in res.output
     assert "pi5: fastest mnv2 is int8" in res.output
     assert "mnv2 p50 ms" in res.output  # the device x recipe pivot
@@ -123,3 +123,16 @@ def test_bad_inputs_are_one_line_errors(tmp_path, db):
     bad.write_text("{nope")
     res = run("--db", db, "--compare", bad)
     assert res.exit_code == 1 and "not a readable JSON report set" in res.output
+
+
+def test_accuracy_from_eval_reports_sits_next_to_latency(db):
+    ev = new_report("eval", device={"hostname": "workstation"},
+                    runtime={"backend": "ai_edge_litert", "delegate": "cpu", "threads": None},
+                    model={"name": "mnv2-int8", "recipe": "int8", "sha256": "i" * 64, "size": 3_500_000})
+    ev["accuracy"] = {"top1": 0.7, "agreement": {"top1_agreement": 0.96}, "images": 50}
+    with Store(db) as s:
+        s.add(ev)
+    res = run("--db", db)
+    assert res.exit_code == 0, res.output
+    assert re.search(r"pi5 +mnv2 +int8 +bench +cpu +4 +8\.00 .* 0\.700 +0\.960", res.output), res.output
+    assert re.search(r"workstation +mnv2 +int8 +0\.700 +0\.960", res.output)
