@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import click
 
+from device.send import report_to_option
+
 
 def _fail(msg: str) -> click.ClickException:
     return click.ClickException(" ".join(str(msg).split()))
@@ -88,15 +90,6 @@ def _str_list(ctx, param, value: str) -> List[str]:
     return items
 
 
-def _report_options(f):
-    """`--report-to` / `--report-token` from device.send when the collector client is installed."""
-    try:
-        from device.send import report_to_option
-    except ImportError:
-        return f
-    return report_to_option(f)
-
-
 @click.command()
 @click.argument("model", metavar="BUNDLE|MODEL", type=click.Path(dir_okay=True, file_okay=True))
 @click.option("--threads", default=None, callback=_int_list, metavar="N[,N...]",
@@ -116,7 +109,7 @@ def _report_options(f):
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Write the report JSON here (a JSON list when several settings ran).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON instead of a summary.")
-@_report_options
+@report_to_option
 def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backend, edgetpu_device, out,
           as_json) -> None:
     """Benchmark a bundle or a plain .tflite file on this device.
@@ -182,10 +175,8 @@ def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:
             raise _fail(f"cannot write {out}: {e.strerror or e}") from None
     if as_json:
         click.echo(dumps(payload))
-    try:
-        from device.send import maybe_send
-    except ImportError:
-        return
+    from device.send import maybe_send
+
     for r in reports:
         maybe_send(r)
     sys.stdout.flush()
