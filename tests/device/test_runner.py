@@ -205,3 +205,22 @@ def test_bad_inputs_raise_one_line_errors(make_bundle, float_bundle, float_model
         assert text in str(e.value) and "\n" not in str(e.value), (bundle, str(e.value))
     with pytest.raises(RunError, match="max-frames"):
         run_source(float_bundle, str(photos), max_frames=0)
+
+
+def test_opencv_bgr_frames_are_converted_like_the_same_picture_on_disk(int8_bundle, tmp_path):
+    """Video frame 0 (BGR from OpenCV) predicts exactly what the same pixels saved as an RGB PNG predict."""
+    cv2 = pytest.importorskip("cv2")
+    from PIL import Image
+
+    cap = cv2.VideoCapture(str(VIDEO))
+    ok, bgr = cap.read()
+    cap.release()
+    assert ok
+    png = tmp_path / "frame0.png"
+    Image.fromarray(bgr[:, :, ::-1].copy()).save(png)
+    from_video, _ = _run(int8_bundle, str(VIDEO), max_frames=1, top_k=4)
+    from_png, _ = _run(int8_bundle, str(png), top_k=4)
+    assert from_video[0]["top_k"] == from_png[0]["top_k"]
+    swapped = tmp_path / "swapped.png"  # and the check can fail: channel-swapped pixels predict differently
+    Image.fromarray(bgr).save(swapped)
+    assert _run(int8_bundle, str(swapped), top_k=4)[0][0]["top_k"] != from_png[0]["top_k"]
