@@ -43,10 +43,13 @@ def build_keras(tf, two_outputs: bool = False):
     x = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
     x = tf.keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
     x = tf.keras.layers.GlobalAveragePooling2D()(x)
-    scores = tf.keras.layers.Dense(K, activation="softmax", name="scores")(x)
+    # Non-zero biases, as in any trained model: the converter drops an all-zero
+    # bias, and tflite-runtime 2.14 on arm64 dereferences the missing bias of an
+    # int8 FULLY_CONNECTED (segfault in gemmlowp), see docs/arm64.md.
+    scores = tf.keras.layers.Dense(K, activation="softmax", bias_initializer="random_uniform", name="scores")(x)
     if not two_outputs:
         return tf.keras.Model(inp, scores)
-    aux = tf.keras.layers.Dense(2, name="aux")(x)
+    aux = tf.keras.layers.Dense(2, bias_initializer="random_uniform", name="aux")(x)
     return tf.keras.Model(inp, [scores, aux])
 
 
