@@ -20,7 +20,7 @@ class BenchError(Exception):
     """A bench that cannot run; one line for the user."""
 
 
-def _model_for(bundle: Bundle, delegate: str) -> Path:
+def model_for(bundle: Bundle, delegate: str) -> Path:
     """The Edge TPU-compiled model when asked for the TPU and the bundle has one."""
     if delegate.split(":")[0].lower() == "edgetpu":
         tpu = bundle.edgetpu_model_path()
@@ -41,7 +41,8 @@ def model_block(bundle: Bundle, model_path: Path) -> dict:
     return block
 
 
-def _warnings(start: dict, end: dict, loaded, inputs) -> List[str]:
+def resource_warnings(start: dict, end: dict, loaded, inputs=None) -> List[str]:
+    """Warnings from start/end snapshots (governor, throttling, heat) and the model's CPU fallback."""
     from device.sysinfo import decode_throttled, emulated
 
     out = []
@@ -94,7 +95,7 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
     if warmup < 0 or min_secs < 0:
         raise BenchError("--warmup and --min-secs must not be negative")
     bundle = load_bundle(bundle_path)
-    model_path = _model_for(bundle, delegate)
+    model_path = model_for(bundle, delegate)
     device = sysinfo.device_info()
     start = {"governor": device["governor"], "temperature_c": device["temperature_c"]["start"],
              "throttled": device["throttled"]["start"]}
@@ -183,7 +184,7 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
                   "model_path": os.fspath(model_path), "timed_wall_ms": wall_ms,
                   "cpu_fallback": loaded.cpu_fallback.to_dict() if loaded.cpu_fallback else None},
     )
-    report["warnings"].extend(_warnings(start, end, loaded, inputs))
+    report["warnings"].extend(resource_warnings(start, end, loaded, inputs))
     return report
 
 
@@ -212,4 +213,8 @@ def run_matrix(bundle_path: os.PathLike, *, threads: Sequence[Optional[int]] = (
     return reports
 
 
-__all__ = ["BenchError", "BundleError", "model_block", "run_bench", "run_matrix"]
+# Older private names, still imported by device.runner.
+_model_for = model_for
+_warnings = resource_warnings
+
+__all__ = ["BenchError", "BundleError", "model_block", "model_for", "resource_warnings", "run_bench", "run_matrix"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.bench import BenchError, _warnings, run_bench, run_matrix
+from device.bench import BenchError, model_for, resource_warnings as _warnings, run_bench, run_matrix
 from device.bundle import BundleError
 from device.inputs import assumed_preprocess, random_inputs
 from device.report import (ReportError, format_comparison, format_summary, new_report, report_problems,
@@ -314,6 +314,18 @@ def test_cli_bench_bad_input_one_line_no_traceback(case, make_bundle, float_mode
     assert expected in res.stderr
     if case not in ("threads",):  # click usage errors print a usage line first
         assert len(err) == 1, res.stderr
+
+
+def test_edgetpu_delegate_picks_the_compiled_model(make_bundle, float_model, edgetpu_like_model):
+    from device.bundle import EDGETPU_MODEL, load_bundle
+
+    d = make_bundle(float_model)
+    b = load_bundle(d)
+    assert model_for(b, "edgetpu") == b.model_path  # no compiled model in the bundle
+    (d / EDGETPU_MODEL).write_bytes(edgetpu_like_model.read_bytes())
+    b = load_bundle(d)
+    assert model_for(b, "edgetpu:usb") == d / EDGETPU_MODEL
+    assert model_for(b, "cpu") == b.model_path
 
 
 def test_bundle_error_is_raised_for_wrong_schema(make_bundle, float_model):
