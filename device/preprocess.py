@@ -287,19 +287,29 @@ def _ref_resample_axis(a: np.ndarray, in0: float, in1: float, out_size: int, nam
     filt, support = _ref_filter(name)
     filterscale = max(scale, 1.0)
     support *= filterscale
-    out = np.empty((a.shape[0], out_size) + a.shape[2:], dtype=np.float64)
+    taps = []  # per output sample: (first input index, normalized weights), as PIL's precompute_coeffs
     for i in range(out_size):
         center = in0 + (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), n)
-        w = filt((np.arange(lo, hi) - center + 0.5) * (1.0 / filterscale))
-        if w.sum() != 0.0:
-            w = w / w.sum()
-        acc = np.zeros((a.shape[0],) + a.shape[2:], dtype=np.float64)
-        for k, j in enumerate(range(lo, hi)):
-            acc += a[:, j].astype(np.float64) * w[k]
-        out[:, i] = acc
-    return out.astype(np.float32)
+        w = [float(v) for v in filt((np.arange(lo, hi) - center + 0.5) * (1.0 / filterscale))]
+        total = 0.0
+        for v in w:  # summed in order, like the C loop
+            total += v
+        taps.append((lo, [v / total for v in w] if total != 0.0 else w))
+    k_max = max(len(w) for _, w in taps)
+    idx = np.zeros((out_size, k_max), dtype=np.int64)
+    wts = np.zeros((out_size, k_max), dtype=np.float64)
+    for i, (lo, w) in enumerate(taps):
+        idx[i, :len(w)] = np.arange(lo, lo + len(w))
+        idx[i, len(w):] = lo  # padding taps weigh 0.0: adding 0.0 leaves the sum unchanged
+        wts[i, :len(w)] = w
+    # Accumulate tap by tap in float64 (the C loop's order), store float32 like PIL's "F" images.
+    acc = np.zeros((a.shape[0], out_size) + a.shape[2:], dtype=np.float64)
+    extra = (1,) * (a.ndim - 2)
+    for k in range(k_max):
+        acc += a[:, idx[:, k]].astype(np.float64) * wts[:, k].reshape((out_size,) + extra)
+    return acc.astype(np.float32)
 
 
 def reference_preprocess(x: ImageInput, spec: Preprocess, *,

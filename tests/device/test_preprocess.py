@@ -1,15 +1,23 @@
 """Preprocessing: the fast path against the reference, on real photos.
 
-"Identical" here means: for every input, ``load_image`` and
-``reference_preprocess`` differ by at most 1e-5 per element (they are
-bit-identical in practice). For JPEG paths both decode at the same DCT scale
-(the only place the fast path differs from a full decode), which is tested
-separately: the scale is the largest that keeps the resized region at least
-the model size, and the scaled decode stays close to a full decode.
+"Identical" here means, for every input (JPEG, PNG, arrays):
+
+* on x86-64: at most 1e-5 apart per element in model-input units (in practice
+  bit-identical: both sum each resize pass in float64 and store float32);
+* on every ISA: at most 1e-4 of one 8-bit pixel level apart before
+  normalization (``|fast - ref| * std``). On aarch64 the compiler fuses
+  PIL's multiply-adds (FMA), which moves a resized value by a float32 ulp
+  (2^-16 levels at 255) now and then; that is the only slack.
+
+For JPEG paths both decode at the same DCT scale (the only place the fast
+path differs from a full decode), which is tested separately: the scale is
+the largest that keeps the resized region at least the model size, and the
+scaled decode stays close to a full decode.
 """
 from __future__ import annotations
 
 import io
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +30,19 @@ from device.preprocess import (
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_data" / "images"
-TOL = 1e-5
+TOL = 1e-5  # model-input units, x86-64
+LEVEL_TOL = 1e-4  # 8-bit pixel levels, any ISA
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def assert_same(fast: np.ndarray, ref: np.ndarray, spec: Preprocess, what: str = "") -> None:
+    """The definition of "identical" in the module docstring."""
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == np.float32
+    diff = np.abs(fast.astype(np.float64) - ref.astype(np.float64))
+    std = np.resize(np.asarray(spec.std, dtype=np.float64), fast.shape[-1])
+    assert (diff * std).max() <= LEVEL_TOL, f"{what}: {(diff * std).max()} pixel levels apart"
+    if X86:
+        assert diff.max() <= TOL, f"{what}: {diff.max()} apart"
 
 MOBILENET = Preprocess(224, 224, mean=(127.5,) * 3, std=(127.5,) * 3)
 CAFFE_BGR = Preprocess(224, 224, color=ColorOrder.BGR, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0))
@@ -76,7 +96,7 @@ def test_fast_path_matches_reference_on_files(photos, kind, name):
         fast = load_image(path, spec)
         ref = reference_preprocess(path, spec)
         assert fast.dtype == np.float32 and fast.shape == (spec.height, spec.width, spec.channels)
-        assert np.abs(fast - ref).max() <= TOL, f"{path.name} {name}"
+        assert_same(fast, ref, spec, f"{path.name} {name}")
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -87,7 +107,7 @@ def test_fast_path_matches_reference_on_arrays(photos, name):
     gray = rgb[:, :, 1].copy()
     for arr, order in ((rgb, "rgb"), (bgr, "bgr"), (gray, "rgb"), (gray[:, :, None], "rgb")):
         fast = load_image(arr, spec, order=order)
-        assert np.abs(fast - reference_preprocess(arr, spec, order=order)).max() <= TOL
+        assert_same(fast, reference_preprocess(arr, spec, order=order), spec, f"{arr.shape} {order}")
     # A BGR frame declared as BGR is the same picture as the RGB array.
     np.testing.assert_array_equal(load_image(bgr, spec, order="bgr"), load_image(rgb, spec))
     # ... and the same as the decoded file (PIL input: no draft, full decode).
@@ -100,7 +120,7 @@ def test_other_filters_match_reference(photos, interp):
     spec = Preprocess(120, 100, resize=ResizeMode.CENTER_CROP, crop_fraction=0.7, interpolation=interp,
                       mean=(127.5,), std=(127.5,))
     for path in photos["jpeg"][:1] + photos["png"][:1]:
-        assert np.abs(load_image(path, spec) - reference_preprocess(path, spec)).max() <= TOL
+        assert_same(load_image(path, spec), reference_preprocess(path, spec), spec, f"{path.name} {interp}")
 
 
 def test_bgr_and_gray_channels_are_what_they_say(photos):
@@ -154,7 +174,7 @@ def test_draft_decode_is_used_and_stays_close_to_a_full_decode(photos):
     w, h = Image.open(small).size
     spec = Preprocess(h // 2 + 1, w // 2 + 1, mean=(127.5,), std=(127.5,))
     assert jpeg_draft_scale(w, h, spec) == 1
-    np.testing.assert_array_equal(load_image(small, spec), reference_preprocess(Image.open(small), spec))
+    assert_same(load_image(small, spec), reference_preprocess(Image.open(small), spec), spec, small.name)
 
 
 def test_identity_resize_is_lossless(photos):
