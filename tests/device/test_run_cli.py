@@ -36,6 +36,18 @@ def _lines(text: str) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def cli(*args):
+    """In-process `edgerun run ARGS` (fast under emulation); stderr separate, exceptions not swallowed."""
+    from click.testing import CliRunner
+
+    from device.cli_run import run
+
+    res = CliRunner().invoke(run, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # a traceback would have reached the user
+    return res
+
+
 def test_predictions_stream_to_stdout_summary_to_stderr(edgerun, bundle, photos, tmp_path, assert_valid_report):
     rep = tmp_path / "run.json"
     p = edgerun("run", bundle, "--source", photos, "--report", rep, "--top-k", "2")
@@ -52,33 +64,28 @@ def test_predictions_stream_to_stdout_summary_to_stderr(edgerun, bundle, photos,
     _no_traceback(p.stderr)
 
 
-def test_sequential_and_pipelined_print_identical_predictions(edgerun, bundle):
+def test_sequential_and_pipelined_print_identical_predictions(bundle):
     pytest.importorskip("cv2")
-    a = edgerun("run", bundle, "--source", VIDEO, "--sequential", "-q")
-    b = edgerun("run", bundle, "--source", VIDEO, "--pipeline", "--workers", "2", "--lanes", "2", "-q")
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    a = cli(bundle, "--source", VIDEO, "--sequential", "-q")
+    b = cli(bundle, "--source", VIDEO, "--pipeline", "--workers", "2", "--lanes", "2", "-q")
+    assert a.exit_code == 0 and b.exit_code == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and len(a.stdout.splitlines()) == 50
     assert a.stderr == "" == b.stderr
 
 
 def test_out_file_and_json_report(bundle, photos, tmp_path, assert_valid_report):
-    from click.testing import CliRunner
-
-    from device.cli_run import run
-
     out = tmp_path / "preds.jsonl"
-    res = CliRunner().invoke(run, [str(bundle), "--source", str(photos), "--out", str(out), "--json",
-                                   "--max-frames", "3", "--sequential"])
+    res = cli(bundle, "--source", photos, "--out", out, "--json", "--max-frames", "3", "--sequential")
     assert res.exit_code == 0, res.output
     report = assert_valid_report(json.loads(res.stdout))
     assert report["throughput"]["mode"] == "sequential" and report["settings"]["max_frames"] == 3
     assert [r["frame"] for r in _lines(out.read_text())] == [0, 1, 2]
-    res = CliRunner().invoke(run, [str(bundle), "--source", str(photos), "--json"])
-    assert res.exit_code != 0 and "--out FILE" in res.output
+    res = cli(bundle, "--source", photos, "--json")
+    assert res.exit_code != 0 and "--out FILE" in res.stderr
 
 
 @pytest.mark.parametrize("case", ["empty", "missing_video", "camera", "corrupt_model", "schema", "not_bundle"])
-def test_bad_input_is_one_line_nonzero_no_traceback(edgerun, case, bundle, truncated_model, tmp_path, photos):
+def test_bad_input_is_one_line_nonzero_no_traceback(case, bundle, truncated_model, tmp_path, photos):
     target, source = bundle, photos
     if case == "empty":
         source = tmp_path / "empty"
@@ -97,33 +104,39 @@ def test_bad_input_is_one_line_nonzero_no_traceback(edgerun, case, bundle, trunc
         (bundle / "manifest.json").write_text(json.dumps(m))
     elif case == "not_bundle":
         target = tmp_path
-    p = edgerun("run", target, "--source", source)
-    assert p.returncode != 0
-    err = [line for line in p.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("Error: "), p.stderr
-    assert p.stdout == ""
+    res = cli(target, "--source", source)
+    assert res.exit_code == 1
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("Error: "), res.stderr
+    assert res.stdout == ""
+
+
+def test_bad_input_in_a_real_process(edgerun, truncated_model, photos):
+    p = edgerun("run", truncated_model, "--source", photos)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.startswith("Error: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
     _no_traceback(p.stderr)
 
 
-def test_all_unreadable_exits_nonzero_but_keeps_report_and_lines(edgerun, bundle, tmp_path, assert_valid_report):
+def test_all_unreadable_exits_nonzero_but_keeps_report_and_lines(bundle, tmp_path, assert_valid_report):
     d = tmp_path / "bad"
     d.mkdir()
     (d / "a.jpg").write_text("x")
     (d / "b.jpg").write_bytes(b"\xff\xd8\xff")
     rep = tmp_path / "r.json"
-    p = edgerun("run", bundle, "--source", d, "--report", rep, "-q")
-    assert p.returncode != 0
-    assert p.stderr.strip() == "Error: no frame could be processed (2 unreadable)"
-    assert [r["source"] for r in _lines(p.stdout)] == ["a.jpg", "b.jpg"]
+    res = cli(bundle, "--source", d, "--report", rep, "-q")
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "Error: no frame could be processed (2 unreadable)"
+    assert [r["source"] for r in _lines(res.stdout)] == ["a.jpg", "b.jpg"]
     report = assert_valid_report(json.loads(rep.read_text()))
     assert report["errors"] == ["no frame could be processed (2 unreadable)"]
     assert report["throughput"]["frames_skipped"] == 2
 
 
-def test_help_lists_real_examples(edgerun):
-    p = edgerun("run", "--help")
-    assert p.returncode == 0
+def test_help_lists_real_examples():
+    res = cli("--help")
+    assert res.exit_code == 0
     for opt in ("--source", "--pipeline / --sequential", "--max-frames", "--threads", "--delegate", "--out",
                 "--report", "--live"):
-        assert opt in p.stdout
-    assert "edgerun run out/mobilenet_v2-int8 --source sample_data/images" in p.stdout
+        assert opt in res.stdout
+    assert "edgerun run out/mobilenet_v2-int8 --source sample_data/images" in res.stdout

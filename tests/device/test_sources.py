@@ -148,7 +148,7 @@ def test_latest_frame_policy_drops_and_counts(cv2):
     info = src.info()
     assert info["grabbed"] == 50
     assert len(taken) + src.dropped == 50
-    assert taken == sorted(set(taken)) and taken[0] <= 2
+    assert taken == sorted(set(taken)) and taken[0] <= 5
     assert src.dropped > 10 and info["dropped"] == src.dropped
     assert src.live and src.kind == "video-live"
 
