@@ -257,6 +257,19 @@ def test_run_job_over_real_photos(agent, tmp_path):
     assert state["status"] == "failed" and state["error"]
 
 
+def test_agent_command_refuses_open_bind_without_token(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from device.cli import main as edgerun
+
+    monkeypatch.delenv("EDGERUN_TOKEN", raising=False)
+    res = CliRunner().invoke(edgerun, ["agent", "--host", "0.0.0.0", "--port", "0",
+                                       "--store", str(tmp_path / "store")])
+    assert res.exit_code == 1 and "without a token" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+@pytest.mark.slow
 def test_agent_command_serves_and_stops_cleanly(tmp_path):
     import os
     import signal
@@ -267,10 +280,6 @@ def test_agent_command_serves_and_stops_cleanly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("EDGERUN_TOKEN",)}
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [sys.executable, "-m", "device.cli", "agent", "--port", "0", "--store", str(tmp_path / "store")]
-    refused = subprocess.run(cmd + ["--host", "0.0.0.0"], env=env, capture_output=True, text=True,
-                             timeout=60, cwd=repo)
-    assert refused.returncode == 1 and "without a token" in refused.stderr
-    assert "Traceback" not in refused.stderr
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
     try:
         line = proc.stdout.readline()
