@@ -323,15 +323,19 @@ class LoadedModel:
 
 
 def _check_flatbuffer(path: str, data: bytes) -> None:
-    """Reject files that are obviously not TFLite before native code sees them."""
+    """Reject files that are not sound TFLite models before native code sees them
+    (some runtimes segfault on a truncated buffer instead of raising)."""
+    from device.flatcheck import problem
+
     if len(data) < 16:
         raise RuntimeLoadError(f"{path}: not a TFLite model (only {len(data)} bytes)")
     if data[4:8] != b"TFL3":
         raise RuntimeLoadError(f"{path}: not a TFLite model (missing the 'TFL3' identifier; "
                                "is it a SavedModel/Keras file or a corrupt download?)")
-    root = int.from_bytes(data[0:4], "little")
-    if root >= len(data):
-        raise RuntimeLoadError(f"{path}: truncated or corrupt TFLite model ({len(data)} bytes)")
+    why = problem(data)
+    if why:
+        raise RuntimeLoadError(f"{path}: corrupt or truncated TFLite model ({len(data)} bytes: {why}); "
+                               "copy or convert it again")
 
 
 def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delegate: str = "cpu",

@@ -162,6 +162,18 @@ def make_bundle(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def backend():
+    """``(name, version)`` of the runtime load_model picks here (ai_edge_litert on x86,
+    tflite_runtime on the arm64 tflite-runtime stack)."""
+    from device.runtime import available_backends
+
+    found = available_backends()
+    if not found:
+        pytest.skip("no TFLite runtime installed")
+    return found[0]
+
+
 # --------------------------------------------------------------------------- reports
 
 

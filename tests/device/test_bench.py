@@ -39,13 +39,13 @@ def images_dir(tmp_path):
 # --------------------------------------------------------------------------- run_bench
 
 
-def test_bench_bundle_report_is_valid_and_complete(int8_bundle, assert_valid_report):
+def test_bench_bundle_report_is_valid_and_complete(int8_bundle, assert_valid_report, backend):
     r = run_bench(int8_bundle, threads=1, **FAST)
     assert_valid_report(r)
     assert validate_report(r) is r
     assert r["kind"] == "bench"
     assert r["model"]["name"] == "tiny" and r["model"]["recipe"] == "int8-io" and len(r["model"]["sha256"]) == 64
-    assert r["runtime"]["backend"] == "ai_edge_litert" and r["runtime"]["threads"] == 1
+    assert (r["runtime"]["backend"], r["runtime"]["version"]) == backend and r["runtime"]["threads"] == 1
     assert r["runtime"]["load"] == "cold" and r["runtime"]["delegate"] == "cpu"
     assert all(isinstance(r["load_ms"][k], float) for k in
                ("file_read", "interpreter_build", "delegate", "allocate", "first_invoke"))

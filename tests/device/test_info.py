@@ -102,19 +102,19 @@ def test_peak_rss_and_emulated(monkeypatch):
     assert not sysinfo.emulated()
 
 
-def test_edgerun_info_json(edgerun, vcgencmd):
+def test_edgerun_info_json(edgerun, vcgencmd, backend):
     env = {"PATH": f"{vcgencmd.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = edgerun("info", "--json", env=env)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["cores"] == os.cpu_count()
     assert data["throttled"] == "0x50005" and "currently throttled" in data["throttled_flags"]
-    assert [b["name"] for b in data["backends"]][0] == "ai_edge_litert"
+    assert (data["backends"][0]["name"], data["backends"][0]["version"]) == backend
     assert set(data["delegates"]) == {"cpu", "edgetpu", "gpu"}
     assert out.stderr == ""
 
 
-def test_edgerun_info_table(edgerun):
+def test_edgerun_info_table(edgerun, backend):
     out = edgerun("info", env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -122,5 +122,5 @@ def test_edgerun_info_table(edgerun):
     assert {"host", "cpu", "python", "backends"} <= set(keys)
     if not shutil.which("vcgencmd", path="/usr/bin:/bin"):
         assert "throttled" not in keys  # no vcgencmd here: simply absent
-    assert any(ln.startswith("backends") and "ai_edge_litert" in ln for ln in lines)
+    assert any(ln.startswith("backends") and backend[0] in ln for ln in lines)
     assert "None" not in out.stdout

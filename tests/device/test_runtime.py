@@ -74,9 +74,11 @@ def test_dequantize_uses_own_scale_and_zero_point_and_round_trips():
 # --------------------------------------------------------------------------- backends
 
 
-def test_available_backends_lists_installed_runtime_with_version():
-    found = dict(available_backends())
-    assert "ai_edge_litert" in found and found["ai_edge_litert"]
+def test_available_backends_lists_installed_runtime_with_version(backend):
+    found = available_backends()
+    assert found[0] == backend and backend[1]  # a version string
+    order = [b.name for b in BACKENDS]
+    assert [n for n, _ in found] == sorted((n for n, _ in found), key=order.index)
     assert "tensorflow" not in sys.modules  # found by metadata, never imported
 
 
@@ -125,10 +127,14 @@ def test_no_runtime_installed_gives_one_error_listing_pip_commands():
         assert cmd in msg
 
 
-@pytest.mark.skipif("tflite_runtime" in dict(available_backends()), reason="tflite_runtime is installed here")
 def test_forced_backend_that_is_missing_says_how_to_install():
-    with pytest.raises(RuntimeLoadError, match="tflite_runtime is not usable.*pip install tflite-runtime"):
-        get_backend("tflite-runtime")
+    have = {n for n, _ in available_backends()}
+    missing = [b for b in BACKENDS if b.name not in have]
+    if not missing:
+        pytest.skip("every backend is installed here")
+    b = missing[0]
+    with pytest.raises(RuntimeLoadError, match=f"{b.name} is not usable.*'{b.pip}'"):
+        get_backend(b.aliases[0])
 
 
 def test_fallback_skips_to_next_backend_when_first_is_absent():
@@ -154,10 +160,10 @@ def test_fallback_skips_to_next_backend_when_first_is_absent():
 # --------------------------------------------------------------------------- loading and running
 
 
-def test_load_float_model_specs_timings_and_predict(float_model):
+def test_load_float_model_specs_timings_and_predict(float_model, backend):
     m = load_model(float_model, threads=1)
     assert isinstance(m, LoadedModel)
-    assert m.backend == "ai_edge_litert" and m.backend_version
+    assert (m.backend, m.backend_version) == backend
     assert (m.delegate, m.threads, m.cpu_fallback) == ("cpu", 1, None)
     (inp,), (out,) = m.inputs, m.outputs
     assert (inp.shape, inp.dtype, inp.quantized) == ((1, 8, 8, 3), "float32", False)
@@ -225,9 +231,9 @@ def test_predict_checks_input_count_and_shape(float_model):
     assert y.shape == (1, 4)
 
 
-def test_runtime_dict_for_report(float_model):
+def test_runtime_dict_for_report(float_model, backend):
     rt = load_model(float_model, threads=2).runtime_dict()
-    assert rt == {"backend": "ai_edge_litert", "version": rt["version"], "delegate": "cpu", "threads": 2,
+    assert rt == {"backend": backend[0], "version": backend[1], "delegate": "cpu", "threads": 2,
                   "cpu_fallback_ops": None}
 
 
@@ -380,3 +386,58 @@ def test_capture_stderr_collects_native_output():
     with dl.capture_stderr() as cap:
         os.write(2, b"native noise\n")
     assert cap.text() == "native noise\n"
+
+
+# --------------------------------------------------------------------------- flatbuffer pre-check
+
+
+def test_flatcheck_accepts_every_good_model(models_dir):
+    from device.flatcheck import problem
+
+    for name in ("float", "int8_float_io", "int8_io", "uint8_io", "two_outputs", "custom_op", "edgetpu_like"):
+        assert problem((models_dir / f"{name}.tflite").read_bytes()) is None, name
+
+
+def test_flatcheck_catches_every_truncation(float_model, two_output_model):
+    from device.flatcheck import problem
+
+    for model in (float_model, two_output_model):
+        data = model.read_bytes()
+        missed = [n for n in range(len(data)) if problem(data[:n]) is None]
+        assert missed == []
+
+
+def test_flatcheck_catches_root_offset_past_the_end(float_model):
+    from device.flatcheck import problem
+
+    data = bytearray(float_model.read_bytes())
+    data[0:4] = (len(data) + 8).to_bytes(4, "little")  # root table past the end
+    assert "outside" in problem(bytes(data))
+
+
+def test_truncated_models_never_crash_the_runtime(float_model, int8_io_model):
+    # In a child process: a runtime that segfaults on a bad buffer (tflite-runtime
+    # 2.14 does without our pre-check) must show up as a failure, not kill pytest.
+    code = textwrap.dedent(f"""
+        from device.runtime import load_model, RuntimeLoadError
+        ok = errors = 0
+        for path in ({str(float_model)!r}, {str(int8_io_model)!r}):
+            data = open(path, 'rb').read()
+            for n in range(16, len(data), 37):
+                import tempfile, os
+                with tempfile.NamedTemporaryFile(suffix='.tflite', delete=False) as f:
+                    f.write(data[:n])
+                try:
+                    load_model(f.name)
+                    ok += 1
+                except RuntimeLoadError as e:
+                    assert 'corrupt or truncated' in str(e), str(e)
+                    errors += 1
+                finally:
+                    os.unlink(f.name)
+        print(ok, errors)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+    ok, errors = map(int, out.stdout.split())
+    assert ok == 0 and errors > 100

@@ -1,0 +1,188 @@
+"""Structural check of a .tflite flatbuffer before any native code reads it.
+
+Older runtimes (tflite-runtime 2.14, the one Raspberry Pi OS users get with
+numpy<2) build an interpreter from a buffer *without* verifying it, so a
+truncated or corrupt download segfaults the process instead of raising. This
+walks the parts of the TFLite schema the interpreter dereferences (model,
+operator codes, subgraphs, tensors, operators, buffers, metadata, signatures)
+and checks that every table, vector and string lies inside the file and that
+tensor/buffer/opcode indices are in range. Pure Python, a few ms for a
+MobileNet-sized model.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Callable, Dict, Optional, Tuple
+
+_U8, _U16, _I32, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class FlatbufferError(ValueError):
+    """The file is not a well-formed TFLite model; the message says where."""
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data = data
+        self.n = len(data)
+
+    def need(self, pos: int, size: int, what: str) -> None:
+        if pos < 0 or size < 0 or pos + size > self.n:
+            raise FlatbufferError(f"{what} at byte {pos} (+{size}) lies outside the {self.n}-byte file")
+
+    def u32(self, pos: int, what: str) -> int:
+        self.need(pos, 4, what)
+        return _U32.unpack_from(self.data, pos)[0]
+
+    def deref(self, pos: int, what: str) -> int:
+        """Follow a uoffset stored at ``pos``."""
+        return pos + self.u32(pos, what)
+
+    def table(self, pos: int, what: str) -> Dict[int, int]:
+        """Field id -> absolute position of the field, for the fields present."""
+        self.need(pos, 4, what)
+        vt = pos - _I32.unpack_from(self.data, pos)[0]
+        self.need(vt, 4, f"{what} vtable")
+        vsize, tsize = _U16.unpack_from(self.data, vt)[0], _U16.unpack_from(self.data, vt + 2)[0]
+        if vsize < 4 or vsize % 2:
+            raise FlatbufferError(f"{what}: malformed vtable at byte {vt}")
+        self.need(vt, vsize, f"{what} vtable")
+        self.need(pos, tsize, what)
+        fields = {}
+        for i in range((vsize - 4) // 2):
+            off = _U16.unpack_from(self.data, vt + 4 + 2 * i)[0]
+            if off:
+                if off >= max(tsize, 4):
+                    raise FlatbufferError(f"{what}: field {i} outside its table")
+                fields[i] = pos + off
+        return fields
+
+    def vector(self, pos: int, elem: int, what: str) -> Tuple[int, int]:
+        """(start of elements, count) of the vector referenced at ``pos``."""
+        v = self.deref(pos, what)
+        count = self.u32(v, f"{what} length")
+        self.need(v + 4, count * elem, what)
+        return v + 4, count
+
+    def string(self, pos: int, what: str) -> None:
+        self.vector(pos, 1, what)
+
+    def tables(self, pos: int, what: str, check: Callable[[int, str], None]) -> int:
+        start, count = self.vector(pos, 4, what)
+        for i in range(count):
+            check(self.deref(start + 4 * i, what), f"{what}[{i}]")
+        return count
+
+    def ints(self, pos: int, what: str) -> list:
+        start, count = self.vector(pos, 4, what)
+        return list(struct.unpack_from(f"<{count}i", self.data, start)) if count else []
+
+
+def check_tflite(data: bytes) -> None:
+    """Raise :class:`FlatbufferError` unless ``data`` is a structurally sound TFLite model."""
+    r = _Reader(data)
+    if r.n < 8 or data[4:8] != b"TFL3":
+        raise FlatbufferError("missing the 'TFL3' file identifier")
+    model = r.table(r.deref(0, "root"), "model")
+    n_buffers = 0
+    if 4 in model:
+        def buffer(pos: int, what: str) -> None:
+            f = r.table(pos, what)
+            if 0 in f:
+                r.vector(f[0], 1, f"{what}.data")
+            if 1 in f and 2 in f:  # > 2 GB models keep data after the flatbuffer
+                r.need(f[1], 16, what)
+                off, size = _U64.unpack_from(data, f[1])[0], _U64.unpack_from(data, f[2])[0]
+                if off > 1 and off + size > r.n:
+                    raise FlatbufferError(f"{what}: external data ({size} bytes at {off}) past the end of the file")
+        n_buffers = r.tables(model[4], "buffers", buffer)
+    n_codes = 0
+    if 1 in model:
+        def opcode(pos: int, what: str) -> None:
+            f = r.table(pos, what)
+            if 1 in f:
+                r.string(f[1], f"{what}.custom_code")
+        n_codes = r.tables(model[1], "operator_codes", opcode)
+    if 2 not in model:
+        raise FlatbufferError("model has no subgraphs")
+
+    def subgraph(pos: int, what: str) -> None:
+        f = r.table(pos, what)
+        n_tensors = 0
+        if 0 in f:
+            def tensor(tpos: int, twhat: str) -> None:
+                t = r.table(tpos, twhat)
+                for fid, name in ((0, "shape"), (7, "shape_signature")):
+                    if fid in t:
+                        r.vector(t[fid], 4, f"{twhat}.{name}")
+                if 2 in t and r.u32(t[2], twhat) >= max(n_buffers, 1):
+                    raise FlatbufferError(f"{twhat}: buffer index out of range")
+                if 3 in t:
+                    r.string(t[3], f"{twhat}.name")
+                if 4 in t:
+                    q = r.table(r.deref(t[4], twhat), f"{twhat}.quantization")
+                    for fid, size in ((0, 4), (1, 4), (2, 4), (3, 8)):
+                        if fid in q:
+                            r.vector(q[fid], size, f"{twhat}.quantization")
+            n_tensors = r.tables(f[0], f"{what}.tensors", tensor)
+
+        def in_range(values, where: str) -> None:
+            for v in values:
+                if v < -1 or v >= n_tensors:
+                    raise FlatbufferError(f"{where}: tensor index {v} out of range")
+
+        for fid, name in ((1, "inputs"), (2, "outputs")):
+            if fid in f:
+                in_range(r.ints(f[fid], f"{what}.{name}"), f"{what}.{name}")
+        if 3 in f:
+            def operator(opos: int, owhat: str) -> None:
+                o = r.table(opos, owhat)
+                if 0 in o and r.u32(o[0], owhat) >= n_codes:
+                    raise FlatbufferError(f"{owhat}: opcode index out of range")
+                for fid in (1, 2, 8):
+                    if fid in o:
+                        in_range(r.ints(o[fid], owhat), owhat)
+                if 4 in o:  # builtin options: a table whose layout depends on the op
+                    r.table(r.deref(o[4], owhat), f"{owhat}.builtin_options")
+                if 5 in o:
+                    r.vector(o[5], 1, f"{owhat}.custom_options")
+            r.tables(f[3], f"{what}.operators", operator)
+        if 4 in f:
+            r.string(f[4], f"{what}.name")
+
+    r.tables(model[2], "subgraphs", subgraph)
+    if 3 in model:
+        r.string(model[3], "description")
+    if 6 in model:
+        def metadata(pos: int, what: str) -> None:
+            f = r.table(pos, what)
+            if 0 in f:
+                r.string(f[0], f"{what}.name")
+        r.tables(model[6], "metadata", metadata)
+    if 7 in model:
+        def signature(pos: int, what: str) -> None:
+            f = r.table(pos, what)
+            for fid in (0, 1):
+                if fid in f:
+                    r.tables(f[fid], what, lambda p, w: _tensor_map(r, p, w))
+            if 2 in f:
+                r.string(f[2], f"{what}.key")
+        r.tables(model[7], "signature_defs", signature)
+
+
+def _tensor_map(r: _Reader, pos: int, what: str) -> None:
+    f = r.table(pos, what)
+    if 0 in f:
+        r.string(f[0], f"{what}.name")
+
+
+def problem(data: bytes) -> Optional[str]:
+    """The first structural problem of ``data`` as one line, or None when it looks sound."""
+    try:
+        check_tflite(data)
+    except FlatbufferError as e:
+        return str(e)
+    except (struct.error, IndexError, OverflowError) as e:  # defensive: never let a bad file escape as a crash
+        return f"malformed flatbuffer ({e})"
+    return None
