@@ -246,14 +246,28 @@ def noop_delegate(tmp_path_factory) -> Path:
     out = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], capture_output=True, text=True)
     if out.returncode != 0:
         pytest.skip(f"cannot build the test delegate: {out.stderr.strip()[:200]}")
+    try:
+        ctypes.CDLL(str(lib))
+    except OSError as e:  # e.g. the host compiler built x86 code for an emulated aarch64 Python
+        pytest.skip(f"the test delegate cannot be loaded by this Python ({e})")
     return lib
 
 
 @pytest.fixture(scope="session")
 def libm_path() -> Path:
-    """A real shared library that is not a TFLite delegate."""
-    name = ctypes.util.find_library("m")
-    for cand in (name, "/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6"):
+    """A real shared library that is not a TFLite delegate: the libm this Python has mapped."""
+    cands = []
+    try:
+        with open("/proc/self/maps") as f:
+            cands += [ln.split()[-1] for ln in f if "/libm" in ln and ".so" in ln]
+    except OSError:
+        pass
+    cands += [ctypes.util.find_library("m") or "", "/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6"]
+    for cand in cands:
         if cand and os.path.isabs(cand) and os.path.exists(cand):
+            try:
+                ctypes.CDLL(cand)
+            except OSError:
+                continue
             return Path(cand)
-    pytest.skip("no absolute path to libm found")
+    pytest.skip("no loadable libm found by absolute path")
