@@ -30,9 +30,26 @@ class AblateError(RuntimeError):
     """A study that cannot continue; one line for the user."""
 
 
+def factory_digest(spec: Spec) -> str:
+    """Digest of the factory's source file and options: retrain when either changes."""
+    if not spec.is_factory:
+        return ""
+    import importlib.util
+
+    h = hashlib.sha256(json.dumps(spec.factory_kwargs, sort_keys=True).encode())
+    module = spec.source.split(":")[1]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is not None and found.origin and Path(found.origin).is_file():
+        h.update(Path(found.origin).read_bytes())
+    return h.hexdigest()[:8]
+
+
 def spec_digest(spec: Spec) -> str:
-    return hashlib.sha256(json.dumps(spec.digest_fields(), sort_keys=True, default=str)
-                          .encode()).hexdigest()[:16]
+    fields = dict(spec.digest_fields(), factory_code=factory_digest(spec))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def slug(text: str) -> str:
@@ -95,8 +112,7 @@ def model_path(spec: Spec, point: Point, out_dir: Path, say: Callable[[str], Non
         factory = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
         raise AblateError(f"model.source: cannot import {module}:{func} ({e})") from None
-    kw_digest = hashlib.sha256(json.dumps(spec.factory_kwargs, sort_keys=True).encode()).hexdigest()[:8]
-    out = out_dir / "models" / f"{slug(point.model_key())}-{kw_digest}.keras"
+    out = out_dir / "models" / f"{slug(point.model_key())}-{factory_digest(spec)}.keras"
     if not out.exists():
         say(f"training {point.model_key()}")
         try:
@@ -107,6 +123,51 @@ def model_path(spec: Spec, point: Point, out_dir: Path, say: Callable[[str], Non
         except ValueError as e:  # FactoryError and friends name their field
             raise AblateError(str(e)) from None
     return out
+
+
+def resized_model(src: Path, size: int, out_dir: Path) -> Path:
+    """A copy of a fixed-size Keras model taking ``size`` x ``size`` inputs (same weights).
+
+    Fully convolutional models with global pooling accept any size, but Keras
+    enforces the declared input shape; rebuilding from the config with a new
+    input shape and copying the weights lifts that.
+    """
+    from pipeline.tfenv import captured_output, import_tf
+
+    digest = hashlib.sha256(f"{src.resolve()}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:8]
+    out = out_dir / "models" / f"{src.stem}-{size}-{digest}.keras"
+    if out.exists():
+        return out
+    tf = import_tf()
+    try:
+        with captured_output():
+            model = tf.keras.models.load_model(str(src), compile=False)
+            cfg = model.get_config()
+            inputs = [ly for ly in cfg.get("layers", []) if ly.get("class_name") == "InputLayer"]
+            if len(inputs) != 1:
+                raise ValueError("needs a functional model with one input")
+            shape = list(inputs[0]["config"]["batch_shape"])
+            if len(shape) != 4:
+                raise ValueError(f"input {tuple(shape)} is not an image")
+            inputs[0]["config"]["batch_shape"] = [None, size, size, shape[3]]
+            new = model.__class__.from_config(cfg)
+            new.set_weights(model.get_weights())
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp.keras")
+            new.save(tmp)
+            tmp.replace(out)
+    except Exception as e:  # noqa: BLE001 - Keras raises anything for odd models
+        raise AblateError(f"axes.input_size: cannot resize {src.name} to {size} ({first_line(e)})") from None
+    return out
+
+
+def first_line(e) -> str:
+    """The telling line of a (possibly multi-line, traceback-like) error message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln:
+            return ln[:200]
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def flat_calibration(spec: Spec, out_dir: Path) -> Path:
@@ -145,7 +206,11 @@ def convert_point(spec: Spec, point: Point, keras_path: Path, out_dir: Path, rec
     from pipeline.recipes import RECIPES
 
     calib = flat_calibration(spec, out_dir)
-    size = (point.input_size, point.input_size) if point.input_size else None
+    size = None
+    if point.input_size and not spec.is_factory:
+        keras_path = resized_model(keras_path, point.input_size, out_dir)
+    elif point.input_size:
+        size = (point.input_size, point.input_size)
     req = ConvertRequest(
         model=keras_path, recipes=tuple(RECIPES[r] for r in recipes),
         out_dir=out_dir / "bundles", calib_dir=calib, calib_count=spec.calib_limit or 100,
@@ -156,7 +221,7 @@ def convert_point(spec: Spec, point: Point, keras_path: Path, out_dir: Path, rec
         results = convert_model(req, progress=lambda m: say(m))
     except (ConvertError, ValueError, OSError) as e:
         raise AblateError(f"convert: {e}") from None
-    return {r.recipe: (r.bundle, r.error) for r in results}
+    return {r.recipe: (r.bundle, first_line(r.error) if r.error else None) for r in results}
 
 
 # ------------------------------------------------------------------ measuring
@@ -280,7 +345,7 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
                 except AblateError as e:
                     res["error"] = str(e)
                 except Exception as e:  # noqa: BLE001 - one bad point must not cost the study
-                    res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    res["error"] = f"{type(e).__name__}: {first_line(e)}"
             res["seconds"] = round(time.perf_counter() - t0, 2)
             _append(out_dir, digest, p.key(), res)
             results[p.key()] = res
