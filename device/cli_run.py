@@ -1,6 +1,7 @@
 """`edgerun run`: predictions as JSON lines plus a run report (thin click layer over device.runner)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -39,8 +40,8 @@ def _report_options(f):
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Preprocessing threads when pipelined. Default: one per core.")
 @click.option("--lanes", type=click.IntRange(min=1), default=None,
-              help="Interpreter copies invoking in parallel when pipelined (CPU delegate). Default: one per "
-                   "core for files and video, 1 for cameras.")
+              help="Interpreter copies invoking in parallel when pipelined (CPU delegate). Default: cores / "
+                   "--threads for files and video, 1 for cameras.")
 @click.option("--queue-depth", type=click.IntRange(min=1), default=None,
               help="Frames in flight when pipelined. Default: 2 x (workers + lanes); 1 for live sources.")
 @click.option("--live", is_flag=True,
@@ -73,7 +74,7 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
     """
     from device.bundle import BundleError
     from device.postprocess import json_line
-    from device.runner import RunError, run_source
+    from device.runner import RunError, StopRun, run_source
     from device.runtime import RuntimeLoadError
     from device.sources import SourceError
 
@@ -86,9 +87,15 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
         raise _fail(f"cannot write {out}: {e.strerror or e}") from None
 
     def on_prediction(rec: dict) -> None:
-        sink.write(json_line(rec) + "\n")
-        if to_stdout:
-            sink.flush()  # stream: a consumer sees each frame as it is done
+        try:
+            sink.write(json_line(rec) + "\n")
+            if to_stdout:
+                sink.flush()  # stream: a consumer sees each frame as it is done
+        except BrokenPipeError:
+            # `edgerun run ... | head`: the reader left. Stop cleanly, keep the report.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise StopRun("the output pipe was closed") from None
 
     try:
         report = run_source(bundle, source, pipeline=pipeline, max_frames=max_frames, threads=threads,
@@ -99,9 +106,6 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted") from None
-    except BrokenPipeError:
-        sys.stderr.close()  # e.g. `| head`: the reader left; nothing more to say
-        raise SystemExit(1) from None
     finally:
         if not to_stdout:
             sink.close()

@@ -45,6 +45,10 @@ class RunError(Exception):
     """A run that cannot start; the message is one line for the user."""
 
 
+class StopRun(Exception):
+    """Raised by an ``on_prediction`` callback to end the run early and cleanly (e.g. its reader left)."""
+
+
 @dataclass
 class _Prepared:
     x: Optional[np.ndarray]
@@ -286,6 +290,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
 
         runner = _Runner(models, _make_prep(pre, tensor), post, emit)
         errors: List[str] = []
+        stopped: List[str] = []
         clone_ms: List[float] = []
         clone_errors: List[str] = []
         # Extra interpreter copies load before the clock starts: a copy loading
@@ -311,6 +316,8 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
                 runner.sequential(frames)
         except KeyboardInterrupt:
             errors.append(f"interrupted after {runner.st.frames} frame(s)")
+        except StopRun as e:
+            stopped.append(f"stopped after {runner.st.frames} frame(s): {e or 'by the consumer'}")
         except SourceError as e:
             errors.append(str(e))
         except (RuntimeError, ValueError, OSError) as e:
@@ -350,7 +357,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
                   "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path),
                   "wall_ms": wall_ms, "process_cpu_ms": cpu_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None},
     )
-    report["warnings"].extend(_warnings(start, end, loaded, st, dropped, src) + clone_errors)
+    report["warnings"].extend(_warnings(start, end, loaded, st, dropped, src) + clone_errors + stopped)
     report["errors"].extend(errors)
     return report
 
@@ -374,4 +381,4 @@ def _warnings(start: dict, end: dict, loaded, st: _Stats, dropped: int, src: Sou
     return out
 
 
-__all__ = ["RunError", "STAGES", "run_source"]
+__all__ = ["RunError", "STAGES", "StopRun", "run_source"]

@@ -224,3 +224,21 @@ def test_opencv_bgr_frames_are_converted_like_the_same_picture_on_disk(int8_bund
     swapped = tmp_path / "swapped.png"  # and the check can fail: channel-swapped pixels predict differently
     Image.fromarray(bgr).save(swapped)
     assert _run(int8_bundle, str(swapped), top_k=4)[0][0]["top_k"] != from_png[0]["top_k"]
+
+
+def test_consumer_can_stop_the_run_cleanly(float_bundle, photos, assert_valid_report):
+    from device.runner import StopRun
+
+    seen = []
+
+    def on_pred(rec):
+        if len(seen) == 3:
+            raise StopRun("reader left")
+        seen.append(rec)
+
+    for pipeline in (False, True):
+        seen.clear()
+        r = run_source(float_bundle, str(photos), pipeline=pipeline, on_prediction=on_pred)
+        assert r["errors"] == [] and r["throughput"]["frames"] == 3
+        assert "stopped after 3 frame(s): reader left" in r["warnings"]
+        assert_valid_report(r)
