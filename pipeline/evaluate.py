@@ -232,7 +232,8 @@ def find_reference(bundle: Bundle, search: Sequence[Path] = ()) -> Optional[Path
         return None
     from pipeline.samples import SAMPLE_DATA, cache_dir
 
-    dirs = [bundle.path.parent, bundle.path.parent.parent, *search, SAMPLE_DATA / "models", cache_dir()]
+    dirs = [bundle.path.parent, bundle.path.parent.parent, *search, SAMPLE_DATA / "models", cache_dir(),
+            cache_dir() / "models"]
     for d in dirs:
         cand = Path(d) / name
         if cand.exists():

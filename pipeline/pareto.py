@@ -5,6 +5,7 @@ higher accuracy is better, lower latency (or size) is better.
 """
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 
@@ -88,6 +89,15 @@ def plot_png(results: Sequence[dict], quality: str, path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, xlabel in ((axes[0], "p50_ms", "p50 latency (ms)"), (axes[1], "size", "model size (KiB)")):
         pts = [r for r in ok if r.get(key) is not None]
+        if key == "size":
+            # Size and accuracy belong to the bundle: one dot per bundle, not per thread count.
+            seen, uniq = set(), []
+            for r in pts:
+                k = r.get("bundle") or r["label"]
+                if k not in seen:
+                    seen.add(k)
+                    uniq.append(dict(r, label=re.sub(r" t\d+$", "", r["label"])))
+            pts = uniq
         scale = 1024.0 if key == "size" else 1.0
         xs = [r[key] / scale for r in pts]
         ys = [r[quality] for r in pts]

@@ -150,7 +150,7 @@ def test_cli_bad_spec_is_one_line_without_traceback(tmp_path):
 
 
 def test_examples_are_valid_specs():
-    for name in ("mobilenet_v2.toml", "fashion_mnist_arch.toml"):
+    for name in ("mobilenet_v2.toml", "fashion_mnist_arch.toml", "fashion_mnist_recipes.toml"):
         spec = load_spec(REPO / "examples" / "ablate" / name)
         assert spec.points()
 
