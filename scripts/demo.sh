@@ -15,6 +15,8 @@ scripts/setup-env.sh host
 out="${EDGEPIPE_DEMO_OUT:-$root/out/demo}"
 mkdir -p "$out"
 export EDGEPIPE_CACHE="${EDGEPIPE_CACHE:-$root/.cache/edgepipe}"
+# A private spool: reports left over from other runs must not land in the demo database.
+export EDGERUN_SPOOL="$out/spool"
 py=.venv/bin/python
 edgepipe=.venv/bin/edgepipe
 edgerun=.venv/bin/edgerun
@@ -66,7 +68,7 @@ EDGERUN_TOKEN="$token" $edgepipe bench "$out"/bundles/mobilenet_v2-* --device "h
     --db "$out/results.db" --runs 30 --warmup 3
 
 echo "== 5. run the int8 bundle on real frames, report sent to the collector"
-$edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/video --max-frames 60 \
+$edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/video/vtest_short.avi --max-frames 60 \
     --out "$out/predictions-video.jsonl" --report-to "http://127.0.0.1:$cport" --report-token "$token"
 $edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/images \
     --out "$out/predictions-photos.jsonl" --report-to "http://127.0.0.1:$cport" --report-token "$token"
