@@ -186,3 +186,51 @@ def problem(data: bytes) -> Optional[str]:
     except (struct.error, IndexError, OverflowError) as e:  # defensive: never let a bad file escape as a crash
         return f"malformed flatbuffer ({e})"
     return None
+
+
+# TFLite schema enums used below (tensorflow/lite/schema/schema.fbs).
+FULLY_CONNECTED = 9
+CUSTOM = 32
+TENSOR_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16",
+                9: "int8", 10: "float64"}
+
+
+def operators(data: bytes) -> list:
+    """The main subgraph's ops as ``{"code", "custom", "inputs", "input_types"}`` dicts.
+
+    Call only on data that passed :func:`check_tflite`. ``code`` is the
+    builtin operator number; ``input_types`` are numpy dtype names (None for
+    an absent optional input, index -1).
+    """
+    r = _Reader(data)
+    model = r.table(r.deref(0, "root"), "model")
+    codes = []
+    if 1 in model:
+        start, count = r.vector(model[1], 4, "operator_codes")
+        for i in range(count):
+            f = r.table(r.deref(start + 4 * i, "operator_codes"), "opcode")
+            dep = _U8.unpack_from(data, f[0])[0] if 0 in f else 0
+            new = _I32.unpack_from(data, f[3])[0] if 3 in f else 0
+            custom = None
+            if 1 in f:
+                s, n = r.vector(f[1], 1, "custom_code")
+                custom = data[s:s + n].decode("utf-8", "replace")
+            codes.append((max(dep, new), custom))
+    start, _ = r.vector(model[2], 4, "subgraphs")
+    sg = r.table(r.deref(start, "subgraphs"), "subgraph")
+    types = []
+    if 0 in sg:
+        ts, tn = r.vector(sg[0], 4, "tensors")
+        for i in range(tn):
+            t = r.table(r.deref(ts + 4 * i, "tensors"), "tensor")
+            types.append(TENSOR_TYPES.get(_U8.unpack_from(data, t[1])[0] if 1 in t else 0, "other"))
+    out = []
+    if 3 in sg:
+        os_, on = r.vector(sg[3], 4, "operators")
+        for i in range(on):
+            o = r.table(r.deref(os_ + 4 * i, "operators"), "operator")
+            code, custom = codes[r.u32(o[0], "opcode") if 0 in o else 0]
+            ins = r.ints(o[1], "inputs") if 1 in o else []
+            out.append({"code": code, "custom": custom, "inputs": ins,
+                        "input_types": [types[j] if j >= 0 else None for j in ins]})
+    return out

@@ -338,6 +338,34 @@ def _check_flatbuffer(path: str, data: bytes) -> None:
                                "copy or convert it again")
 
 
+def _known_crash(be: "_Backend", data: bytes) -> Optional[str]:
+    """A model this runtime is known to crash on (segfault, not an exception), or None.
+
+    tflite-runtime 2.14 (the last release, what Raspberry Pi OS users with
+    numpy<2 get) reads a null bias in int8 FULLY_CONNECTED on ARM; recent
+    converters drop all-zero biases and ``Dense(use_bias=False)`` has none.
+    """
+    import platform
+
+    from device.flatcheck import FULLY_CONNECTED, operators
+
+    if be.info.name != "tflite_runtime" or not platform.machine().lower().startswith(("aarch64", "arm")):
+        return None
+    try:
+        major, minor = (int(x) for x in (be.version or "0.0").split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) > (2, 14):
+        return None
+    for op in operators(data):
+        if op["code"] == FULLY_CONNECTED and op["input_types"][:1] == ["int8"] and (
+                len(op["inputs"]) < 3 or op["inputs"][2] < 0):
+            return (f"tflite-runtime {be.version} crashes on ARM with int8 FULLY_CONNECTED layers that have "
+                    "no bias (this model has one); install ai-edge-litert (pip install ai-edge-litert) or "
+                    "convert the model with a non-zero bias")
+    return None
+
+
 def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delegate: str = "cpu",
                threads: Optional[int] = None, edgetpu_device: Optional[str] = None,
                delegate_options: Optional[dict] = None, quiet: bool = True) -> LoadedModel:
@@ -366,6 +394,9 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
         raise RuntimeLoadError(f"{path}: cannot read ({e.strerror or e})") from None
     load_ms["file_read"] = ns_to_ms(now_ns() - t0)
     _check_flatbuffer(path, data)
+    crash = _known_crash(be, data)
+    if crash:
+        raise RuntimeLoadError(f"{path}: {crash}")
 
     with _dl.capture_stderr(quiet) as captured:
         t0 = now_ns()

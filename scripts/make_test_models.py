@@ -14,6 +14,7 @@ bytes may differ between TensorFlow versions). Each model is a few KB.
   int8_io.tflite         full int8 incl. int8 input and output tensors
   uint8_io.tflite        int8 kernels with uint8 input and output tensors
   two_outputs.tflite     float32, two outputs: 4 softmax scores and a 2-vector
+  int8_no_bias.tflite    int8_io without the Dense bias (FULLY_CONNECTED bias input -1)
   custom_op.tflite       float.tflite with its first op rewritten to custom op "EdgepipeTestOp"
   edgetpu_like.tflite    float.tflite with its first op rewritten to "edgetpu-custom-op"
   truncated.tflite       the first half of float.tflite
@@ -37,7 +38,7 @@ def _tf():
     return import_tf()
 
 
-def build_keras(tf, two_outputs: bool = False):
+def build_keras(tf, two_outputs: bool = False, bias: bool = True):
     tf.keras.utils.set_random_seed(0)
     inp = tf.keras.Input((H, W, C), batch_size=1, name="image")
     x = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
@@ -46,7 +47,8 @@ def build_keras(tf, two_outputs: bool = False):
     # Non-zero biases, as in any trained model: the converter drops an all-zero
     # bias, and tflite-runtime 2.14 on arm64 dereferences the missing bias of an
     # int8 FULLY_CONNECTED (segfault in gemmlowp), see docs/arm64.md.
-    scores = tf.keras.layers.Dense(K, activation="softmax", bias_initializer="random_uniform", name="scores")(x)
+    scores = tf.keras.layers.Dense(K, activation="softmax", use_bias=bias, bias_initializer="random_uniform",
+                                   name="scores")(x)
     if not two_outputs:
         return tf.keras.Model(inp, scores)
     aux = tf.keras.layers.Dense(2, bias_initializer="random_uniform", name="aux")(x)
@@ -100,6 +102,8 @@ def with_custom_first_op(data: bytes, custom_code: str) -> bytes:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "tests" / "data" / "models"))
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="Write only these files (repeatable), leaving the others untouched.")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,12 +115,16 @@ def main(argv=None) -> int:
         "int8_io.tflite": convert(tf, model, "int8"),
         "uint8_io.tflite": convert(tf, model, "uint8"),
         "two_outputs.tflite": convert(tf, build_keras(tf, two_outputs=True)),
+        # The layout tflite-runtime 2.14 segfaults on under ARM; device.runtime refuses it there.
+        "int8_no_bias.tflite": convert(tf, build_keras(tf, bias=False), "int8"),
     }
     files["custom_op.tflite"] = with_custom_first_op(files["float.tflite"], "EdgepipeTestOp")
     files["edgetpu_like.tflite"] = with_custom_first_op(files["float.tflite"], "edgetpu-custom-op")
     files["truncated.tflite"] = files["float.tflite"][: len(files["float.tflite"]) // 2]
     files["not_a_model.tflite"] = b"this is not a TFLite model\n"
     for name, data in files.items():
+        if args.only and name not in args.only:
+            continue
         (out / name).write_bytes(data)
         print(f"{name:24s} {len(data):7d} bytes")
     return 0

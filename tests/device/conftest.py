@@ -100,6 +100,12 @@ def two_output_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_no_bias_model() -> Path:
+    """int8 I/O with a bias-less FULLY_CONNECTED (crashes tflite-runtime 2.14 on ARM)."""
+    return _model("int8_no_bias.tflite")
+
+
+@pytest.fixture(scope="session")
 def custom_op_model() -> Path:
     return _model("custom_op.tflite")
 

@@ -441,3 +441,45 @@ def test_truncated_models_never_crash_the_runtime(float_model, int8_io_model):
     assert out.returncode == 0, (out.returncode, out.stderr[-500:])
     ok, errors = map(int, out.stdout.split())
     assert ok == 0 and errors > 100
+
+
+def test_operators_summary(int8_no_bias_model, int8_io_model):
+    from device.flatcheck import FULLY_CONNECTED, operators
+
+    ops = operators(int8_no_bias_model.read_bytes())
+    fc = [o for o in ops if o["code"] == FULLY_CONNECTED]
+    assert len(fc) == 1 and fc[0]["inputs"][2] == -1 and fc[0]["input_types"][:2] == ["int8", "int8"]
+    fc = [o for o in operators(int8_io_model.read_bytes()) if o["code"] == FULLY_CONNECTED]
+    assert fc[0]["inputs"][2] >= 0 and fc[0]["input_types"][2] == "int32"
+    assert [o["custom"] for o in operators((int8_io_model.parent / "custom_op.tflite").read_bytes())][0] == \
+        "EdgepipeTestOp"
+
+
+def test_known_tflite_runtime_crash_is_refused_on_arm(int8_no_bias_model, int8_io_model, monkeypatch):
+    import platform
+
+    from device import runtime as rt
+
+    data = int8_no_bias_model.read_bytes()
+    old = rt._Backend(rt._backend_by_name("tflite_runtime"), "2.14.0", None, None)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert "crashes on ARM" in rt._known_crash(old, data)
+    assert rt._known_crash(old, int8_io_model.read_bytes()) is None  # has its bias
+    newer = rt._Backend(rt._backend_by_name("ai_edge_litert"), "2.3.0", None, None)
+    assert rt._known_crash(newer, data) is None
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert rt._known_crash(old, data) is None
+
+
+def test_int8_no_bias_model_loads_or_is_refused_never_crashes(int8_no_bias_model, backend):
+    # In a child process so that a crash would be a failure, not a dead test run.
+    code = (f"from device.runtime import load_model, RuntimeLoadError\nimport numpy as np\n"
+            f"try:\n    m = load_model({str(int8_no_bias_model)!r})\n"
+            "    print('ran', m.predict([np.zeros(m.inputs[0].shape, np.float32)])[0].shape)\n"
+            "except RuntimeLoadError as e:\n    print('refused', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, (out.returncode, out.stderr[-300:])
+    import platform
+
+    arm_old = backend[0] == "tflite_runtime" and platform.machine().startswith(("aarch64", "arm"))
+    assert out.stdout.startswith("refused" if arm_old else "ran (1, 4)"), out.stdout
