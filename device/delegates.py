@@ -95,6 +95,22 @@ def find_delegates() -> Dict[str, dict]:
     }
 
 
+@dataclass
+class CpuFallback:
+    """How much of the graph a delegate took; ``cpu_ops`` ran on the CPU kernels."""
+
+    delegate: str
+    total_ops: int
+    delegated_ops: int
+    cpu_ops: int
+    cpu_op_names: Dict[str, int] = field(default_factory=dict)
+    note: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return {"delegate": self.delegate, "total_ops": self.total_ops, "delegated_ops": self.delegated_ops,
+                "cpu_ops": self.cpu_ops, "cpu_op_names": dict(self.cpu_op_names), "note": self.note}
+
+
 @dataclass(frozen=True)
 class DelegatePlan:
     """What ``--delegate`` asked for, resolved before anything is loaded."""
@@ -285,8 +301,6 @@ def cpu_fallback(ops: Optional[List[dict]], plan: DelegatePlan, data: bytes) -> 
     at that point the only delegate nodes are the requested delegate's (XNNPACK
     is applied lazily by allocate and would otherwise look like an accelerator).
     """
-    from device.runtime import CpuFallback  # avoid an import cycle at module load
-
     if plan.kind == "cpu":
         return None
     if ops is None:

@@ -234,3 +234,30 @@ def operators(data: bytes) -> list:
             out.append({"code": code, "custom": custom, "inputs": ins,
                         "input_types": [types[j] if j >= 0 else None for j in ins]})
     return out
+
+
+def known_crash(backend: str, version: Optional[str], data: bytes, machine: Optional[str] = None) -> Optional[str]:
+    """Why ``backend`` is known to crash (segfault, not raise) on this model here, or None.
+
+    tflite-runtime 2.14 (the last release, what Raspberry Pi OS users with
+    numpy<2 get) reads a null bias in int8 FULLY_CONNECTED on ARM; recent
+    converters drop all-zero biases and ``Dense(use_bias=False)`` has none.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if backend != "tflite_runtime" or not machine.startswith(("aarch64", "arm")):
+        return None
+    try:
+        major, minor = (int(x) for x in (version or "0.0").split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) > (2, 14):
+        return None
+    for op in operators(data):
+        if op["code"] == FULLY_CONNECTED and op["input_types"][:1] == ["int8"] and (
+                len(op["inputs"]) < 3 or op["inputs"][2] < 0):
+            return (f"tflite-runtime {version} crashes on ARM with int8 FULLY_CONNECTED layers that have "
+                    "no bias (this model has one); install ai-edge-litert (pip install ai-edge-litert) or "
+                    "convert the model with a non-zero bias")
+    return None

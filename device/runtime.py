@@ -14,13 +14,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from device import delegates as _dl
-from device.delegates import RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
+from device.delegates import CpuFallback, RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
+from device.flatcheck import known_crash
 from device.timing import now_ns, ns_to_ms
 
 
@@ -228,22 +229,6 @@ class TensorSpec:
 # --------------------------------------------------------------------------- loaded model
 
 
-@dataclass
-class CpuFallback:
-    """How much of the graph a delegate took; ``cpu_ops`` ran on the CPU kernels."""
-
-    delegate: str
-    total_ops: int
-    delegated_ops: int
-    cpu_ops: int
-    cpu_op_names: Dict[str, int] = field(default_factory=dict)
-    note: Optional[str] = None
-
-    def to_dict(self) -> dict:
-        return {"delegate": self.delegate, "total_ops": self.total_ops, "delegated_ops": self.delegated_ops,
-                "cpu_ops": self.cpu_ops, "cpu_op_names": dict(self.cpu_op_names), "note": self.note}
-
-
 class LoadedModel:
     """An allocated interpreter plus its tensor specs and load timings.
 
@@ -338,34 +323,6 @@ def _check_flatbuffer(path: str, data: bytes) -> None:
                                "copy or convert it again")
 
 
-def _known_crash(be: "_Backend", data: bytes) -> Optional[str]:
-    """A model this runtime is known to crash on (segfault, not an exception), or None.
-
-    tflite-runtime 2.14 (the last release, what Raspberry Pi OS users with
-    numpy<2 get) reads a null bias in int8 FULLY_CONNECTED on ARM; recent
-    converters drop all-zero biases and ``Dense(use_bias=False)`` has none.
-    """
-    import platform
-
-    from device.flatcheck import FULLY_CONNECTED, operators
-
-    if be.info.name != "tflite_runtime" or not platform.machine().lower().startswith(("aarch64", "arm")):
-        return None
-    try:
-        major, minor = (int(x) for x in (be.version or "0.0").split(".")[:2])
-    except ValueError:
-        return None
-    if (major, minor) > (2, 14):
-        return None
-    for op in operators(data):
-        if op["code"] == FULLY_CONNECTED and op["input_types"][:1] == ["int8"] and (
-                len(op["inputs"]) < 3 or op["inputs"][2] < 0):
-            return (f"tflite-runtime {be.version} crashes on ARM with int8 FULLY_CONNECTED layers that have "
-                    "no bias (this model has one); install ai-edge-litert (pip install ai-edge-litert) or "
-                    "convert the model with a non-zero bias")
-    return None
-
-
 def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delegate: str = "cpu",
                threads: Optional[int] = None, edgetpu_device: Optional[str] = None,
                delegate_options: Optional[dict] = None, quiet: bool = True) -> LoadedModel:
@@ -394,7 +351,7 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
         raise RuntimeLoadError(f"{path}: cannot read ({e.strerror or e})") from None
     load_ms["file_read"] = ns_to_ms(now_ns() - t0)
     _check_flatbuffer(path, data)
-    crash = _known_crash(be, data)
+    crash = known_crash(be.info.name, be.version, data)
     if crash:
         raise RuntimeLoadError(f"{path}: {crash}")
 

@@ -455,20 +455,16 @@ def test_operators_summary(int8_no_bias_model, int8_io_model):
         "EdgepipeTestOp"
 
 
-def test_known_tflite_runtime_crash_is_refused_on_arm(int8_no_bias_model, int8_io_model, monkeypatch):
-    import platform
-
-    from device import runtime as rt
+def test_known_tflite_runtime_crash_is_refused_on_arm(int8_no_bias_model, int8_io_model):
+    from device.flatcheck import known_crash
 
     data = int8_no_bias_model.read_bytes()
-    old = rt._Backend(rt._backend_by_name("tflite_runtime"), "2.14.0", None, None)
-    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert "crashes on ARM" in rt._known_crash(old, data)
-    assert rt._known_crash(old, int8_io_model.read_bytes()) is None  # has its bias
-    newer = rt._Backend(rt._backend_by_name("ai_edge_litert"), "2.3.0", None, None)
-    assert rt._known_crash(newer, data) is None
-    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    assert rt._known_crash(old, data) is None
+    assert "crashes on ARM" in known_crash("tflite_runtime", "2.14.0", data, machine="aarch64")
+    assert "crashes on ARM" in known_crash("tflite_runtime", "2.11.0", data, machine="armv7l")
+    assert known_crash("tflite_runtime", "2.14.0", int8_io_model.read_bytes(), machine="aarch64") is None
+    assert known_crash("ai_edge_litert", "2.3.0", data, machine="aarch64") is None
+    assert known_crash("tflite_runtime", "2.15.0", data, machine="aarch64") is None
+    assert known_crash("tflite_runtime", "2.14.0", data, machine="x86_64") is None
 
 
 def test_int8_no_bias_model_loads_or_is_refused_never_crashes(int8_no_bias_model, backend):
