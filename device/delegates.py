@@ -6,12 +6,11 @@ delegate from libedgetpu.so.1") into one-line reasons with a hint.
 """
 from __future__ import annotations
 
-import ctypes.util
+import ctypes
 import glob
 import os
 import re
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -52,6 +51,8 @@ def find_library(names: Tuple[str, ...]) -> Optional[str]:
             p = os.path.join(d, name)
             if os.path.exists(p):
                 return p
+    import ctypes.util  # runs ldconfig/gcc: only when the usual dirs had nothing
+
     for name in names:
         base = re.sub(r"^lib|\.(so.*|dylib|dll)$", "", name).split(".")[0]
         found = ctypes.util.find_library(base)
@@ -175,6 +176,8 @@ def capture_stderr(enabled: bool = True) -> Iterator[_Captured]:
     except (OSError, ValueError):  # no real fd 2 (embedded / some test runners)
         yield cap
         return
+    import tempfile
+
     tmp = tempfile.TemporaryFile()
     cap._file = tmp
     os.dup2(tmp.fileno(), 2)
