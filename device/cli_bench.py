@@ -93,7 +93,8 @@ def _str_list(ctx, param, value: str) -> List[str]:
 @click.command()
 @click.argument("model", metavar="BUNDLE|MODEL", type=click.Path(dir_okay=True, file_okay=True))
 @click.option("--threads", default=None, callback=_int_list, metavar="N[,N...]",
-              help="CPU threads; a list (1,2,4) runs one bench per value. Default: the runtime's choice.")
+              help="CPU threads; a list (1,2,4) runs one bench per value. Default: the runtime's "
+                   "(1 with ai-edge-litert).")
 @click.option("--delegate", default="cpu", show_default=True, callback=_str_list, metavar="NAME[,NAME...]",
               help="cpu, xnnpack, edgetpu[:usb|:pci|:N], gpu or /path/to/delegate.so; a list compares them.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Minimum timed runs.")

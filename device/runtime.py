@@ -118,6 +118,8 @@ def _import_backend(b: BackendInfo) -> _Backend:
 
 
 _BACKEND_CACHE: Dict[str, _Backend] = {}
+# Python wrappers that turn num_threads=None into 1 (tflite_runtime leaves the C++ default).
+DEFAULTS_TO_ONE_THREAD = ("ai_edge_litert", "tensorflow.lite")
 
 
 def get_backend(name: Optional[str] = None) -> _Backend:
@@ -380,6 +382,8 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
         load_ms["allocate"] = ns_to_ms(now_ns() - t0)
 
     fallback = _dl.cpu_fallback(ops, plan, data)
+    if threads is None and be.info.name in DEFAULTS_TO_ONE_THREAD:
+        threads = 1  # report what ran: these wrappers pass num_threads=1 when given None
     return LoadedModel(interp, path=path, backend=be.info.name, backend_version=be.version,
                        delegate=plan.label, threads=threads, load_ms=load_ms, cpu_fallback=fallback,
                        model_size=len(data), delegate_library=plan.library, model_content=data)

@@ -479,3 +479,11 @@ def test_int8_no_bias_model_loads_or_is_refused_never_crashes(int8_no_bias_model
 
     arm_old = backend[0] == "tflite_runtime" and platform.machine().startswith(("aarch64", "arm"))
     assert out.stdout.startswith("refused" if arm_old else "ran (1, 4)"), out.stdout
+
+
+def test_default_threads_reports_what_ran(float_model, backend):
+    from device.runtime import DEFAULTS_TO_ONE_THREAD
+
+    m = load_model(float_model)
+    assert m.threads == (1 if backend[0] in DEFAULTS_TO_ONE_THREAD else None)
+    assert load_model(float_model, threads=2).threads == 2
