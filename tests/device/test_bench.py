@@ -335,3 +335,10 @@ def test_bundle_error_is_raised_for_wrong_schema(make_bundle, float_model):
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="unsupported bundle schema"):
         run_bench(d, **FAST)
+
+
+def test_plain_tflite_with_real_images_uses_assumed_preprocessing(uint8_io_model, images_dir, assert_valid_report):
+    pytest.importorskip("device.preprocess")
+    r = assert_valid_report(run_bench(uint8_io_model, input=str(images_dir), **FAST))
+    assert r["input"]["kind"] == "images" and r["input"]["count"] == 4
+    assert any("no manifest: 8x8 rgb" in a for a in r["input"]["assumed"])

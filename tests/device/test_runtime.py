@@ -487,3 +487,12 @@ def test_default_threads_reports_what_ran(float_model, backend):
     m = load_model(float_model)
     assert m.threads == (1 if backend[0] in DEFAULTS_TO_ONE_THREAD else None)
     assert load_model(float_model, threads=2).threads == 2
+
+
+@pytest.mark.edgetpu
+def test_edgetpu_delegate_on_real_hardware(float_model):
+    # A CPU model under the TPU delegate: loads, runs, and says nothing ran on the TPU.
+    m = load_model(float_model, delegate="edgetpu")
+    fb = m.cpu_fallback
+    assert fb.cpu_ops == fb.total_ops and "not compiled for the Edge TPU" in fb.note
+    assert m.predict([np.zeros((1, 8, 8, 3), np.float32)])[0].shape == (1, 4)
