@@ -141,18 +141,23 @@ def test_fallback_skips_to_next_backend_when_first_is_absent():
     # With ai_edge_litert blocked and tflite_runtime absent, the chain reaches
     # tensorflow.lite, or reports none when TensorFlow is absent too (.venv-device).
     out = _run_blocked("""
-        from device.runtime import get_backend, RuntimeLoadError
+        import numpy as np
+        from device.runtime import get_backend, load_model, RuntimeLoadError
         try:
-            print(get_backend().info.name)
+            name = get_backend().info.name
         except RuntimeLoadError as e:
             print("ERR", e)
+        else:
+            m = load_model("tests/data/models/float.tflite", threads=1)
+            (y,) = m.predict([np.zeros((1, 8, 8, 3), np.float32)])
+            print(name, m.backend, m.backend_version is not None, y.shape)
     """, ["ai_edge_litert"])
     assert out.returncode == 0, out.stderr
     has = {n for n, _ in available_backends()}
     if "tflite_runtime" in has:
-        assert out.stdout.strip() == "tflite_runtime"
-    elif "tensorflow.lite" in has:
-        assert out.stdout.strip() == "tensorflow.lite"
+        assert out.stdout.strip() == "tflite_runtime tflite_runtime True (1, 4)"
+    elif "tensorflow.lite" in has:  # the whole path works on TensorFlow's own interpreter too
+        assert out.stdout.strip() == "tensorflow.lite tensorflow.lite True (1, 4)"
     else:
         assert out.stdout.startswith("ERR no TFLite runtime")
 
