@@ -192,7 +192,8 @@ def format_summary(r: dict) -> str:
     tp = r.get("throughput") or {}
     if tp.get("fps"):
         rss = r.get("peak_rss_mb")
-        lines.append(f"throughput {tp['fps']:.1f} inferences/s" + (f", peak RSS {rss:.0f} MB" if rss else ""))
+        unit = "frames/s end to end" if r.get("kind") == "run" else "inferences/s"
+        lines.append(f"throughput {tp['fps']:.1f} {unit}" + (f", peak RSS {rss:.0f} MB" if rss else ""))
     temps = dev.get("temperature_c") or {}
     bits = [dev.get("board") or dev.get("cpu") or "", f"{dev.get('cores')} cores"]
     if dev.get("governor"):
