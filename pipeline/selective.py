@@ -31,6 +31,7 @@ from pipeline import metrics
 from pipeline.layer_error import Debugged, LayerError, LayerErrorError, debug_int8
 
 SUPPORTED_RECIPES = ("int8",)
+MAX_TIMED_LAYERS = 12
 
 
 class SelectiveError(ValueError):
@@ -227,9 +228,13 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
         say("timing the cost of each float layer")
         prev = p50_ms(dbg.quantize([]), ex, threads=threads)
         latency.append({"layer": None, "float_layers": 0, "p50_ms": prev, "cost_ms": 0.0})
-        for i in range(1, len(kept) + 1):
+        # One re-quantization + benchmark per kept layer; past a handful the
+        # per-layer split is noise, so only the total is measured.
+        steps_to_time = range(1, len(kept) + 1) if len(kept) <= MAX_TIMED_LAYERS else [len(kept)]
+        for i in steps_to_time:
             cur = p50_ms(dbg.quantize([e.tensor for e in kept[:i]]), ex, threads=threads)
-            latency.append({"layer": kept[i - 1].layer, "tensor": kept[i - 1].tensor,
+            latency.append({"layer": kept[i - 1].layer if len(steps_to_time) > 1 else "(all kept)",
+                            "tensor": kept[i - 1].tensor if len(steps_to_time) > 1 else None,
                             "float_layers": i, "p50_ms": cur, "cost_ms": cur - prev})
             prev = cur
     return SelectiveResult(
@@ -327,11 +332,20 @@ def apply_selective_to_results(results: list, model_path, target: float,
                 sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress)
             except (SelectiveError, ValueError, OSError) as e:
                 raise click.ClickException(str(e)) from None
-            kept = ", ".join(f"{e.layer} ({c['cost_ms']:+.3f} ms)" for e, c in
-                             zip(sel.kept, sel.latency[1:])) or "none"
+            if sel.latency and len(sel.latency) == len(sel.kept) + 1:
+                kept = [f"{e.layer} ({c['cost_ms']:+.3f} ms)" for e, c in zip(sel.kept, sel.latency[1:])]
+            else:
+                kept = [e.layer for e in sel.kept]
+            shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+            lat = sel.latency
+            total = (f"; p50 {lat[0]['p50_ms']:.3f} -> {lat[-1]['p50_ms']:.3f} ms" if len(lat) > 1 else "")
             progress(f"int8: agreement {sel.agreement:.4f} (plain int8 {sel.baseline_agreement:.4f}); "
-                     f"float layers: {kept}" + ("" if sel.reached else
-                                                 f"; target {target} NOT reached"))
+                     f"{len(kept)} of {sel.layers_total} layers in float: {shown or 'none'}{total}"
+                     + ("" if sel.reached else f"; target {target} NOT reached"))
+            if len(sel.kept) > sel.layers_total // 2:
+                progress("warning: more than half of the layers stay float, so this is close to the "
+                         "fp32 model in size and speed; compare with fp16, or calibrate with more "
+                         "representative images (--calib, --calib-count)")
             r = dataclasses.replace(r, size=len(sel.tflite))
         out.append(r)
     return out
