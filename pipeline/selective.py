@@ -346,6 +346,8 @@ def apply_selective_to_results(results: list, model_path, target: float,
                 progress("warning: more than half of the layers stay float, so this is close to the "
                          "fp32 model in size and speed; compare with fp16, or calibrate with more "
                          "representative images (--calib, --calib-count)")
-            r = dataclasses.replace(r, size=len(sel.tflite))
+            fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
+            r = dataclasses.replace(r, size=len(sel.tflite),
+                                    ratio_to_fp32=round(len(sel.tflite) / fp32, 4) if fp32 else None)
         out.append(r)
     return out
