@@ -72,7 +72,7 @@ def test_selective_reaches_target_with_fewer_float_layers(fm):
     assert metrics.top1_agreement(out, float_outputs(model, x)) == r.agreement
     d = r.to_dict()
     assert [f["layer"] for f in d["float_layers"]] == [e.layer for e in r.kept]
-    assert all("quantization steps" in f["reason"] for f in d["float_layers"])
+    assert all("sensitivity rank" in f["reason"] for f in d["float_layers"])
     assert [lat["float_layers"] for lat in d["latency"]] == list(range(len(r.kept) + 1))
     assert all(lat["p50_ms"] > 0 for lat in d["latency"])
     assert d["steps"][0] == {"float_layers": 0, "agreement": r.baseline_agreement}
