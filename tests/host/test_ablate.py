@@ -159,7 +159,9 @@ def test_examples_are_valid_specs():
 
 
 @pytest.mark.slow
-def test_small_study_runs_and_resumes(tmp_path):
+def test_small_study_runs_and_resumes(tmp_path, monkeypatch):
+    # A private conversion cache: the study really converts, and nothing lands in ~/.cache.
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
     from pipeline.ablate import CACHE_FILE, load_cache, run_ablation, spec_digest
     from pipeline.cli import main
 
