@@ -170,6 +170,20 @@ def first_line(e) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
+def check_data(spec: Spec) -> None:
+    """Fail before any slow work when the data folders cannot be used."""
+    from device.preprocess import list_images
+    from pipeline.evaluate import EvalError, load_dataset
+
+    try:
+        load_dataset(spec.data_dir, labels_file=None, limit=spec.limit)
+    except EvalError as e:
+        raise AblateError(str(e).replace("--data:", "data.dir:")) from None
+    top, _ = list_images(spec.calib_dir)
+    if not top and not any(list_images(d)[0] for d in spec.calib_dir.iterdir() if d.is_dir()):
+        raise AblateError(f"data.calib: no images found in {spec.calib_dir}")
+
+
 def flat_calibration(spec: Spec, out_dir: Path) -> Path:
     """A flat folder for calibration: class sub-folders are linked into one, evenly."""
     from device.preprocess import list_images
@@ -305,6 +319,7 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
                  tick: Callable[[dict], None] = lambda r: None) -> list:
     """Measure every point of ``spec`` (reusing cached ones); returns result dicts in grid order."""
     out_dir = Path(out_dir)
+    check_data(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
     digest = spec_digest(spec)
     cached = load_cache(out_dir, digest)

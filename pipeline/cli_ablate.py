@@ -19,8 +19,7 @@ Re-running with the same --out reuses every point already measured.
 @click.command(epilog=EPILOG)
 @click.argument("spec_path", metavar="SPEC.toml", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: ablate-<spec name>/ next to the spec is NOT used; "
-                   "required unless --dry-run).")
+              help="Folder for results, plots and the resume cache (required unless --dry-run).")
 @click.option("--device", "device_url", help="Time on an 'edgerun agent' at this URL instead of locally.")
 @click.option("--token", envvar="EDGEPIPE_TOKEN", help="Bearer token for --device [env: EDGEPIPE_TOKEN].")
 @click.option("--dry-run", is_flag=True, help="Validate the spec and list the points, measure nothing.")

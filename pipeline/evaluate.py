@@ -314,9 +314,7 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
             say(f"loading reference {rp.name}", 0)
             refs[rp] = KerasReference(rp)
         ref = refs[rp]
-        lay = b.manifest.preprocess.layout
-        shape = tuple(b.manifest.inputs[0].shape[1:])
-        ref.check_input(shape if lay != "nchw" else shape, b.name)
+        ref.check_input(tuple(b.manifest.inputs[0].shape[1:]), b.name)
         ref_for[b.path] = ("keras", ref)
 
     inputs_cache: dict = {}
