@@ -210,3 +210,49 @@ warmup = 1
     p.write_text(p.read_text().replace('threads = [1, 2]', 'threads = [1, 2, 3]'))
     more = run_ablation(load_spec(p), out)
     assert sum(1 for x in more if x.get("cached")) == 4 and len(more) == 6
+
+
+def test_cli_data_folder_without_images(tmp_path):
+    from pipeline.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = _spec(tmp_path, BASE.replace(f'dir = "{FM_TEST}"', f'dir = "{empty}"') + '[axes]\nrecipe = ["fp32"]\n')
+    r = CliRunner().invoke(main, ["ablate", str(p), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == f"Error: data.dir: no images found in {empty}"
+
+
+@pytest.mark.slow
+def test_study_timed_on_a_loopback_agent(tmp_path, monkeypatch):
+    """`--device URL`: bundles are shipped to a real `edgerun agent` and timed there."""
+    from device.agent import Agent, AgentServer
+    from device.bundle_store import BundleStore
+    from pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    worker = Agent(BundleStore(tmp_path / "store"))
+    server = AgentServer(worker, "127.0.0.1", 0, token="t0ken")
+    server.start_background()
+    try:
+        p = _spec(tmp_path, BASE.replace(f'dir = "{FM_TEST}"', f'dir = "{FM_TEST}"\nlimit = 10\n'
+                                         'calib_limit = 10') + """
+[axes]
+recipe = ["int8"]
+threads = [1, 2]
+[bench]
+runs = 5
+warmup = 1
+""")
+        out = tmp_path / "out"
+        r = CliRunner().invoke(main, ["ablate", str(p), "--out", str(out), "--json", "--device", server.url,
+                                      "--token", "t0ken"])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.output[r.output.index("{"):])["results"]
+        assert [x["label"] for x in res] == ["int8 t1", "int8 t2"]
+        assert all(x["p50_ms"] > 0 and not x.get("error") for x in res)
+        assert len(worker.store.list()) == 1  # one bundle, uploaded once for both thread counts
+    finally:
+        server.shutdown()
+        server.server_close()
+        worker.close()
