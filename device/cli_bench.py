@@ -55,6 +55,9 @@ def info(as_json: bool) -> None:
             if name == "edgetpu" and not d.get("devices"):
                 extra = " (no device visible)"
             rows.append((f"delegate {name}", f"{d['library']}{extra}"))
+        elif d.get("devices"):
+            rows.append((f"delegate {name}", f"library not found, but devices visible: {', '.join(d['devices'])} "
+                                             "(install the Edge TPU runtime)"))
         else:
             rows.append((f"delegate {name}", "not found"))
     if data["emulated"]:

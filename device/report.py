@@ -185,6 +185,11 @@ def format_summary(r: dict) -> str:
         lines.append("load (ms)  " + " | ".join(
             f"{k.replace('_', ' ')} {_ms(ld.get(k))}"
             for k in ("file_read", "interpreter_build", "delegate", "allocate", "first_invoke")))
+    fb = (r.get("settings") or {}).get("cpu_fallback")
+    if fb and fb.get("total_ops"):
+        names = ", ".join(f"{k} x{v}" for k, v in sorted((fb.get("cpu_op_names") or {}).items()))
+        lines.append(f"ops        {fb['delegated_ops']} of {fb['total_ops']} on {fb['delegate']}, "
+                     f"{fb['cpu_ops']} on the CPU" + (f" ({names})" if names else ""))
     lat = r.get("latency_ms")
     if lat and lat.get("n"):
         lines.append(f"latency    n={lat['n']}  mean {_ms(lat['mean'])}  std {_ms(lat['std'])}  min {_ms(lat['min'])}"
