@@ -172,14 +172,22 @@ class KerasReference:
 
         self.path = Path(path)
         tf = import_tf()
+        self._signature = None
         try:
             with captured_output():
-                self.model = tf.keras.models.load_model(str(path), compile=False)
+                if self.path.is_dir():  # a SavedModel: call its serving signature
+                    loaded = tf.saved_model.load(str(path))
+                    sig = loaded.signatures["serving_default"]
+                    (self._arg, spec), = sig.structured_input_signature[1].items()
+                    self._signature, self._keep = sig, loaded
+                    shape = spec.shape
+                else:
+                    self.model = tf.keras.models.load_model(str(path), compile=False)
+                    shape = self.model.inputs[0].shape
         except Exception as e:  # noqa: BLE001 - loaders raise anything
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise EvalError(f"--reference: cannot load {path} ({first[:160]})") from None
-        shape = self.model.inputs[0].shape
-        self.input_shape = tuple(None if d is None else int(d) for d in shape[1:])
+        self.input_shape = tuple(None if d is None else int(d) for d in list(shape)[1:])
 
     def check_input(self, per_example: tuple, bundle_name: str) -> None:
         ok = len(per_example) == len(self.input_shape) and all(
@@ -194,7 +202,11 @@ class KerasReference:
         rows = []
         with captured_output():
             for i in range(0, x.shape[0], batch):
-                y = self.model(x[i:i + batch], training=False)
+                if self._signature is not None:
+                    outs = self._signature(**{self._arg: x[i:i + batch]})
+                    y = outs[sorted(outs)[0]]
+                else:
+                    y = self.model(x[i:i + batch], training=False)
                 if isinstance(y, (list, tuple)):
                     y = y[0]
                 y = np.asarray(y)
@@ -400,7 +412,10 @@ def layer_errors(bundle_path: Path, reference: Optional[Path] = None, top: int =
     try:
         cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
         calib = calibration.load_arrays(cset, m.preprocess)
-        dbg = debug_int8(KerasReference(ref).model, calib)
+        keras_ref = KerasReference(ref)
+        if keras_ref._signature is not None:
+            raise EvalError(f"--layers: needs the Keras model (.keras/.h5), not the SavedModel {ref}")
+        dbg = debug_int8(keras_ref.model, calib)
     except (calibration.CalibrationError, LayerErrorError) as e:
         raise EvalError(f"--layers: {e}") from None
     return [e.to_dict() for e in dbg.ranked()[:top]]
