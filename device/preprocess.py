@@ -18,22 +18,26 @@ Definition of the numerics (``load_image`` and ``reference_preprocess`` agree on
    box with the model's aspect ratio, scaled by ``crop_fraction``. Box corners
    are float32 numbers in original-image pixels, divided by s after decoding.
 4. Resize. One separable resample of the box to ``height`` x ``width`` with
-   PIL's filter definitions (bilinear = triangle widened by the downscale
-   factor, antialiasing), horizontal pass first; each pass sums in float64 and
-   stores float32. No rounding to 8 bits after the resize.
+   PIL's filters (bilinear = triangle widened by the downscale factor, so it
+   antialiases) in PIL's 8-bit arithmetic: coefficients normalized in float64
+   then rounded to 22-bit fixed point, horizontal pass first, each pass
+   rounded and clipped to 8 bits -- exactly ``Image.resize`` on 8-bit images,
+   what most training pipelines (Keras, PIL-based loaders) feed a model.
+   (Nearest: the pixel under each sample centre, ``floor(x0 + (i + .5) * scale)``.)
 5. Normalize. Channels in ``color`` order; ``(pixel - mean) / std`` in float64,
-   returned as float32 (H, W, C).
+   returned as float32 (H, W, C) (a 256-entry table per channel).
 
-The fast path does all of this with C loops (PIL) and a few numpy operations.
-The reference does steps 2-5 with plain numpy; it is equal to the fast path
-within 1e-5 (in practice bit-identical) for every input, because both make the
-same decode choice in step 1.
+The fast path does all of this with C loops (PIL) and a table lookup. The
+reference does steps 2-5 in plain numpy integer arithmetic; the two are
+bit-identical on every CPU (no floating-point sums to reorder or fuse),
+because both also make the same decode choice in step 1.
 """
 from __future__ import annotations
 
 import math
 import os
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, List, Sequence, Tuple, Union
 
@@ -219,20 +223,23 @@ def load_image(x: ImageInput, spec: Preprocess, *, order: Union[str, ColorOrder]
         a = np.asarray(img)
         a = a[np.ix_(nearest_index(box[1], box[3], spec.height, img.height),
                      nearest_index(box[0], box[2], spec.width, img.width))]
-        a = a[:, :, None] if a.ndim == 2 else (a[:, :, ::-1] if spec.color == ColorOrder.BGR else a)
-        planes = [a[:, :, c] for c in range(channels)]
     else:
-        size = (spec.width, spec.height)
-        bands = [img] if img.mode == "L" else list(img.split())
-        if spec.color == ColorOrder.BGR:
-            bands.reverse()
-        planes = [np.asarray(b.convert("F").resize(size, resample, box=box)) for b in bands]
-    # Channel-planar float64 math (contiguous, ~4x faster than interleaved), one transposing cast at the end.
-    out = np.empty((channels, spec.height, spec.width), dtype=np.float64)
+        a = np.asarray(img.resize((spec.width, spec.height), resample, box=box))
+    if a.ndim == 2:
+        a = a[:, :, None]
+    lut = _table(tuple(mean), tuple(std))
+    out = np.empty((spec.height, spec.width, channels), dtype=np.float32)
     for c in range(channels):
-        np.subtract(planes[c], mean[c], out=out[c])
-        out[c] /= std[c]
-    return out.transpose(1, 2, 0).astype(np.float32)
+        src = channels - 1 - c if spec.color == ColorOrder.BGR else c
+        np.take(lut[c], a[:, :, src], out=out[:, :, c])
+    return out
+
+
+@lru_cache(maxsize=32)
+def _table(mean: tuple, std: tuple) -> np.ndarray:
+    """(C, 256) float32: ``(v - mean[c]) / std[c]`` in float64 for every 8-bit value v."""
+    v = np.arange(256, dtype=np.float64)
+    return np.stack([((v - m) / s).astype(np.float32) for m, s in zip(mean, std)])
 
 
 def to_model_input(hwc: np.ndarray, spec: Preprocess, tensor: Any = None) -> np.ndarray:
@@ -276,18 +283,21 @@ def _ref_filter(name: str):
     return table[name]
 
 
+PRECISION_BITS = 32 - 8 - 2  # PIL's fixed-point coefficients for 8-bit images
+
+
 def _ref_resample_axis(a: np.ndarray, in0: float, in1: float, out_size: int, name: str) -> np.ndarray:
-    """Resample axis 1 of ``a`` (rows, n, ...) onto ``out_size`` samples of [in0, in1)."""
+    """Resample axis 1 of the 8-bit ``a`` (rows, n, C) onto ``out_size`` samples of [in0, in1)."""
     n = a.shape[1]
-    # PIL takes the box as C floats and subtracts them in float precision.
-    scale = float(np.float32(in1) - np.float32(in0)) / out_size
     if name == "nearest":
         idx = [min(n - 1, max(0, math.floor(in0 + (i + 0.5) * (in1 - in0) / out_size))) for i in range(out_size)]
-        return a[:, idx].astype(np.float32)
+        return a[:, idx]
+    # PIL takes the box as C floats and subtracts them in float precision.
+    scale = float(np.float32(in1) - np.float32(in0)) / out_size
     filt, support = _ref_filter(name)
     filterscale = max(scale, 1.0)
     support *= filterscale
-    taps = []  # per output sample: (first input index, normalized weights), as PIL's precompute_coeffs
+    idx, fixed = [], []
     for i in range(out_size):
         center = in0 + (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
@@ -296,20 +306,21 @@ def _ref_resample_axis(a: np.ndarray, in0: float, in1: float, out_size: int, nam
         total = 0.0
         for v in w:  # summed in order, like the C loop
             total += v
-        taps.append((lo, [v / total for v in w] if total != 0.0 else w))
-    k_max = max(len(w) for _, w in taps)
-    idx = np.zeros((out_size, k_max), dtype=np.int64)
-    wts = np.zeros((out_size, k_max), dtype=np.float64)
-    for i, (lo, w) in enumerate(taps):
-        idx[i, :len(w)] = np.arange(lo, lo + len(w))
-        idx[i, len(w):] = lo  # padding taps weigh 0.0: adding 0.0 leaves the sum unchanged
-        wts[i, :len(w)] = w
-    # Accumulate tap by tap in float64 (the C loop's order), store float32 like PIL's "F" images.
-    acc = np.zeros((a.shape[0], out_size) + a.shape[2:], dtype=np.float64)
+        if total != 0.0:
+            w = [v / total for v in w]
+        # To fixed point, rounding half away from zero ((int) truncates toward zero).
+        fixed.append([int(v * (1 << PRECISION_BITS) + (0.5 if v >= 0 else -0.5)) for v in w])
+        idx.append(list(range(lo, hi)))
+    k_max = max(len(k) for k in fixed)
+    taps = np.array([i + [i[0]] * (k_max - len(i)) for i in idx], dtype=np.int64)  # padding taps weigh 0
+    weights = np.array([k + [0] * (k_max - len(k)) for k in fixed], dtype=np.int64)
+    a = a.astype(np.int64)
+    acc = np.full((a.shape[0], out_size) + a.shape[2:], 1 << (PRECISION_BITS - 1), dtype=np.int64)
     extra = (1,) * (a.ndim - 2)
-    for k in range(k_max):
-        acc += a[:, idx[:, k]].astype(np.float64) * wts[:, k].reshape((out_size,) + extra)
-    return acc.astype(np.float32)
+    for k in range(k_max):  # integer sums: exact in any order
+        acc += a[:, taps[:, k]] * weights[:, k].reshape((out_size,) + extra)
+    out = acc >> PRECISION_BITS
+    return np.clip(out, 0, 255)
 
 
 def reference_preprocess(x: ImageInput, spec: Preprocess, *,
@@ -352,10 +363,11 @@ def reference_preprocess(x: ImageInput, spec: Preprocess, *,
         a = np.repeat(a[:, :, None], 3, axis=2)
     x0, y0, x1, y1 = (float(np.float32(v / scale)) for v in crop_box(w0, h0, spec))
     name = spec.interpolation.lower()
-    h = a.astype(np.float64)
-    if not (spec.width == h.shape[1] and (x0, x1) == (0.0, h.shape[1])):
+    h = a
+    # PIL skips a pass whose axis neither changes size nor moves (same condition here).
+    if not (spec.width == h.shape[1] and (x0, x1) == (0.0, h.shape[1])) or name == "nearest":
         h = _ref_resample_axis(h, x0, x1, spec.width, name)           # rows x W' x C
-    if not (spec.height == h.shape[0] and (y0, y1) == (0.0, h.shape[0])):
+    if not (spec.height == h.shape[0] and (y0, y1) == (0.0, h.shape[0])) or name == "nearest":
         h = _ref_resample_axis(h.transpose(1, 0, 2), y0, y1, spec.height, name).transpose(1, 0, 2)
     if spec.color == ColorOrder.BGR:
         h = h[:, :, ::-1]

@@ -1,23 +1,17 @@
 """Preprocessing: the fast path against the reference, on real photos.
 
-"Identical" here means, for every input (JPEG, PNG, arrays):
-
-* on x86-64: at most 1e-5 apart per element in model-input units (in practice
-  bit-identical: both sum each resize pass in float64 and store float32);
-* on every ISA: at most 1e-4 of one 8-bit pixel level apart before
-  normalization (``|fast - ref| * std``). On aarch64 the compiler fuses
-  PIL's multiply-adds (FMA), which moves a resized value by a float32 ulp
-  (2^-16 levels at 255) now and then; that is the only slack.
-
-For JPEG paths both decode at the same DCT scale (the only place the fast
-path differs from a full decode), which is tested separately: the scale is
-the largest that keeps the resized region at least the model size, and the
+"Identical" here means bit-identical, for every input (JPEG, PNG, arrays) on
+every CPU: after decoding, the definition is integer arithmetic (PIL's 8-bit
+fixed-point resize) plus a float64 normalization table, so there is no
+floating-point sum whose order or fusing (aarch64 FMA) could differ. For JPEG
+paths both implementations decode at the same DCT scale (the only place the
+fast path differs from a full decode), which is tested separately: the scale
+is the largest that keeps the resized region at least the model size, and the
 scaled decode stays close to a full decode.
 """
 from __future__ import annotations
 
 import io
-import platform
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +24,14 @@ from device.preprocess import (
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sample_data" / "images"
-TOL = 1e-5  # model-input units, x86-64
-LEVEL_TOL = 1e-4  # 8-bit pixel levels, any ISA
-X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def assert_same(fast: np.ndarray, ref: np.ndarray, spec: Preprocess, what: str = "") -> None:
     """The definition of "identical" in the module docstring."""
-    assert fast.shape == ref.shape and fast.dtype == ref.dtype == np.float32
-    diff = np.abs(fast.astype(np.float64) - ref.astype(np.float64))
-    std = np.resize(np.asarray(spec.std, dtype=np.float64), fast.shape[-1])
-    assert (diff * std).max() <= LEVEL_TOL, f"{what}: {(diff * std).max()} pixel levels apart"
-    if X86:
-        assert diff.max() <= TOL, f"{what}: {diff.max()} apart"
+    assert fast.shape == ref.shape and fast.dtype == ref.dtype == np.float32, what
+    bad = int(np.count_nonzero(fast != ref))
+    assert bad == 0, f"{what}: {bad} values differ, max {np.abs(fast - ref).max()}"
+
 
 MOBILENET = Preprocess(224, 224, mean=(127.5,) * 3, std=(127.5,) * 3)
 CAFFE_BGR = Preprocess(224, 224, color=ColorOrder.BGR, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0))
@@ -132,9 +121,11 @@ def test_bgr_and_gray_channels_are_what_they_say(photos):
     bgr = load_image(path, Preprocess(224, 224, color=ColorOrder.BGR, mean=(0.0,), std=(1.0,)))
     np.testing.assert_array_equal(bgr, rgb[:, :, ::-1])
     gray = load_image(path, Preprocess(224, 224, color=ColorOrder.GRAY, mean=(0.0,), std=(1.0,)))
-    # Gray is PIL's 8-bit luma before the resize: within half a level of the resized luma.
+    # Gray is PIL's 8-bit luma before the 8-bit resize: within the three roundings (< 2 levels)
+    # of the luma of the resized colour picture, and about equal on average.
     luma = rgb @ np.array([0.299, 0.587, 0.114])
-    assert gray.shape == (224, 224, 1) and np.abs(gray[:, :, 0] - luma).max() < 0.75
+    assert gray.shape == (224, 224, 1) and np.abs(gray[:, :, 0] - luma).max() < 2.0
+    assert abs(float(np.mean(gray[:, :, 0] - luma))) < 0.25
     # Per-channel mean/std are applied in the model's channel order.
     caffe = load_image(path, CAFFE_BGR)
     np.testing.assert_allclose(caffe, bgr - np.array([103.939, 116.779, 123.68], dtype=np.float32), atol=2e-5)
