@@ -111,7 +111,7 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
                                    limit=limit, threads=threads, progress=progress)
         layers = {}
         if n_layers:
-            from pipeline.evaluate import layer_errors
+            from pipeline.layer_error import layer_errors
 
             for r in results:
                 if r.recipe in ("int8", "int8-io"):

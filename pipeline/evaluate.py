@@ -389,33 +389,3 @@ def _runtime_block() -> dict:
     except Exception:  # noqa: BLE001 - the block is informative only
         return {"backend": "unknown", "delegate": "cpu", "threads": None}
 
-
-def layer_errors(bundle_path: Path, reference: Optional[Path] = None, top: int = 10) -> list:
-    """Most sensitive layers of an int8 bundle: local int8 error of each op vs float.
-
-    Re-calibrates the float model on the images the manifest records (same
-    folder, count and seed) with TensorFlow's QuantizationDebugger; returns
-    ``LayerError.to_dict()`` rows, worst first.
-    """
-    from pipeline import calibration
-    from pipeline.layer_error import LayerErrorError, debug_int8
-
-    b = open_bundle(Path(bundle_path))
-    m = b.manifest
-    if m.recipe not in ("int8", "int8-io"):
-        return []
-    if m.calibration is None or not m.calibration.source:
-        raise EvalError(f"--layers: {b.name} records no calibration images")
-    ref = Path(reference) if reference else find_reference(b)
-    if ref is None:
-        raise EvalError(f"--layers: float model of {b.name} not found; pass --reference MODEL")
-    try:
-        cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
-        calib = calibration.load_arrays(cset, m.preprocess)
-        keras_ref = KerasReference(ref)
-        if keras_ref._signature is not None:
-            raise EvalError(f"--layers: needs the Keras model (.keras/.h5), not the SavedModel {ref}")
-        dbg = debug_int8(keras_ref.model, calib)
-    except (calibration.CalibrationError, LayerErrorError) as e:
-        raise EvalError(f"--layers: {e}") from None
-    return [e.to_dict() for e in dbg.ranked()[:top]]

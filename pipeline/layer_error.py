@@ -20,6 +20,7 @@ import io
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -158,11 +159,32 @@ def debug_int8(model, calib: np.ndarray, *, debug: Optional[np.ndarray] = None,
                     disable_per_channel=bool(conv._experimental_disable_per_channel), _tf=tf)
 
 
-def format_layers(layers: Sequence[LayerError], top: Optional[int] = None) -> str:
-    """A plain-text table of the most sensitive layers."""
-    rows = sorted(layers, key=lambda e: -e.rmse_steps)[:top]
-    head = f"{'layer':<28} {'op':<18} {'rmse/step':>9} {'max abs':>10}"
-    lines = [head, "-" * len(head)]
-    for e in rows:
-        lines.append(f"{e.layer[:28]:<28} {e.op[:18]:<18} {e.rmse_steps:>9.3f} {e.max_abs:>10.4g}")
-    return "\n".join(lines)
+def layer_errors(bundle_path, reference=None, top: int = 10) -> list:
+    """Most sensitive layers of an int8 bundle: local int8 error of each op vs float.
+
+    Re-calibrates the float model on the images the manifest records (same
+    folder, count and seed) with TensorFlow's QuantizationDebugger; returns
+    ``LayerError.to_dict()`` rows, worst first.
+    """
+    from pipeline import calibration
+    from pipeline.evaluate import EvalError, KerasReference, find_reference, open_bundle
+
+    b = open_bundle(Path(bundle_path))
+    m = b.manifest
+    if m.recipe not in ("int8", "int8-io"):
+        return []
+    if m.calibration is None or not m.calibration.source:
+        raise EvalError(f"--layers: {b.name} records no calibration images")
+    ref = Path(reference) if reference else find_reference(b)
+    if ref is None:
+        raise EvalError(f"--layers: float model of {b.name} not found; pass --reference MODEL")
+    try:
+        cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
+        calib = calibration.load_arrays(cset, m.preprocess)
+        keras_ref = KerasReference(ref)
+        if keras_ref._signature is not None:
+            raise EvalError(f"--layers: needs the Keras model (.keras/.h5), not the SavedModel {ref}")
+        dbg = debug_int8(keras_ref.model, calib)
+    except (calibration.CalibrationError, LayerErrorError) as e:
+        raise EvalError(f"--layers: {e}") from None
+    return [e.to_dict() for e in dbg.ranked()[:top]]

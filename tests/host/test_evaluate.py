@@ -170,3 +170,17 @@ def test_bad_inputs(world, tmp_path):
 
     assert "no such file" in _run([tmp_path / "nope", "--data", world["data"]])
     assert "manifest records its preprocessing" in _run([Path(fp32) / "model.tflite", "--data", flat])
+
+
+def test_layers_lists_int8_error_per_layer(world):
+    from pipeline.cli import main
+
+    r = CliRunner().invoke(main, ["evaluate", str(world["bundles"]["int8"]), str(world["bundles"]["fp32"]),
+                                  "--data", str(world["data"]), "--layers", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    rows = d["layers"]["tiny-int8"]
+    assert "tiny-fp32" not in d["layers"]  # only int8 bundles have int8 layers
+    assert {x["layer"] for x in rows} >= {"quadrants"}
+    assert rows == sorted(rows, key=lambda x: -x["rmse_steps"])
+    assert all(x["scale"] > 0 and x["rmse_steps"] >= 0 for x in rows)
