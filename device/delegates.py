@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -161,38 +162,57 @@ class _Captured:
         return self._text
 
 
+# fd 2 is process-wide: loads from several threads (runner lanes, the agent) must
+# not interleave their dup2 dance, or stderr could end up in a deleted temp file.
+_FD2_LOCK = threading.RLock()
+_CHATTER = ("INFO:", "VERBOSE:")
+
+
 @contextmanager
 def capture_stderr(enabled: bool = True) -> Iterator[_Captured]:
     """Collect native stderr (fd 2) for the block so the runtime's chatter
-    ("Created TensorFlow Lite XNNPACK delegate...") stays out of user output
-    but is still available to explain a failure."""
+    ("INFO: Created TensorFlow Lite XNNPACK delegate...") stays out of user
+    output but is still available to explain a failure.
+
+    When the block succeeds, anything else written meanwhile (runtime
+    warnings, other threads' messages) is passed on to the real stderr.
+    """
     cap = _Captured()
     if not enabled:
         yield cap
         return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded / some test runners)
-        yield cap
-        return
-    import tempfile
-
-    tmp = tempfile.TemporaryFile()
-    cap._file = tmp
-    os.dup2(tmp.fileno(), 2)
-    try:
-        yield cap
-    finally:
+    with _FD2_LOCK:
         try:
             sys.stderr.flush()
-        except ValueError:
-            pass
-        os.dup2(saved, 2)
-        os.close(saved)
-        cap.text()
-        tmp.close()
-        cap._file = None
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no real fd 2 (embedded / some test runners)
+            yield cap
+            return
+        import tempfile
+
+        tmp = tempfile.TemporaryFile()
+        cap._file = tmp
+        os.dup2(tmp.fileno(), 2)
+        failed = False
+        try:
+            yield cap
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            try:
+                sys.stderr.flush()
+            except ValueError:
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            text = cap.text()
+            tmp.close()
+            cap._file = None
+            if not failed:
+                keep = [ln for ln in text.splitlines(True) if ln.strip() and not ln.startswith(_CHATTER)]
+                if keep:
+                    os.write(2, "".join(keep).encode("utf-8", "replace"))
 
 
 def _missing_lib_message(plan: DelegatePlan) -> str:

@@ -387,10 +387,32 @@ def test_cpu_fallback_edgetpu_custom_ops_count_as_accelerated():
     assert fb.cpu_ops == 1 and "not compiled for the Edge TPU" in fb.note
 
 
-def test_capture_stderr_collects_native_output():
+def test_capture_stderr_collects_native_output(capfd):
     with dl.capture_stderr() as cap:
-        os.write(2, b"native noise\n")
-    assert cap.text() == "native noise\n"
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nWARNING: keep me\n")
+    assert cap.text() == "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nWARNING: keep me\n"
+    assert capfd.readouterr().err == "WARNING: keep me\n"  # chatter dropped, the rest passed on
+    with pytest.raises(KeyError):
+        with dl.capture_stderr() as cap:
+            os.write(2, b"reason for the failure\n")
+            raise KeyError
+    assert cap.text() == "reason for the failure\n" and capfd.readouterr().err == ""  # used in the error instead
+
+
+def test_capture_stderr_is_safe_across_threads(capfd):
+    import threading
+
+    def work(i):
+        for _ in range(50):
+            with dl.capture_stderr():
+                os.write(2, f"INFO: {i}\n".encode())
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    os.write(2, b"still the real stderr\n")
+    assert capfd.readouterr().err == "still the real stderr\n"
 
 
 # --------------------------------------------------------------------------- flatbuffer pre-check
