@@ -227,19 +227,25 @@ def load_image(x: ImageInput, spec: Preprocess, *, order: Union[str, ColorOrder]
         a = np.asarray(img.resize((spec.width, spec.height), resample, box=box))
     if a.ndim == 2:
         a = a[:, :, None]
-    lut = _table(tuple(mean), tuple(std))
-    out = np.empty((spec.height, spec.width, channels), dtype=np.float32)
-    for c in range(channels):
-        src = channels - 1 - c if spec.color == ColorOrder.BGR else c
-        np.take(lut[c], a[:, :, src], out=out[:, :, c])
-    return out
+    elif spec.color == ColorOrder.BGR:
+        a = a[:, :, ::-1]
+    table, offsets = _table(tuple(mean), tuple(std))
+    # One gather over the whole image: channel c reads table entries [256 c, 256 c + 255].
+    return np.take(table, a if offsets is None else a + offsets)
 
 
 @lru_cache(maxsize=32)
-def _table(mean: tuple, std: tuple) -> np.ndarray:
-    """(C, 256) float32: ``(v - mean[c]) / std[c]`` in float64 for every 8-bit value v."""
+def _table(mean: tuple, std: tuple) -> Tuple[np.ndarray, Any]:
+    """Normalization table: ``(v - mean[c]) / std[c]`` in float64, as float32, for every 8-bit v.
+
+    Channels share one 256-entry table when their mean/std are equal; otherwise
+    the tables are concatenated and ``offsets`` (uint16, per channel) select them.
+    """
     v = np.arange(256, dtype=np.float64)
-    return np.stack([((v - m) / s).astype(np.float32) for m, s in zip(mean, std)])
+    tables = [((v - m) / s).astype(np.float32) for m, s in zip(mean, std)]
+    if len(set(zip(mean, std))) == 1:
+        return tables[0], None
+    return np.concatenate(tables), np.arange(len(tables), dtype=np.uint16) * 256
 
 
 def to_model_input(hwc: np.ndarray, spec: Preprocess, tensor: Any = None) -> np.ndarray:
