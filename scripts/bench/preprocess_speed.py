@@ -3,7 +3,7 @@
 
 Naive = what most scripts do: ``Image.open(p).convert("RGB").resize(size, BILINEAR)``
 then ``(np.asarray(img, float32) - mean) / std``. Fast = JPEG DCT-scaled
-decode to >= the needed size, one float resize, numpy normalize.
+decode to >= the needed size, one 8-bit resize, a normalization table lookup.
 
 The real photos of sample_data/images are upscaled (bicubic) and re-encoded as
 JPEG q90 at each size in a temp dir. Each round times one method over all
