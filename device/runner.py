@@ -274,6 +274,13 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         n_lanes = 1
         if use_pipeline:
             n_lanes = max(1, lanes or (cores // (threads or 1) if cpu and many and not src.live else 1))
+            if not lanes and n_lanes > 1:
+                # Each copy holds its own packed weights (~ the model's size twice): keep all copies
+                # within a quarter of the free memory, so a big model on a small board stays at one.
+                free_mb = (sysinfo.memory_mb() or {}).get("available")
+                if free_mb:
+                    fit = int(free_mb * 1e6 * 0.25 // max(1, 2 * loaded.model_size))
+                    n_lanes = max(1, min(n_lanes, fit))
         lane_threads = threads
         if n_lanes > 1 and not cpu:
             raise RunError(f"several interpreter lanes need the CPU delegate (got {loaded.delegate}); use --lanes 1")
