@@ -130,14 +130,17 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
                    target: float, *, max_float: Optional[int] = None, prune: bool = True,
                    measure_latency: bool = True, threads: Optional[int] = 1,
                    on_step: Optional[Callable[[str], None]] = None,
-                   debugged: Optional[Debugged] = None) -> SelectiveResult:
+                   debugged: Optional[Debugged] = None, shipped: Optional[bytes] = None) -> SelectiveResult:
     """Int8 model keeping the fewest most-sensitive layers in float to reach ``target``.
 
     ``keras_model``: a Keras model or a .keras path. ``recipe``: a
     ``pipeline.recipes.Recipe`` or its name (only ``int8``: float I/O, the
     float layers need float tensors around them). ``calib``/``eval_x``: float
     model inputs stacked on axis 0 (``eval_x`` defaults to ``calib``).
-    ``target``: top-1 agreement with the float model in (0, 1].
+    ``target``: top-1 agreement with the float model in (0, 1]. ``shipped``:
+    the int8 model the converter already made; it is returned untouched when
+    it meets the target, or when no float layer does better (the debugger's
+    re-quantization is not bit-identical to the converter's own int8 model).
     """
     t_start = time.perf_counter()
     name = getattr(recipe, "name", recipe)
@@ -162,6 +165,18 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     if ex.shape[0] == 0:
         raise SelectiveError("--target-agreement: no evaluation images")
 
+    ref = float_outputs(keras_model, ex)
+    shipped_agreement = None
+    if shipped is not None:
+        shipped_agreement = metrics.top1_agreement(run_tflite(shipped, ex, threads=threads), ref)
+        say(f"plain int8: agreement {shipped_agreement:.4f}")
+        if shipped_agreement >= target:
+            return SelectiveResult(
+                tflite=shipped, target=float(target), agreement=shipped_agreement,
+                baseline_agreement=shipped_agreement, reached=True, kept=[], layers_total=0,
+                steps=[{"float_layers": 0, "agreement": shipped_agreement, "model": "plain int8"}],
+                eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start)
+
     say(f"measuring per-layer error on {min(len(calib), 32)} calibration images")
     try:
         dbg = debugged or debug_int8(keras_model, calib)
@@ -169,7 +184,6 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
         raise SelectiveError(str(e)) from None
     ranked = dbg.ranked()
     limit = len(ranked) if max_float is None else min(max_float, len(ranked))
-    ref = float_outputs(keras_model, ex)
 
     cache: dict = {}
 
@@ -225,6 +239,9 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
                 kept = trial
     agreement = agreement_of(kept)
     model = cache[frozenset(e.tensor for e in kept)][1]
+    if shipped_agreement is not None and (agreement <= shipped_agreement or (not kept and agreement < target)):
+        say("no float layer beats the plain int8 model: keeping it")
+        kept, agreement, model = [], shipped_agreement, shipped
 
     latency = []
     if measure_latency and kept:
@@ -241,7 +258,8 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
                             "float_layers": i, "p50_ms": cur, "cost_ms": cur - prev})
             prev = cur
     return SelectiveResult(
-        tflite=model, target=float(target), agreement=agreement, baseline_agreement=baseline,
+        tflite=model, target=float(target), agreement=agreement,
+        baseline_agreement=shipped_agreement if shipped_agreement is not None else baseline,
         reached=agreement >= target, kept=kept, layers_total=len(ranked), steps=steps,
         latency=latency, eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start,
         ranks={e.tensor: i + 1 for i, e in enumerate(ranked)})
@@ -289,7 +307,16 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
         except EvalError as e:
             raise SelectiveError(str(e)) from None
     res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
-                         measure_latency=measure_latency, on_step=on_step)
+                         measure_latency=measure_latency, on_step=on_step,
+                         shipped=b.model_path.read_bytes())
+    if not res.kept:
+        # The plain int8 model stays; only the manifest learns what was tried.
+        import dataclasses as _dc
+
+        from device.bundle import write_manifest
+
+        write_manifest(b.path, _dc.replace(m, extra={**m.extra, "selective": res.to_dict()}))
+        return res
 
     def manifest_for(model_file, _tpu):
         from device.runtime import load_model
