@@ -90,35 +90,45 @@ export EDGEPIPE_ARM64_REFERENCE="$reference"
 
 # Run the stacks, at most $jobs at a time; each one's output goes to its own log
 # and is printed whole when it finishes, so the logs never interleave.
-declare -A pid_of rc_of secs_of
+# A stack whose process dies from a signal (not a timeout) gets one more try: a
+# crash of qemu itself is not a test result; a real crash crashes again.
 run_one() {
-    local s="$1" t0=$SECONDS rc=0
+    local s="$1" t0=$SECONDS rc=0 note=""
     shift
-    timeout --kill-after=20 "$per_stack_timeout" "$helpers/run-stack.sh" "$s" -q -rfEs "$@" \
-        >"$cache/pytest-$s.log" 2>&1 || rc=$?
-    echo "$rc $((SECONDS - t0))" > "$cache/pytest-$s.rc"
+    for attempt in 1 2; do
+        rc=0
+        timeout --kill-after=20 "$per_stack_timeout" "$helpers/run-stack.sh" "$s" -q -rfEs "$@" \
+            >"$cache/pytest-$s.log" 2>&1 || rc=$?
+        if [ "$rc" -le 128 ] || [ "$rc" = 137 ] || [ "$attempt" = 2 ]; then break; fi
+        cp "$cache/pytest-$s.log" "$cache/pytest-$s.crash.log"
+        note="retried after the first run died with signal $((rc - 128)), log: ${cache#"$root"/}/pytest-$s.crash.log"
+        echo "arm64: [$s] died with signal $((rc - 128)); retrying once"
+    done
+    echo "$rc $((SECONDS - t0)) $note" > "$cache/pytest-$s.rc"
 }
 pytest_args=("$@")
 if [ "${#pytest_args[@]}" -eq 0 ]; then pytest_args=(tests/device); fi
 running=()
+cleanup() { for p in "${running[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT INT TERM
 for s in $stacks; do
+    rm -f "$cache/pytest-$s.rc" "$cache/pytest-$s.crash.log"
     while [ "${#running[@]}" -ge "$jobs" ]; do
         wait "${running[0]}" || true
         running=("${running[@]:1}")
     done
     echo "arm64: [$s] started"
     run_one "$s" "${pytest_args[@]}" &
-    pid_of[$s]=$!
     running+=("$!")
 done
-trap 'for p in "${running[@]}"; do kill -- "$p" 2>/dev/null || true; done' EXIT INT TERM
 for p in "${running[@]}"; do wait "$p" || true; done
 trap - EXIT INT TERM
 
 failed=0
 summary=()
 for s in $stacks; do
-    read -r rc secs < "$cache/pytest-$s.rc"
+    rc=1 secs="?" note="no result recorded"
+    if [ -f "$cache/pytest-$s.rc" ]; then read -r rc secs note < "$cache/pytest-$s.rc"; fi
     echo "----- arm64 [$s] pytest output -----"
     cat "$cache/pytest-$s.log"
     last="$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$cache/pytest-$s.log" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//')"
@@ -126,7 +136,7 @@ for s in $stacks; do
         last="TIMED OUT after ${per_stack_timeout}s; ${last:-no summary}"
     fi
     if [ "$rc" != 0 ]; then failed=1; fi
-    summary+=("arm64 [$s] $([ "$rc" = 0 ] && echo ok || echo "FAILED (exit $rc)") in ${secs}s: ${last:-no pytest summary}")
+    summary+=("arm64 [$s] $([ "$rc" = 0 ] && echo ok || echo "FAILED (exit $rc)") in ${secs}s: ${last:-no pytest summary}${note:+ ($note)}")
 done
 echo "----- arm64 summary (qemu ${EDGEPIPE_ARM64_CPU:-cortex-a72}) -----"
 printf '%s\n' "${summary[@]}"

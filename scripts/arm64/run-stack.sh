@@ -31,10 +31,16 @@ done
 
 if [ "$#" -eq 0 ]; then set -- tests/device; fi
 cd "$root"
+# A private temp dir per run: pytest prunes other sessions' basetemps under
+# /tmp/pytest-of-$USER, and the two stacks (and other users) run side by side.
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/edgepipe-arm64-$stack.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
 # A clean environment: nothing from the host's venv may leak into the emulated Python.
-exec env -u PYTHONHOME -u VIRTUAL_ENV -u PYTHONSTARTUP \
+rc=0
+env -u PYTHONHOME -u VIRTUAL_ENV -u PYTHONSTARTUP \
     QEMU_LD_PREFIX="$sysroot" QEMU_CPU="${EDGEPIPE_ARM64_CPU:-cortex-a72}" \
-    PYTHONPATH="$target:$root" PYTHONNOUSERSITE=1 PATH="$bin:$PATH" \
+    PYTHONPATH="$target:$root" PYTHONNOUSERSITE=1 PATH="$bin:$PATH" TMPDIR="$tmp" \
     EDGEPIPE_EMULATED=1 EDGEPIPE_ARM64_STACK="$stack" \
     TF_CPP_MIN_LOG_LEVEL=3 \
-    "$py" -m pytest -p no:cacheprovider -m "not timing" "$@"
+    "$py" -m pytest -p no:cacheprovider --basetemp="$tmp/pytest" -m "not timing" "$@" || rc=$?
+exit "$rc"

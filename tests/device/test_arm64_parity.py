@@ -205,10 +205,10 @@ def reference() -> dict:
 arm64_only = pytest.mark.skipif(not IS_ARM64, reason="compares with the x86 reference; runs on arm64 only")
 
 
-def test_observations_are_deterministic_and_written(tmp_path):
+def test_observations_are_deterministic_and_written(observed, tmp_path):
     """Two independent runs agree bit for bit (else cross-arch parity would mean nothing);
     on x86 with EDGEPIPE_ARM64_REFERENCE set the observations become the reference."""
-    first = observe(tmp_path)
+    first = observed
     second = observe(tmp_path)
     assert compare_preprocess(first["preprocess"], second["preprocess"]) == []
     for name in MODELS:
@@ -226,9 +226,9 @@ def test_observations_are_deterministic_and_written(tmp_path):
         assert json.loads(path.read_text())["predict"] == json.loads(json.dumps(first["predict"]))
 
 
-def test_comparison_flags_real_differences(tmp_path):
+def test_comparison_flags_real_differences(observed):
     """The comparators accept the observations themselves and reject a perturbed copy."""
-    obs = observe(tmp_path)
+    obs = observed
     assert compare_preprocess(obs["preprocess"], obs["preprocess"]) == []
     bad_pre = json.loads(json.dumps(obs["preprocess"]))
     key = next(iter(bad_pre))
