@@ -29,6 +29,13 @@ for cmd in edgerun:device.cli edgepipe:pipeline.cli; do
     chmod +x "$bin/${cmd%%:*}"
 done
 
+# `cc` builds aarch64 code here (tests compile a test delegate with `cc`).
+if command -v aarch64-linux-gnu-gcc >/dev/null 2>&1; then
+    ln -sf "$(command -v aarch64-linux-gnu-gcc)" "$bin/cc"
+else
+    rm -f "$bin/cc"
+fi
+
 if [ "$#" -eq 0 ]; then set -- tests/device; fi
 cd "$root"
 # A private temp dir per run: pytest prunes other sessions' basetemps under
