@@ -1,15 +1,10 @@
 """`edgerun run`: frames from a source -> preprocess -> invoke -> postprocess -> predictions + report.
 
-Two modes with identical predictions:
-
-* sequential: one thread does capture, preprocess, invoke, postprocess per frame.
-* pipelined: a reader thread captures frames in order and hands each to a pool
-  of preprocessing workers, then to the interpreter(s), through a bounded
-  queue; the calling thread takes results in frame order and postprocesses
-  them. ``invoke`` releases the GIL, so decoding frame n+1 overlaps inference
-  on frame n. On the CPU delegate several interpreter copies ("lanes") may
-  invoke in parallel, so all cores stay busy even when invoke is the longer
-  stage; every copy has the same settings, so numerics do not change.
+Two modes with identical predictions (the frame loop is ``device.runloop``):
+sequential, and pipelined, where decoding/preprocessing runs in worker threads
+overlapped with ``invoke`` through bounded queues. On the CPU delegate several
+interpreter copies ("lanes", same settings, same numerics) may invoke in
+parallel when invoke is the costlier stage, so every core stays busy.
 
 Per-stage timings (capture, preprocess, invoke = set_input + invoke +
 get_output, postprocess) and end-to-end latency use :func:`device.timing.stats`
@@ -19,13 +14,9 @@ kept.
 """
 from __future__ import annotations
 
-import io
 import os
 import queue
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, List, Optional, Union
 
@@ -33,11 +24,10 @@ import numpy as np
 
 from device.bundle import load_bundle
 from device.postprocess import Postprocessor, infer_task
-from device.preprocess import ImageError, load_image, to_model_input
-from device.sources import Frame, Source, SourceError, open_source
+from device.runloop import STAGES, FrameLoop, LoopStats, StopRun, make_prep, probe_lanes
+from device.sources import Source, SourceError, open_source
 from device.timing import now_ns, ns_to_ms, stats
 
-STAGES = ("capture", "preprocess", "invoke", "postprocess")
 MAX_WARNED_SKIPS = 5
 
 
@@ -45,156 +35,11 @@ class RunError(Exception):
     """A run that cannot start; the message is one line for the user."""
 
 
-class StopRun(Exception):
-    """Raised by an ``on_prediction`` callback to end the run early and cleanly (e.g. its reader left)."""
-
-
-@dataclass
-class _Prepared:
-    x: Optional[np.ndarray]
-    ms: float
-    error: Optional[str] = None
-
-
-@dataclass
-class _Result:
-    raw: Optional[List[np.ndarray]]
-    prep: _Prepared
-    invoke_ms: float = 0.0
-
-
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-class _Stats:
-    """Per-frame samples and counters; the report is built from this."""
-
-    def __init__(self):
-        self.samples = {s: [] for s in STAGES}
-        self.latency: List[float] = []
-        self.frames = 0
-        self.skipped: List[str] = []
-        self.t_first: Optional[int] = None
-        self.t_last: Optional[int] = None
-
-
-def _make_prep(pre, tensor) -> Callable[[Frame], _Prepared]:
-    def prep(frame: Frame) -> _Prepared:
-        if frame.error:
-            return _Prepared(None, 0.0, frame.error)
-        t0 = now_ns()
-        data = io.BytesIO(frame.data) if isinstance(frame.data, (bytes, bytearray)) else frame.data
-        try:
-            x = to_model_input(load_image(data, pre, order=frame.order), pre, tensor)
-        except ImageError as e:
-            msg = str(e)
-            return _Prepared(None, ns_to_ms(now_ns() - t0), msg if frame.name in msg else f"{frame.name}: {msg}")
-        return _Prepared(x, ns_to_ms(now_ns() - t0))
-    return prep
-
-
-def _infer(model, x: np.ndarray) -> List[np.ndarray]:
-    model.set_input(0, x)
-    model.invoke()
-    return [model.get_output(i) for i in range(len(model.outputs))]
-
-
-class _Runner:
-    def __init__(self, models: "queue.Queue", prep, post: Postprocessor, emit: Callable[[dict], None]):
-        self.models = models
-        self.prep = prep
-        self.post = post
-        self.emit = emit
-        self.st = _Stats()
-
-    def infer(self, p: _Prepared) -> _Result:
-        if p.x is None:
-            return _Result(None, p)
-        model = self.models.get()
-        try:
-            t0 = now_ns()
-            raw = _infer(model, p.x)
-            return _Result(raw, p, ns_to_ms(now_ns() - t0))
-        finally:
-            self.models.put(model)
-
-    def finish(self, frame: Frame, res: _Result) -> None:
-        """Postprocess and emit one frame, in order, on the calling thread."""
-        st = self.st
-        if st.t_first is None:
-            st.t_first = frame.t0_ns
-        if res.raw is None:
-            st.skipped.append(res.prep.error or f"{frame.name}: skipped")
-            self.emit({"frame": frame.index, "source": frame.name, "error": res.prep.error})
-            return
-        t0 = now_ns()
-        record = {"frame": frame.index, "source": frame.name}
-        record.update(self.post(res.raw))
-        self.emit(record)
-        t1 = now_ns()
-        for stage, ms in zip(STAGES, (frame.capture_ms, res.prep.ms, res.invoke_ms, ns_to_ms(t1 - t0))):
-            st.samples[stage].append(ms)
-        st.latency.append(ns_to_ms(t1 - frame.t0_ns))
-        st.frames += 1
-        st.t_last = t1
-
-    def sequential(self, frames) -> None:
-        for frame in frames:
-            self.finish(frame, self.infer(self.prep(frame)))
-
-    def pipelined(self, frames, workers: int, lanes: int, depth: int) -> None:
-        done = object()
-        q: "queue.Queue" = queue.Queue(maxsize=depth)
-        stop = threading.Event()
-        prep_pool = ThreadPoolExecutor(workers, thread_name_prefix="edgerun-prep")
-        infer_pool = ThreadPoolExecutor(lanes, thread_name_prefix="edgerun-invoke")
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def reader() -> None:
-            try:
-                for frame in frames:
-                    fp = prep_pool.submit(self.prep, frame)
-                    fi = infer_pool.submit(lambda f=fp: self.infer(f.result()))
-                    if not put((frame, fi)):
-                        return
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
-                put(e)
-            finally:
-                put(done)
-
-        t = threading.Thread(target=reader, name="edgerun-reader", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                frame, fut = item
-                self.finish(frame, fut.result())
-        finally:
-            stop.set()
-            while True:  # unblock the reader, then let in-flight work end
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    break
-            t.join(timeout=10.0)
-            prep_pool.shutdown(wait=True, cancel_futures=True)
-            infer_pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _image_input(loaded) -> Any:
@@ -284,6 +129,16 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         lane_threads = threads
         if n_lanes > 1 and not cpu:
             raise RunError(f"several interpreter lanes need the CPU delegate (got {loaded.delegate}); use --lanes 1")
+        prep = make_prep(pre, tensor)
+        frames = islice(iter(src), max_frames) if max_frames else iter(src)
+        errors: List[str] = []
+        probe: Optional[dict] = None
+        if use_pipeline and not lanes and n_lanes > 1:
+            try:
+                n_lanes, probe, frames, prep = probe_lanes(frames, prep, loaded, n_lanes, cores)
+            except SourceError as e:
+                errors.append(str(e))
+                frames = iter(())
         depth = max(1, queue_depth or (1 if src.live else 2 * (n_workers + n_lanes)))
 
         models: "queue.Queue" = queue.Queue()
@@ -295,8 +150,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
             if on_prediction is not None:
                 on_prediction(rec)
 
-        runner = _Runner(models, _make_prep(pre, tensor), post, emit)
-        errors: List[str] = []
+        runner = FrameLoop(models, prep, post, emit)
         stopped: List[str] = []
         clone_ms: List[float] = []
         clone_errors: List[str] = []
@@ -314,7 +168,8 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
                 break
             clone_ms.append(ns_to_ms(now_ns() - t0))
             models.put(m)
-        frames = islice(iter(src), max_frames) if max_frames else iter(src)
+        if probe is not None:
+            probe["first"].t0_ns = now_ns()  # frame 0 waited for the lane setup: its clock starts now
         cpu0 = time.process_time()
         try:
             if use_pipeline:
@@ -362,14 +217,15 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         settings={"pipeline": use_pipeline, "workers": n_workers, "lanes": n_lanes, "queue_depth": depth,
                   "threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
                   "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path),
-                  "wall_ms": wall_ms, "process_cpu_ms": cpu_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None},
+                  "wall_ms": wall_ms, "process_cpu_ms": cpu_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None,
+                  "lane_probe": {k: v for k, v in probe.items() if k != "first"} if probe else None},
     )
     report["warnings"].extend(_warnings(start, end, loaded, st, dropped, src) + clone_errors + stopped)
     report["errors"].extend(errors)
     return report
 
 
-def _warnings(start: dict, end: dict, loaded, st: _Stats, dropped: int, src: Source) -> List[str]:
+def _warnings(start: dict, end: dict, loaded, st: LoopStats, dropped: int, src: Source) -> List[str]:
     out: List[str] = []
     try:
         from device.bench import _warnings as bench_warnings  # governor, throttling, heat, CPU fallback

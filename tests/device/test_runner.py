@@ -242,3 +242,19 @@ def test_consumer_can_stop_the_run_cleanly(float_bundle, photos, assert_valid_re
         assert r["errors"] == [] and r["throughput"]["frames"] == 3
         assert "stopped after 3 frame(s): reader left" in r["warnings"]
         assert_valid_report(r)
+
+
+def test_default_lanes_follow_the_costlier_stage(float_bundle, photos):
+    """Auto lanes: the tiny model invokes in microseconds, preprocessing a photo takes milliseconds,
+    so one interpreter keeps up and no copy is made; an explicit --lanes is obeyed."""
+    from device.runner import _cores
+
+    _, r = _run(float_bundle, str(photos), pipeline=True)
+    probe = r["settings"]["lane_probe"]
+    if _cores() > 1:
+        assert probe["lanes"] == 1 == r["settings"]["lanes"] and probe["invoke_ms"] < probe["preprocess_ms"]
+    else:
+        assert probe is None and r["settings"]["lanes"] == 1
+    _, r = _run(float_bundle, str(photos), pipeline=True, lanes=3, max_frames=4)
+    assert r["settings"]["lanes"] == 3 and r["settings"]["lane_probe"] is None
+    assert len(r["settings"]["lane_load_ms"]) == 2
