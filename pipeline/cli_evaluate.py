@@ -41,11 +41,11 @@ class _Bar:
 
 
 def format_results(results) -> str:
+    from pipeline.metrics import fmt_snr
+
     rows = []
     for r in results:
         a = r.agreement or {}
-        from pipeline.metrics import fmt_snr
-
         rows.append([
             r.bundle, r.recipe or "-", format_bytes(r.size), r.images,
             f"{r.accuracy['top1']:.4f}" if "top1" in r.accuracy else "-",
@@ -84,7 +84,7 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
     the fraction of images where both pick the same class; mean/max |d|,
     cosine and SNR compare the raw outputs.
     """
-    from pipeline.evaluate import EvalError, eval_report, evaluate_bundles
+    from pipeline.evaluate import EvalError, evaluate_bundles, load_dataset
 
     bar = _Bar(enabled=not (as_json or quiet))
     n_images = {"n": 0}
@@ -100,8 +100,6 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
                 click.echo(f"edgepipe: {msg}", err=True)
 
     try:
-        from pipeline.evaluate import load_dataset
-
         # Count once for the bars (cheap listing; the real load validates again).
         try:
             n_images["n"] = len(load_dataset(data, labels_file=labels_file, limit=limit).paths)
