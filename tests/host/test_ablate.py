@@ -159,6 +159,7 @@ def test_examples_are_valid_specs():
 
 
 @pytest.mark.slow
+@pytest.mark.host
 def test_small_study_runs_and_resumes(tmp_path, monkeypatch):
     # A private conversion cache: the study really converts, and nothing lands in ~/.cache.
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
@@ -224,6 +225,7 @@ def test_cli_data_folder_without_images(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.host
 def test_study_timed_on_a_loopback_agent(tmp_path, monkeypatch):
     """`--device URL`: bundles are shipped to a real `edgerun agent` and timed there."""
     from device.agent import Agent, AgentServer
