@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from pipeline.ablate_spec import Point, Spec
+from pipeline.modelio import one_line, with_input_size
 
 CACHE_FILE = "points.jsonl"
 
@@ -142,32 +143,14 @@ def resized_model(src: Path, size: int, out_dir: Path) -> Path:
     try:
         with captured_output():
             model = tf.keras.models.load_model(str(src), compile=False)
-            cfg = model.get_config()
-            inputs = [ly for ly in cfg.get("layers", []) if ly.get("class_name") == "InputLayer"]
-            if len(inputs) != 1:
-                raise ValueError("needs a functional model with one input")
-            shape = list(inputs[0]["config"]["batch_shape"])
-            if len(shape) != 4:
-                raise ValueError(f"input {tuple(shape)} is not an image")
-            inputs[0]["config"]["batch_shape"] = [None, size, size, shape[3]]
-            new = model.__class__.from_config(cfg)
-            new.set_weights(model.get_weights())
+            new = with_input_size(model, (size, size))
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp.keras")
             new.save(tmp)
             tmp.replace(out)
     except Exception as e:  # noqa: BLE001 - Keras raises anything for odd models
-        raise AblateError(f"axes.input_size: cannot resize {src.name} to {size} ({first_line(e)})") from None
+        raise AblateError(f"axes.input_size: cannot resize {src.name} to {size} ({one_line(e)})") from None
     return out
-
-
-def first_line(e) -> str:
-    """The telling line of a (possibly multi-line, traceback-like) error message."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if "Error" in ln:
-            return ln[:200]
-    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def check_data(spec: Spec) -> None:
@@ -235,7 +218,7 @@ def convert_point(spec: Spec, point: Point, keras_path: Path, out_dir: Path, rec
         results = convert_model(req, progress=lambda m: say(m))
     except (ConvertError, ValueError, OSError) as e:
         raise AblateError(f"convert: {e}") from None
-    return {r.recipe: (r.bundle, first_line(r.error) if r.error else None) for r in results}
+    return {r.recipe: (r.bundle, one_line(r.error) if r.error else None) for r in results}
 
 
 # ------------------------------------------------------------------ measuring
@@ -360,7 +343,7 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
                 except AblateError as e:
                     res["error"] = str(e)
                 except Exception as e:  # noqa: BLE001 - one bad point must not cost the study
-                    res["error"] = f"{type(e).__name__}: {first_line(e)}"
+                    res["error"] = f"{type(e).__name__}: {one_line(e)}"
             res["seconds"] = round(time.perf_counter() - t0, 2)
             _append(out_dir, digest, p.key(), res)
             results[p.key()] = res

@@ -238,14 +238,20 @@ def _convert_one(session: _Session, recipe: Recipe, req: ConvertRequest) -> tupl
     source = session.source
     spec = session.spec
     arrays = session.arrays() if recipe.needs_calibration else None
-    converter = source.make_converter(tf, req.input_size)
-    _configure(tf, converter, recipe, arrays)
+    try:
+        with captured_output():
+            converter = source.make_converter(tf, req.input_size)
+            _configure(tf, converter, recipe, arrays)
+    except modelio.ModelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tracing the model raises many types
+        raise ConvertError(f"{recipe.name}: cannot trace the model ({modelio.one_line(e)})") from None
     log = Path(tempfile.gettempdir()) / f"edgepipe-convert-{os.getpid()}-{recipe.name}.log"
     try:
         with captured_output(log):
             data = converter.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many types; one line for the user
-        detail = last_error_line(log) or str(e).splitlines()[0][:200]
+        detail = last_error_line(log) or modelio.one_line(e)
         raise ConvertError(f"{recipe.name}: conversion failed: {detail} (full log: {log})") from None
     try:
         log.unlink()

@@ -81,10 +81,13 @@ class LoadedSource:
         shape = fixed_input_shape(self.input_shape, input_size)
         if shape == tuple(self.input_shape[1:]) and self.input_shape[0] in (None, 1):
             return tf.lite.TFLiteConverter.from_keras_model(self.keras_model)
+        model = self.keras_model
+        if None not in self.input_shape[1:] and shape != tuple(self.input_shape[1:]):
+            model = with_input_size(model, shape[:2])
         # A fixed batch-1 signature pins free spatial dims (or a new size) for TFLite.
-        fn = tf.function(lambda x: self.keras_model(x, training=False))
+        fn = tf.function(lambda x: model(x, training=False))
         concrete = fn.get_concrete_function(tf.TensorSpec((1,) + shape, tf.float32))
-        return tf.lite.TFLiteConverter.from_concrete_functions([concrete], self.keras_model)
+        return tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
 
     def resolved_input_shape(self, input_size: Optional[tuple]) -> tuple:
         return (1,) + fixed_input_shape(self.input_shape, input_size)
@@ -98,6 +101,39 @@ def fixed_input_shape(shape: tuple, input_size: Optional[tuple]) -> tuple:
     if len(dims) != 3:
         raise ModelError(f"--input-size needs an image input, the model takes {tuple(shape)}")
     return (int(input_size[0]), int(input_size[1]), dims[2])
+
+
+def with_input_size(model, size: tuple):
+    """The same Keras model (same weights) declared for ``size`` = (h, w) inputs.
+
+    Fully convolutional models with global pooling accept any size, but Keras
+    enforces the declared input shape; rebuilding from the config with a new
+    input shape and copying the weights lifts that.
+    """
+    cfg = model.get_config()
+    layers = cfg.get("layers", [])
+    inputs = [ly for ly in layers if ly.get("class_name") == "InputLayer"]
+    if len(inputs) != 1:
+        raise ModelError("--input-size needs a model with one declared Input layer")
+    shape = list(inputs[0]["config"]["batch_shape"])
+    if len(shape) != 4:
+        raise ModelError(f"--input-size needs an image input, the model takes {tuple(shape)}")
+    inputs[0]["config"]["batch_shape"] = [None, int(size[0]), int(size[1]), shape[3]]
+    try:
+        new = model.__class__.from_config(cfg)
+        new.set_weights(model.get_weights())
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"cannot change the input size to {size[0]}x{size[1]} ({one_line(e)})") from None
+    return new
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """The telling line of a possibly multi-line (traceback-like) TensorFlow error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error" in ln:
+            return ln[:limit]
+    return (lines[-1] if lines else type(e).__name__)[:limit]
 
 
 _RESCALING = ("Rescaling", "Normalization")
@@ -123,8 +159,7 @@ def load_source(tf, path: Path) -> LoadedSource:
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001 - loaders raise anything from OSError to ValueError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{path}: cannot load model ({first[:200]})") from None
+        raise ModelError(f"{path}: cannot load model ({one_line(e)})") from None
     if len(model.inputs) != 1:
         raise ModelError(f"{path}: {len(model.inputs)} inputs; edgepipe converts single-input models")
     first_layers = [type(layer).__name__ for layer in model.layers[:3]]

@@ -150,3 +150,26 @@ def test_labels_make_a_classification_bundle(cnn_keras, tmp_path):
                                        labels=labels))
     b = load_bundle(res[0].bundle)
     assert b.manifest.task.value == "classification" and b.labels[3] == "class 3"
+
+
+def test_input_size_on_a_fixed_size_functional_model(tf, tmp_path):
+    """Keras enforces a functional model's declared input; the converter rebuilds it at the new size."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inp)
+    out = keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x))
+    path = tmp_path / "functional.keras"
+    keras.Model(inp, out).save(path)
+    res = convert_model(ConvertRequest(model=path, recipes=parse_recipes("fp32"), out_dir=tmp_path / "o",
+                                       input_size=(24, 40)))
+    assert res[0].error is None, res[0].error
+    assert load_bundle(res[0].bundle).manifest.inputs[0].shape == (1, 24, 40, 3)
+
+
+def test_one_line_picks_the_error_line_of_a_traceback_like_message():
+    from pipeline.modelio import one_line
+
+    msg = "in user code:\n\n    File \"x.py\", line 3\n        y = f(x)\n\n    ValueError: Input 0 is incompatible\n"
+    assert one_line(ValueError(msg)) == "ValueError: Input 0 is incompatible"
