@@ -2,7 +2,8 @@
 
 The same committed models (tests/data/models) and the same inputs (real photos
 from sample_data/images plus a seeded synthetic PNG and seeded random tensors)
-go through ``device.preprocess.load_image`` and ``load_model(...).predict``.
+go through ``device.preprocess.load_image``, ``load_model(...).predict`` and the
+runner (``device.runner.run_source`` over a folder, pipelined and sequential).
 
 * On x86, ``scripts/test-arm64.sh`` runs this file with
   ``EDGEPIPE_ARM64_REFERENCE=<path>`` set, which writes the observations there
@@ -23,6 +24,8 @@ Tolerances (why they are what they are):
   requantized value may land on either side on different kernels/versions).
 * float-io models with int8 kernels: 1/64 absolute, i.e. a couple of steps of
   an int8 softmax's 1/256 output scale after the dequantize op inside the model.
+* runner scores (top-k, rounded to 6 digits by the runner): 1e-5 for float
+  models, 1/128 (two steps of the 1/256 softmax scale) for quantized ones.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import pytest
 
 from device.bundle import ColorOrder, Preprocess, ResizeMode
 from device.preprocess import list_images, load_image
+from device.runner import run_source
 from device.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +54,7 @@ IS_ARM64 = platform.machine().lower() in ("aarch64", "arm64")
 MODELS = ("float.tflite", "int8_float_io.tflite", "int8_io.tflite", "uint8_io.tflite", "two_outputs.tflite")
 N_PHOTOS = 3
 N_RANDOM = 2
+RUN_MODELS = ("float.tflite", "int8_io.tflite", "uint8_io.tflite")
 
 # The model input spec of the tiny models and a few typical presets at a size
 # where resampling filters, crops and colour orders all matter.
@@ -66,6 +71,7 @@ SPECS = {
 PREPROCESS_ATOL = 1e-4
 FLOAT_ATOL, FLOAT_RTOL = 1e-5, 1e-4
 INT8_KERNEL_FLOAT_IO_ATOL = 1.0 / 64
+RUN_FLOAT_ATOL, RUN_QUANT_ATOL = 1e-5, 1.0 / 128
 
 
 def reference_path() -> Path:
@@ -126,6 +132,20 @@ def observe(tmp_dir: Path) -> dict:
         preds[model_name] = {"sha256": sha256(path),
                              "input_dtype": m.inputs[0].dtype,
                              "cases": cases}
+    # The runner end to end: a folder of the same images, both execution modes.
+    frames = tmp_dir / "frames"
+    frames.mkdir(exist_ok=True)
+    for name, path in images.items():
+        (frames / name).write_bytes(Path(path).read_bytes())
+    runs = {}
+    for model_name in RUN_MODELS:
+        for mode in ("pipelined", "sequential"):
+            records = []
+            run_source(MODELS_DIR / model_name, str(frames), pipeline=mode == "pipelined",
+                       on_prediction=records.append)
+            runs[f"{model_name}/{mode}"] = [
+                {"source": r["source"], "scores": {str(t["index"]): t["score"] for t in r["top_k"]}}
+                for r in records]
     return {
         "schema": SCHEMA,
         "machine": platform.machine(),
@@ -133,6 +153,7 @@ def observe(tmp_dir: Path) -> dict:
         "numpy": np.__version__,
         "preprocess": pre,
         "predict": preds,
+        "runs": runs,
     }
 
 
@@ -182,6 +203,29 @@ def compare_model(model_name: str, ref: dict, got: dict) -> list:
     return problems
 
 
+def compare_runs(ref: dict, got: dict) -> list:
+    """Mismatches between two ``observe()['runs']`` dicts (per-frame top-k scores)."""
+    problems = []
+    for key, r_frames in ref.items():
+        g_frames = got.get(key)
+        if g_frames is None:
+            problems.append(f"run {key}: missing on this machine")
+            continue
+        if [f["source"] for f in r_frames] != [f["source"] for f in g_frames]:
+            problems.append(f"run {key}: frames {[f['source'] for f in g_frames]} != x86 "
+                            f"{[f['source'] for f in r_frames]}")
+            continue
+        atol = RUN_FLOAT_ATOL if key.startswith("float") else RUN_QUANT_ATOL
+        for r, g in zip(r_frames, g_frames):
+            if set(r["scores"]) != set(g["scores"]):
+                problems.append(f"run {key} {r['source']}: classes {sorted(g['scores'])} != x86 {sorted(r['scores'])}")
+                continue
+            d = max(abs(r["scores"][k] - g["scores"][k]) for k in r["scores"])
+            if d > atol:
+                problems.append(f"run {key} {r['source']}: score differs by {d:.3g} > {atol:.3g}")
+    return problems
+
+
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory) -> dict:
     return observe(tmp_path_factory.mktemp("arm64-parity"))
@@ -213,6 +257,9 @@ def test_observations_are_deterministic_and_written(observed, tmp_path):
     assert compare_preprocess(first["preprocess"], second["preprocess"]) == []
     for name in MODELS:
         assert first["predict"][name] == second["predict"][name], f"{name}: two runs differ"
+    assert first["runs"] == second["runs"]
+    for key, frames in first["runs"].items():
+        assert len(frames) == N_PHOTOS + 1 and all(f["scores"] for f in frames), key
     for name in MODELS:
         for outs in first["predict"][name]["cases"].values():
             assert all(np.isfinite(o["raw"]).all() for o in outs)
@@ -243,6 +290,15 @@ def test_comparison_flags_real_differences(observed):
         assert len(compare_model(name, ref, bad)) == 1, name
         stale = dict(bad, sha256="0" * 64)
         assert "another version" in compare_model(name, ref, stale)[0]
+    assert compare_runs(obs["runs"], obs["runs"]) == []
+    for key in ("float.tflite/pipelined", "int8_io.tflite/sequential"):
+        bad_runs = json.loads(json.dumps(obs["runs"]))
+        scores = bad_runs[key][-1]["scores"]
+        first_class = next(iter(scores))
+        scores[first_class] += 0.05
+        assert len(compare_runs(obs["runs"], bad_runs)) == 1, key
+        bad_runs[key].pop()
+        assert "frames" in compare_runs(obs["runs"], bad_runs)[0]
 
 
 @arm64_only
@@ -257,6 +313,14 @@ def test_predictions_match_x86(observed, reference, model_name):
     assert model_name in reference["predict"], f"{model_name} missing from the x86 reference"
     problems = compare_model(model_name, reference["predict"][model_name], observed["predict"][model_name])
     assert not problems, (f"arm64 ({observed['backend']}) differs from x86 ({reference['backend']}):\n"
+                          + "\n".join(problems))
+
+
+@arm64_only
+def test_runner_matches_x86(observed, reference):
+    assert "runs" in reference, "the x86 reference predates runner parity; rerun scripts/test-arm64.sh"
+    problems = compare_runs(reference["runs"], observed["runs"])
+    assert not problems, (f"arm64 runner ({observed['backend']}) differs from x86 ({reference['backend']}):\n"
                           + "\n".join(problems))
 
 
