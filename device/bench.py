@@ -213,8 +213,4 @@ def run_matrix(bundle_path: os.PathLike, *, threads: Sequence[Optional[int]] = (
     return reports
 
 
-# Older private names, still imported by device.runner.
-_model_for = model_for
-_warnings = resource_warnings
-
 __all__ = ["BenchError", "BundleError", "model_block", "model_for", "resource_warnings", "run_bench", "run_matrix"]

@@ -75,9 +75,9 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     if max_frames is not None and max_frames < 1:
         raise RunError("--max-frames must be at least 1")
     bundle = load_bundle(bundle_path)
-    from device.bench import _model_for  # the Edge TPU-compiled model when asked for the TPU
+    from device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
 
-    model_path = _model_for(bundle, delegate)
+    model_path = model_for(bundle, delegate)
     device = sysinfo.device_info()
     start = {"governor": device["governor"], "temperature_c": device["temperature_c"]["start"],
              "throttled": device["throttled"]["start"]}
@@ -228,7 +228,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
 def _warnings(start: dict, end: dict, loaded, st: LoopStats, dropped: int, src: Source) -> List[str]:
     out: List[str] = []
     try:
-        from device.bench import _warnings as bench_warnings  # governor, throttling, heat, CPU fallback
+        from device.bench import resource_warnings as bench_warnings  # governor, throttling, heat, CPU fallback
         out.extend(bench_warnings(start, end, loaded, None))
     except ImportError:
         pass
