@@ -50,7 +50,6 @@ cannot_emulate() {
     exit 1
 }
 [ "$(uname -m)" = "x86_64" ] || [ "$(uname -m)" = "aarch64" ] || cannot_emulate "unsupported host architecture $(uname -m)"
-command -v python3 >/dev/null 2>&1 || cannot_emulate "python3 is needed to read the apt configuration"
 if [ "$(id -u)" != "0" ] && ! command -v mmdebstrap >/dev/null 2>&1; then
     cannot_emulate "mmdebstrap/qemu-user are not installed and installing them needs root"
 fi
@@ -63,6 +62,7 @@ for p in "$root/.venv-device/bin/python" "$root/.venv/bin/python"; do
     if [ -x "$p" ]; then host_py="$p"; break; fi
 done
 [ -n "$host_py" ] || { echo "arm64: ERROR: no .venv-device or .venv; run scripts/setup-env.sh all" >&2; exit 1; }
+export EDGEPIPE_HOST_PYTHON="$host_py"  # the helpers read apt's configuration with it
 
 echo "arm64: preparing qemu, the sysroot and the wheels (cache: ${cache#"$root"/})"
 "$helpers/host-tools.sh" || cannot_emulate "qemu-user >= 8 and mmdebstrap could not be installed"

@@ -7,6 +7,7 @@
 # is missing.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${EDGEPIPE_HOST_PYTHON:-python3}"
 QEMU_MIN_MAJOR=8
 log="${TMPDIR:-/tmp}/edgepipe-arm64-apt.log"
 
@@ -46,9 +47,9 @@ fi
 if [ "$(qemu_major)" -lt "$QEMU_MIN_MAJOR" ]; then
     codename="$(. /etc/os-release && echo "${VERSION_CODENAME:-}")"
     if [ "$codename" = "bookworm" ]; then
-        if ! python3 "$here/apt-mirror.py" bookworm-backports >/dev/null 2>&1; then
-            mirror="$(python3 "$here/apt-mirror.py" bookworm)"
-            keyring="$(python3 "$here/apt-mirror.py" bookworm --keyring)"
+        if ! "$py" "$here/apt-mirror.py" bookworm-backports >/dev/null 2>&1; then
+            mirror="$("$py" "$here/apt-mirror.py" bookworm)"
+            keyring="$("$py" "$here/apt-mirror.py" bookworm --keyring)"
             echo "    adding bookworm-backports from this machine's bookworm mirror"
             {
                 echo "Types: deb"

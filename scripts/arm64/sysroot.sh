@@ -5,6 +5,7 @@
 # Usage: sysroot.sh SYSROOT_DIR      (reused when SYSROOT_DIR/.complete exists)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+py="${EDGEPIPE_HOST_PYTHON:-python3}"
 sysroot="${1:?usage: sysroot.sh SYSROOT_DIR}"
 packages="python3.11,libstdc++6"
 want="bookworm arm64 $packages"
@@ -12,10 +13,10 @@ want="bookworm arm64 $packages"
 if [ -f "$sysroot/.complete" ] && [ "$(cat "$sysroot/.complete")" = "$want" ]; then
     exit 0
 fi
-mirror="$(python3 "$here/apt-mirror.py" bookworm 2>/dev/null || true)"
+mirror="$("$py" "$here/apt-mirror.py" bookworm 2>/dev/null || true)"
 if [ -z "$mirror" ]; then
     # Not a bookworm host: any Debian mirror this machine already uses carries bookworm too.
-    mirror="$(python3 "$here/apt-mirror.py" "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")")"
+    mirror="$("$py" "$here/apt-mirror.py" "$(. /etc/os-release && echo "${VERSION_CODENAME:-}")")"
 fi
 echo "    building the arm64 sysroot in $sysroot (bookworm, $packages)"
 rm -rf "$sysroot" "$sysroot.tmp"
