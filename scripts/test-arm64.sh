@@ -126,6 +126,12 @@ trap - EXIT INT TERM
 
 failed=0
 summary=()
+n_passed=0 n_failed=0 n_skipped=0
+count() {  # count WORD LINE: the number before WORD in a pytest summary line, else 0
+    local n
+    n="$(echo "$2" | grep -oE "[0-9]+ $1" | head -1 | cut -d' ' -f1)"
+    echo "${n:-0}"
+}
 for s in $stacks; do
     rc=1 secs="?" note="no result recorded"
     if [ -f "$cache/pytest-$s.rc" ]; then read -r rc secs note < "$cache/pytest-$s.rc"; fi
@@ -136,9 +142,15 @@ for s in $stacks; do
         last="TIMED OUT after ${per_stack_timeout}s; ${last:-no summary}"
     fi
     if [ "$rc" != 0 ]; then failed=1; fi
+    n_passed=$((n_passed + $(count passed "$last")))
+    n_skipped=$((n_skipped + $(count skipped "$last")))
+    bad=$(( $(count failed "$last") + $(count error "$last") ))
+    if [ "$rc" != 0 ] && [ "$bad" = 0 ]; then bad=1; fi  # crashed or timed out: count the stack as a failure
+    n_failed=$((n_failed + bad))
     summary+=("arm64 [$s] $([ "$rc" = 0 ] && echo ok || echo "FAILED (exit $rc)") in ${secs}s: ${last:-no pytest summary}${note:+ ($note)}")
 done
 echo "----- arm64 summary (qemu ${EDGEPIPE_ARM64_CPU:-cortex-a72}) -----"
 printf '%s\n' "${summary[@]}"
-echo "arm64: total $((SECONDS - started))s"
+echo "arm64: total $((SECONDS - started))s for $(echo $stacks | wc -w) stack(s)"
+echo "arm64: $n_passed passed, $n_failed failed, $n_skipped skipped"
 exit "$failed"
