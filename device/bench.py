@@ -97,8 +97,7 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
     bundle = load_bundle(bundle_path)
     model_path = model_for(bundle, delegate)
     device = sysinfo.device_info()
-    start = {"governor": device["governor"], "temperature_c": device["temperature_c"]["start"],
-             "throttled": device["throttled"]["start"]}
+    start = sysinfo.start_snapshot(device)
 
     cold = loaded is None
     if cold:

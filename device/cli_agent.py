@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 
 import click
@@ -68,6 +66,7 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
     bundle and settings. Stop with Ctrl-C or SIGTERM (systemd).
     """
     from device.agent import Agent, AgentServer
+    from device.http import serve_until_stopped
     from device.bundle_store import BundleStore
     from device.send import Spool, describe, reports_url, send_report
 
@@ -97,20 +96,10 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
-    def _term(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _term)
     click.echo(f"agent listening on {server.url}  store={store_path}  "
                f"auth={'token' if token else 'none (loopback only)'}")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        worker.close()
-        click.echo("agent stopped")
+    serve_until_stopped(server, on_close=worker.close)
+    click.echo("agent stopped")
 
 
 @click.command(epilog="""\b

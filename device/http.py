@@ -10,12 +10,13 @@ import hmac
 import ipaddress
 import json
 import queue
+import signal
 import socket
 import threading
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 JSON_TYPE = "application/json"
 # Largest unwanted body we still read (and discard) before answering an error.
@@ -103,6 +104,23 @@ class Server(ThreadingHTTPServer):
                              name=type(self).__name__, daemon=True)
         t.start()
         return t
+
+
+def serve_until_stopped(server: ThreadingHTTPServer, on_close: Callable[[], None]) -> None:
+    """Serve until Ctrl-C or SIGTERM (systemd's stop), then close the server and call ``on_close``."""
+
+    def _term(signum, frame):
+        # shutdown() waits for serve_forever() to return, so it cannot run on this (the serving) thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        on_close()
 
 
 class JSONHandler(BaseHTTPRequestHandler):

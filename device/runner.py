@@ -79,8 +79,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
 
     model_path = model_for(bundle, delegate)
     device = sysinfo.device_info()
-    start = {"governor": device["governor"], "temperature_c": device["temperature_c"]["start"],
-             "throttled": device["throttled"]["start"]}
+    start = sysinfo.start_snapshot(device)
     src = open_source(source, live=live) if isinstance(source, (str, os.PathLike)) else source
     owned = src is not source
     try:

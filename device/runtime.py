@@ -296,6 +296,12 @@ class LoadedModel:
         self.load_ms["first_invoke"] = ms
         return ms
 
+    def tensor_infos(self) -> tuple:
+        """(inputs, outputs) as the manifest's ``TensorInfo`` tuples."""
+        from device.bundle import TensorInfo
+
+        return tuple(tuple(TensorInfo.from_dict(t.to_dict()) for t in ts) for ts in (self.inputs, self.outputs))
+
     def runtime_dict(self) -> dict:
         """The report's ``runtime`` block."""
         return {

@@ -182,9 +182,8 @@ def snapshot(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
             "throttled": throttled(vcgencmd)}
 
 
-def device_info(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
-    """The report's ``device`` block (temperature/throttling as start-only snapshots)."""
-    snap = snapshot(root, vcgencmd)
+def _identity(root: str) -> dict:
+    """What does not change while the device is up: host, board, CPU, OS, Python."""
     return {
         "hostname": socket.gethostname(),
         "board": board_model(root),
@@ -193,11 +192,25 @@ def device_info(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
         "cores": os.cpu_count(),
         "os": os_name(root),
         "python": platform.python_version(),
-        "governor": snap["governor"],
-        "temperature_c": {"start": snap["temperature_c"], "end": None},
-        "throttled": {"start": snap["throttled"], "end": None},
-        "memory_mb": memory_mb(root)["total"],
     }
+
+
+def device_info(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
+    """The report's ``device`` block (temperature/throttling as start-only snapshots)."""
+    snap = snapshot(root, vcgencmd)
+    return dict(
+        _identity(root),
+        governor=snap["governor"],
+        temperature_c={"start": snap["temperature_c"], "end": None},
+        throttled={"start": snap["throttled"], "end": None},
+        memory_mb=memory_mb(root)["total"],
+    )
+
+
+def start_snapshot(device: dict) -> dict:
+    """The start-of-run snapshot held in a ``device_info()`` block (compared with the end)."""
+    return {"governor": device["governor"], "temperature_c": device["temperature_c"]["start"],
+            "throttled": device["throttled"]["start"]}
 
 
 def info(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
@@ -211,13 +224,7 @@ def info(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
     snap = snapshot(root, vcgencmd)
     mem = memory_mb(root)
     return {
-        "hostname": socket.gethostname(),
-        "board": board_model(root),
-        "cpu": cpu_model(root),
-        "machine": platform.machine() or None,
-        "cores": os.cpu_count(),
-        "os": os_name(root),
-        "python": platform.python_version(),
+        **_identity(root),
         "governor": snap["governor"],
         "temperature_c": snap["temperature_c"],
         "throttled": snap["throttled"],

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import signal
-import threading
 
 import click
 
@@ -34,6 +32,7 @@ def serve(db_path, host, port, token, max_body_kb, quiet):
     lists them with filters (kind, device, model, recipe, delegate, threads,
     since, limit); GET /healthz answers liveness probes.
     """
+    from device.http import serve_until_stopped
     from pipeline.collector import CollectorServer
     from pipeline.store import Store, default_db_path
 
@@ -61,20 +60,7 @@ def serve(db_path, host, port, token, max_body_kb, quiet):
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
-    stop = threading.Event()
-
-    def _term(signum, frame):
-        stop.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _term)
     click.echo(f"collector listening on {server.url}  db={path}  "
-               f"auth={'token' if token else 'none (loopback only)'}", err=False)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        store.close()
-        click.echo("collector stopped")
+               f"auth={'token' if token else 'none (loopback only)'}")
+    serve_until_stopped(server, on_close=store.close)
+    click.echo("collector stopped")

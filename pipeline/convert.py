@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from device import __version__
-from device.bundle import Manifest, Preprocess, TensorInfo, Task
+from device.bundle import Manifest, Preprocess, Task
 from pipeline import cache as _cache
 from pipeline import calibration, edgetpu, modelio
 from pipeline.bundle_writer import BundleWriteError, check_writable, write_bundle
@@ -128,15 +128,6 @@ class _Session:
             self.progress(f"calibration: {self.cset.count} images from {self.cset.folder}")
             self._arrays = calibration.load_arrays(self.cset, spec)
         return self._arrays
-
-
-def _tensor_infos(model_path: Path) -> tuple:
-    """Inputs/outputs as the device runtime sees them (the same code the board runs)."""
-    from device.runtime import load_model
-
-    m = load_model(model_path)
-    return (tuple(TensorInfo.from_dict(t.to_dict()) for t in m.inputs),
-            tuple(TensorInfo.from_dict(t.to_dict()) for t in m.outputs))
 
 
 def _infer_task(req: ConvertRequest, outputs: tuple) -> Task:
@@ -270,7 +261,10 @@ def _manifest(req: ConvertRequest, recipe: Recipe, name: str, digest: str, data:
               cset: Optional[calibration.CalibrationSet]) -> Manifest:
     import hashlib
 
-    inputs, outputs = _tensor_infos(model_path)
+    from device.runtime import load_model
+
+    # Tensors as the device runtime sees them (the same code the board runs).
+    inputs, outputs = load_model(model_path).tensor_infos()
     task = _infer_task(req, [o.to_dict() for o in outputs])
     return Manifest(
         name=name,

@@ -28,15 +28,12 @@ sample MobileNetV2 there with .venv/bin/edgepipe the first time.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,28 +16,12 @@ from pathlib import Path
 import pytest
 
 from device.agent import Agent, AgentServer
-from device.bundle import Manifest, TensorInfo, sha256_file, write_manifest
 from device.bundle_store import BundleStore
+from bundle_factory import make_bundle
 from device.http import ClientError, request
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 TOKEN = "s3cret-token"
-
-
-def make_bundle(root: Path, model: str, name: str, recipe: str) -> Path:
-    """A real bundle directory around one of the committed tiny models."""
-    from device.runtime import load_model
-
-    d = root / name
-    d.mkdir(parents=True)
-    shutil.copy(MODELS / model, d / "model.tflite")
-    m = load_model(d / "model.tflite")
-    write_manifest(d, Manifest(
-        name=name, recipe=recipe, model_sha256=sha256_file(d / "model.tflite"),
-        model_size=(d / "model.tflite").stat().st_size,
-        inputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.inputs),
-        outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.outputs)))
-    return d
 
 
 def tar_of(directory: Path = None, members=None) -> tuple:

@@ -1,6 +1,5 @@
 """`edgepipe evaluate` on a tiny model whose outputs are known in closed form."""
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -14,29 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from device.agent import Agent, AgentServer
-from device.bundle import Manifest, TensorInfo, sha256_file, write_manifest
 from device.bundle_store import BundleStore
+from bundle_factory import make_bundle
 from pipeline.cli import main as edgepipe
 from pipeline.remote import AgentClient, pack_bundle
 from pipeline.store import Store
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 TOKEN = "fleet-token"
-
-
-def make_bundle(root: Path, model: str, name: str, recipe: str) -> Path:
-    from device.runtime import load_model
-
-    d = root / name
-    d.mkdir(parents=True)
-    shutil.copy(MODELS / model, d / "model.tflite")
-    m = load_model(d / "model.tflite")
-    write_manifest(d, Manifest(
-        name=name, recipe=recipe, model_sha256=sha256_file(d / "model.tflite"),
-        model_size=(d / "model.tflite").stat().st_size,
-        inputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.inputs),
-        outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in m.outputs)))
-    return d
 
 
 @pytest.fixture

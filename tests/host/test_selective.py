@@ -1,5 +1,4 @@
 """Per-layer error and selective quantization on the sample Fashion-MNIST CNN."""
-import math
 
 import numpy as np
 import pytest
