@@ -35,7 +35,7 @@ make_env() {
         echo "==> creating $dir"
         "$(pick_python)" -m venv "$dir"
     fi
-    echo "==> installing edgepipe[$extras] into $dir (first run downloads TensorFlow; a few minutes)"
+    echo "==> installing edgepipe[$extras] into $dir (the first run downloads the wheels: a few minutes)"
     "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     "$dir/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
     echo "$want" > "$stamp"
