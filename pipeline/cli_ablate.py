@@ -21,7 +21,7 @@ Re-running with the same --out reuses every point already measured.
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for results, plots and the resume cache (required unless --dry-run).")
 @click.option("--device", "device_url", help="Time on an 'edgerun agent' at this URL instead of locally.")
-@click.option("--token", envvar="EDGEPIPE_TOKEN", help="Bearer token for --device [env: EDGEPIPE_TOKEN].")
+@click.option("--token", envvar="EDGERUN_TOKEN", help="Bearer token of the agent at --device [env: EDGERUN_TOKEN].")
 @click.option("--dry-run", is_flag=True, help="Validate the spec and list the points, measure nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
