@@ -1,7 +1,6 @@
 """`edgerun agent` (serve bundles/jobs to `edgepipe bench`) and `edgerun flush`."""
 from __future__ import annotations
 
-import os
 import platform
 import socket
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 import click
 
 from device import __version__
+from device.paths import user_dir
 from device.send import REPORT_TO_ENV, TOKEN_ENV
 
 AGENT_TOKEN_ENV = "EDGERUN_TOKEN"
@@ -17,11 +17,7 @@ AGENT_TOKEN_ENV = "EDGERUN_TOKEN"
 
 def default_store_dir() -> Path:
     """``$EDGERUN_STORE``, else ``$XDG_DATA_HOME/edgerun/bundles`` (~/.local/share)."""
-    env = os.environ.get("EDGERUN_STORE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "edgerun" / "bundles"
+    return user_dir("data", "edgerun", "bundles", env="EDGERUN_STORE")
 
 
 def device_info() -> dict:

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import click
 
 from device.http import ClientError, request
+from device.paths import user_dir
 
 REPORTS_PATH = "/v1/reports"
 TOKEN_ENV = "EDGEPIPE_TOKEN"
@@ -32,11 +33,7 @@ REJECTED = "rejected"
 
 def default_spool_dir() -> Path:
     """``$EDGERUN_SPOOL``, else ``$XDG_STATE_HOME/edgerun/spool`` (~/.local/state)."""
-    env = os.environ.get(SPOOL_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "edgerun" / "spool"
+    return user_dir("state", "edgerun", "spool", env=SPOOL_ENV)
 
 
 def reports_url(url: str) -> str:

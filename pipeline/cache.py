@@ -14,13 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from device.paths import user_dir
+
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("EDGEPIPE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgepipe"
+    """``$EDGEPIPE_CACHE``, else ``$XDG_CACHE_HOME/edgepipe`` (~/.cache)."""
+    return user_dir("cache", "edgepipe", env="EDGEPIPE_CACHE")
 
 
 def cache_key(parts: dict) -> str:

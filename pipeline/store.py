@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
+from device.paths import user_dir
+
 SCHEMA_VERSION = 1
 
 _DDL = """
@@ -50,11 +52,7 @@ FILTERS = {
 
 def default_db_path() -> Path:
     """``$EDGEPIPE_DB``, else the user's data directory (never the cwd)."""
-    env = os.environ.get("EDGEPIPE_DB")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "edgepipe" / "results.db"
+    return user_dir("data", "edgepipe", "results.db", env="EDGEPIPE_DB")
 
 
 class _Pending:
