@@ -35,14 +35,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST_PY = ROOT / ".venv" / "bin" / "python"
 EDGEPIPE = ROOT / ".venv" / "bin" / "edgepipe"
 
-BARE = textwrap.dedent("""
-    import sys, time, json
-    import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
-    path, threads, runs, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    it = Interpreter(model_path=path, num_threads=threads if threads > 0 else None)
-    it.allocate_tensors()
-    d = it.get_input_details()[0]
+# Both child programs feed the bare interpreter the same seeded input and warm it
+# up the same way, without any edgepipe code in between.
+FEED = """d = it.get_input_details()[0]
     rng = np.random.default_rng(0)
     if np.issubdtype(d["dtype"], np.integer):
         info = np.iinfo(d["dtype"])
@@ -51,7 +46,16 @@ BARE = textwrap.dedent("""
         x = rng.uniform(-1, 1, size=d["shape"]).astype(d["dtype"])
     it.set_tensor(d["index"], x)
     for _ in range(warmup):
-        it.invoke()
+        it.invoke()"""
+
+BARE = textwrap.dedent("""
+    import sys, time, json
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+    path, threads, runs, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    it = Interpreter(model_path=path, num_threads=threads if threads > 0 else None)
+    it.allocate_tensors()
+    {FEED}
     inv, clock, out = it.invoke, time.perf_counter_ns, []
     for _ in range(runs):
         t0 = clock(); inv(); out.append(clock() - t0)
@@ -59,7 +63,7 @@ BARE = textwrap.dedent("""
     n = len(out)
     p50 = (out[(n - 1) // 2] + out[n // 2]) / 2e6
     print(json.dumps({"p50": p50}))
-""")
+""".replace("{FEED}", FEED))
 
 
 def cache_root() -> Path:
@@ -113,16 +117,7 @@ INPROC = textwrap.dedent("""
     it = Interpreter(model_path=bundle + "/model.tflite", num_threads=thr)
     it.allocate_tensors()
     ours = load_model(bundle + "/model.tflite", threads=thr)
-    d = it.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    if np.issubdtype(d["dtype"], np.integer):
-        info = np.iinfo(d["dtype"])
-        x = rng.integers(info.min, int(info.max) + 1, size=d["shape"], dtype=d["dtype"])
-    else:
-        x = rng.uniform(-1, 1, size=d["shape"]).astype(d["dtype"])
-    it.set_tensor(d["index"], x)
-    for _ in range(warmup):
-        it.invoke()
+    {FEED}
     inv, clock = it.invoke, time.perf_counter_ns
     bare, edge = [], []
     for r in range(rounds):
@@ -134,7 +129,7 @@ INPROC = textwrap.dedent("""
         rep = run_bench(bundle, threads=thr, runs=runs, warmup=warmup if r == 0 else 0, min_secs=0, loaded=ours)
         edge.append(rep["latency_ms"]["p50"])
     print(json.dumps({"bare": bare, "edgerun": edge}))
-""")
+""".replace("{FEED}", FEED))
 
 
 def inprocess(bundle: Path, threads: int, runs: int, warmup: int, rounds: int):
