@@ -7,11 +7,8 @@ from typing import List, Optional
 
 import click
 
+from device.cliout import fail, save_and_echo
 from device.send import report_to_option
-
-
-def _fail(msg: str) -> click.ClickException:
-    return click.ClickException(" ".join(str(msg).split()))
 
 
 @click.command()
@@ -155,30 +152,22 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
                              min_secs=min_secs, input=input_, backend=backend, seed=seed,
                              edgetpu_device=edgetpu_device, on_report=on_report, on_error=on_error)
     except expected as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted") from None
+        raise fail("interrupted") from None
     emit(reports, out=out, as_json=as_json)
     if len(reports) > 1 and not as_json:
         click.echo(format_comparison(reports))
     if failures:
-        raise _fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
+        raise fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
 
 
 def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:
     """Hand finished reports to their destinations: --out file, --json stdout, --report-to collector."""
-    from device.report import dumps, write_json
-
     if not reports:
         return
     payload = reports[0] if len(reports) == 1 else reports
-    if out:
-        try:
-            write_json(payload, out)
-        except OSError as e:
-            raise _fail(f"cannot write {out}: {e.strerror or e}") from None
-    if as_json:
-        click.echo(dumps(payload))
+    save_and_echo(payload, out, as_json)
     from device.send import maybe_send
 
     for r in reports:

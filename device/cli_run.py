@@ -7,9 +7,7 @@ from typing import Optional
 
 import click
 
-
-def _fail(msg: str) -> click.ClickException:
-    return click.ClickException(" ".join(str(msg).split()))
+from device.cliout import fail, save_and_echo
 
 
 def _report_options(f):
@@ -80,11 +78,11 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
 
     to_stdout = out in (None, "-")
     if as_json and to_stdout:
-        raise _fail("--json prints the report on stdout: send the predictions elsewhere with --out FILE")
+        raise fail("--json prints the report on stdout: send the predictions elsewhere with --out FILE")
     try:
         sink = sys.stdout if to_stdout else open(out, "w", encoding="utf-8")
     except OSError as e:
-        raise _fail(f"cannot write {out}: {e.strerror or e}") from None
+        raise fail(f"cannot write {out}: {e.strerror or e}") from None
 
     def on_prediction(rec: dict) -> None:
         try:
@@ -103,9 +101,9 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
                             lanes=lanes, queue_depth=queue_depth, top_k=top_k, live=live,
                             on_prediction=on_prediction)
     except (RunError, BundleError, SourceError, RuntimeLoadError) as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted") from None
+        raise fail("interrupted") from None
     finally:
         if not to_stdout:
             sink.close()
@@ -117,15 +115,9 @@ def finish(report: dict, *, report_path: Optional[str], as_json: bool, quiet: bo
 
     Partial results are written before the non-zero exit, so nothing already produced is lost.
     """
-    from device.report import dumps, format_summary, write_json
+    from device.report import format_summary
 
-    if report_path:
-        try:
-            write_json(report, report_path)
-        except OSError as e:
-            raise _fail(f"cannot write {report_path}: {e.strerror or e}") from None
-    if as_json:
-        click.echo(dumps(report))
+    save_and_echo(report, report_path, as_json)
     if not quiet:
         click.echo(summary(report, format_summary), err=True)
     try:
@@ -135,7 +127,7 @@ def finish(report: dict, *, report_path: Optional[str], as_json: bool, quiet: bo
     else:
         maybe_send(report)
     if report["errors"]:
-        raise _fail(report["errors"][0])
+        raise fail(report["errors"][0])
 
 
 def summary(report: dict, format_summary) -> str:

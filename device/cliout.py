@@ -1,0 +1,25 @@
+"""What the edgerun commands share at the click boundary: one-line errors, report output."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import click
+
+
+def fail(msg: str) -> click.ClickException:
+    """A one-line error for the user (newlines from lower layers folded into spaces)."""
+    return click.ClickException(" ".join(str(msg).split()))
+
+
+def save_and_echo(payload: Any, path: Optional[os.PathLike], as_json: bool) -> None:
+    """Write a report (or list of reports) to ``path`` if given, and print it as JSON if asked."""
+    from device.report import dumps, write_json
+
+    if path:
+        try:
+            write_json(payload, path)
+        except OSError as e:
+            raise fail(f"cannot write {path}: {e.strerror or e}") from None
+    if as_json:
+        click.echo(dumps(payload))
