@@ -62,6 +62,7 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
     bundle and settings. Stop with Ctrl-C or SIGTERM (systemd).
     """
     from device.agent import Agent, AgentServer
+    from device.cliout import start_server
     from device.http import serve_until_stopped
     from device.bundle_store import BundleStore
     from device.send import Spool, describe, reports_url, send_report
@@ -85,12 +86,7 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
             click.echo(describe(res, report_to, spool), err=True)
 
     worker = Agent(store, keep_warm=keep_warm, on_report=on_report)
-    try:
-        server = AgentServer(worker, host, port, token=token, info=device_info)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server = start_server(lambda: AgentServer(worker, host, port, token=token, info=device_info), host, port)
 
     click.echo(f"agent listening on {server.url}  store={store_path}  "
                f"auth={'token' if token else 'none (loopback only)'}")

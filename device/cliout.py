@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import click
 
@@ -10,6 +10,19 @@ import click
 def fail(msg: str) -> click.ClickException:
     """A one-line error for the user (newlines from lower layers folded into spaces)."""
     return click.ClickException(" ".join(str(msg).split()))
+
+
+S = TypeVar("S")
+
+
+def start_server(make: Callable[[], S], host: str, port: int) -> S:
+    """Build a server (agent or collector); refusals and bind failures become one-line errors."""
+    try:
+        return make()
+    except ValueError as e:  # e.g. bound beyond loopback without a token
+        raise fail(str(e)) from None
+    except OSError as e:
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def save_and_echo(payload: Any, path: Optional[os.PathLike], as_json: bool) -> None:

@@ -32,6 +32,7 @@ def serve(db_path, host, port, token, max_body_kb, quiet):
     lists them with filters (kind, device, model, recipe, delegate, threads,
     since, limit); GET /healthz answers liveness probes.
     """
+    from device.cliout import start_server
     from device.http import serve_until_stopped
     from pipeline.collector import CollectorServer
     from pipeline.store import Store, default_db_path
@@ -52,13 +53,8 @@ def serve(db_path, host, port, token, max_body_kb, quiet):
         store = Store(path)
     except Exception as e:  # sqlite3.Error, OSError
         raise click.ClickException(f"cannot open results database {path}: {e}") from None
-    try:
-        server = CollectorServer(store, host, port, token=token, max_body=max_body_kb * 1024,
-                                 on_report=on_report)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server = start_server(lambda: CollectorServer(store, host, port, token=token, max_body=max_body_kb * 1024,
+                                                  on_report=on_report), host, port)
 
     click.echo(f"collector listening on {server.url}  db={path}  "
                f"auth={'token' if token else 'none (loopback only)'}")
