@@ -67,10 +67,12 @@ class Server(ThreadingHTTPServer):
     def __init__(self, addr, handler, *, token: Optional[str] = None, max_body: int = 1 << 20):
         if ":" in addr[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(addr, handler)
         self.token = token or None
         self.max_body = int(max_body)
         self._conns: "queue.SimpleQueue" = queue.SimpleQueue()
+        # Workers start only once bound: a failed bind calls server_close(), which must find no pool.
+        self._pool: list = []
+        super().__init__(addr, handler)
         self._pool = [threading.Thread(target=self._worker, daemon=True, name=f"http-{i}")
                       for i in range(self.workers)]
         for t in self._pool:

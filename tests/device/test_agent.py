@@ -277,3 +277,20 @@ def test_agent_command_serves_and_stops_cleanly(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "agent stopped" in out
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path):
+    """A failed bind must not trip over half-built server state (it used to raise AttributeError)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "device.cli", "agent", "--port", str(port),
+                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: cannot listen on 127.0.0.1:{port}")
