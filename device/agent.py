@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from device.bundle_store import BundleStore, UploadError, check_digest
-from device.http import HTTPError_, JSONHandler, Server, check_bind
+from edgepipe.device.bundle_store import BundleStore, UploadError, check_digest
+from edgepipe.device.http import HTTPError_, JSONHandler, Server, check_bind
 
 DEFAULT_PORT = 8751
 # Failures with a one-line reason for the user; anything else also gets a
@@ -124,8 +124,8 @@ class WarmCache:
 
 def load_for(bundle_dir: Path, params: dict):
     """Load the model a job needs, the way `edgerun bench` would."""
-    from device.bundle import load_bundle
-    from device.runtime import load_model
+    from edgepipe.device.bundle import load_bundle
+    from edgepipe.device.runtime import load_model
 
     b = load_bundle(bundle_dir)
     delegate = params.get("delegate") or "cpu"
@@ -139,11 +139,11 @@ def load_for(bundle_dir: Path, params: dict):
 def execute_job(kind: str, bundle_dir: Path, params: dict, loaded) -> dict:
     """Run one job with an already-loaded model; returns the report."""
     if kind == "bench":
-        from device.bench import run_bench
+        from edgepipe.device.bench import run_bench
         kw = {k: params[k] for k in ("runs", "warmup", "min_secs", "input", "seed") if k in params}
         return run_bench(bundle_dir, threads=params.get("threads"), delegate=params.get("delegate") or "cpu",
                          backend=params.get("backend"), loaded=loaded, **kw)
-    from device.runner import run_source
+    from edgepipe.device.runner import run_source
     kw = {k: params[k] for k in ("pipeline", "max_frames") if k in params}
     return run_source(bundle_dir, params["source"], threads=params.get("threads"),
                       delegate=params.get("delegate") or "cpu", loaded=loaded, **kw)

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from device.bundle import Bundle, BundleError, load_bundle, sha256_file
-from device.timing import now_ns, ns_to_ms, stats
+from edgepipe.device.bundle import Bundle, BundleError, load_bundle, sha256_file
+from edgepipe.device.timing import now_ns, ns_to_ms, stats
 
 HOT_TEMPERATURE_C = 80.0  # Raspberry Pi firmware soft limit starts at 80 C
 
@@ -43,7 +43,7 @@ def model_block(bundle: Bundle, model_path: Path) -> dict:
 
 def resource_warnings(start: dict, end: dict, loaded, inputs=None) -> List[str]:
     """Warnings from start/end snapshots (governor, throttling, heat) and the model's CPU fallback."""
-    from device.sysinfo import decode_throttled, emulated
+    from edgepipe.device.sysinfo import decode_throttled, emulated
 
     out = []
     gov = start.get("governor")
@@ -83,12 +83,12 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
     have passed (``max_secs`` caps that). ``loaded`` reuses an already
     loaded model (the agent keeps them warm): its cold-start figures are then
     not re-measured and ``runtime.load`` says ``warm``. Raises BenchError,
-    BundleError or device.runtime.RuntimeLoadError with one-line messages.
+    BundleError or edgepipe.device.runtime.RuntimeLoadError with one-line messages.
     """
-    from device import sysinfo
-    from device.inputs import BenchInputs, InputError, image_inputs, random_inputs
-    from device.report import new_report
-    from device.runtime import load_model
+    from edgepipe.device import sysinfo
+    from edgepipe.device.inputs import BenchInputs, InputError, image_inputs, random_inputs
+    from edgepipe.device.report import new_report
+    from edgepipe.device.runtime import load_model
 
     if runs < 1:
         raise BenchError("--runs must be at least 1")

@@ -186,7 +186,7 @@ class Manifest:
     converter: dict = field(default_factory=dict)  # {"tensorflow", "edgepipe"}
     created: str = ""
     calibration: Optional[Calibration] = None
-    edgetpu: Optional[dict] = None  # parsed edgetpu_compiler log, see pipeline.edgetpu
+    edgetpu: Optional[dict] = None  # parsed edgetpu_compiler log, see edgepipe.pipeline.edgetpu
     extra: dict = field(default_factory=dict)  # recipe details, selective quantization, ...
     schema: str = SCHEMA
 

@@ -1,7 +1,7 @@
 """The agent's bundle store: one directory per uploaded tar, keyed by its sha256.
 
 Uploads are hashed while they stream to disk, checked against the digest in
-the URL, extracted with :mod:`device.tarsafe` into a scratch directory, verified
+the URL, extracted with :mod:`edgepipe.device.tarsafe` into a scratch directory, verified
 as a bundle and only then renamed into place, so a bundle in the store is
 always complete. Uploading the same bytes again is a no-op.
 """
@@ -15,8 +15,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-from device.bundle import MANIFEST, MODEL, BundleError, load_bundle
-from device.tarsafe import UnsafeArchive, safe_extract
+from edgepipe.device.bundle import MANIFEST, MODEL, BundleError, load_bundle
+from edgepipe.device.tarsafe import UnsafeArchive, safe_extract
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_MAX_BYTES = 512 << 20

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import click
 
-from device import __version__
-from device.lazycli import LazyGroup
+from edgepipe.device import __version__
+from edgepipe.device.lazycli import LazyGroup
 
 COMMANDS = {
-    "info": "device.cli_bench:info",
-    "bench": "device.cli_bench:bench",
-    "run": "device.cli_run:run",
-    "flush": "device.cli_agent:flush",
-    "agent": "device.cli_agent:agent",
+    "info": "edgepipe.device.cli_bench:info",
+    "bench": "edgepipe.device.cli_bench:bench",
+    "run": "edgepipe.device.cli_run:run",
+    "flush": "edgepipe.device.cli_agent:flush",
+    "agent": "edgepipe.device.cli_agent:agent",
 }
 
 

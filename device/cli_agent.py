@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from device import __version__
-from device.paths import user_dir
-from device.send import REPORT_TO_ENV, TOKEN_ENV
+from edgepipe.device import __version__
+from edgepipe.device.paths import user_dir
+from edgepipe.device.send import REPORT_TO_ENV, TOKEN_ENV
 
 AGENT_TOKEN_ENV = "EDGERUN_TOKEN"
 
@@ -23,7 +23,7 @@ def default_store_dir() -> Path:
 def device_info() -> dict:
     """What `GET /v1/info` answers: what `edgerun info --json` prints, plus the version."""
     try:
-        from device.sysinfo import info
+        from edgepipe.device.sysinfo import info
 
         data = info()
     except Exception as e:  # never fail /v1/info; say what went wrong instead
@@ -61,11 +61,11 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
     Jobs run one at a time; interpreters stay warm between jobs for the same
     bundle and settings. Stop with Ctrl-C or SIGTERM (systemd).
     """
-    from device.agent import Agent, AgentServer
-    from device.cliout import start_server
-    from device.http import serve_until_stopped
-    from device.bundle_store import BundleStore
-    from device.send import Spool, describe, reports_url, send_report
+    from edgepipe.device.agent import Agent, AgentServer
+    from edgepipe.device.cliout import start_server
+    from edgepipe.device.http import serve_until_stopped
+    from edgepipe.device.bundle_store import BundleStore
+    from edgepipe.device.send import Spool, describe, reports_url, send_report
 
     store_path = Path(store_dir) if store_dir else default_store_dir()
     try:
@@ -114,7 +114,7 @@ def flush(report_to, report_token, spool_dir, as_json):
     """
     import json
 
-    from device.send import Spool, deliver, describe, reports_url
+    from edgepipe.device.send import Spool, deliver, describe, reports_url
 
     try:
         url = reports_url(report_to)

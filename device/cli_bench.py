@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import click
 
-from device.cliout import fail, save_and_echo
-from device.send import report_to_option
+from edgepipe.device.cliout import fail, save_and_echo
+from edgepipe.device.send import report_to_option
 
 
 @click.command()
@@ -21,7 +21,7 @@ def info(as_json: bool) -> None:
       edgerun info
       edgerun info --json
     """
-    from device.sysinfo import info as gather
+    from edgepipe.device.sysinfo import info as gather
 
     data = gather()
     if as_json:
@@ -125,10 +125,10 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
       edgerun bench out/mobilenet_v2-int8 --delegate cpu,edgetpu --json --out bench.json
       edgerun bench out/mobilenet_v2-fp32 --input sample_data/images
     """
-    from device.bench import BenchError, run_matrix
-    from device.bundle import BundleError
-    from device.report import format_comparison, format_summary
-    from device.runtime import RuntimeLoadError
+    from edgepipe.device.bench import BenchError, run_matrix
+    from edgepipe.device.bundle import BundleError
+    from edgepipe.device.report import format_comparison, format_summary
+    from edgepipe.device.runtime import RuntimeLoadError
 
     expected = (BenchError, BundleError, RuntimeLoadError)
     failures: List[str] = []
@@ -168,7 +168,7 @@ def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:
         return
     payload = reports[0] if len(reports) == 1 else reports
     save_and_echo(payload, out, as_json)
-    from device.send import maybe_send
+    from edgepipe.device.send import maybe_send
 
     for r in reports:
         maybe_send(r)

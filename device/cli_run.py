@@ -1,4 +1,4 @@
-"""`edgerun run`: predictions as JSON lines plus a run report (thin click layer over device.runner)."""
+"""`edgerun run`: predictions as JSON lines plus a run report (thin click layer over edgepipe.device.runner)."""
 from __future__ import annotations
 
 import os
@@ -7,13 +7,13 @@ from typing import Optional
 
 import click
 
-from device.cliout import fail, save_and_echo
+from edgepipe.device.cliout import fail, save_and_echo
 
 
 def _report_options(f):
-    """`--report-to` / `--report-token` when the collector client (device.send) is installed."""
+    """`--report-to` / `--report-token` when the collector client (edgepipe.device.send) is installed."""
     try:
-        from device.send import report_to_option
+        from edgepipe.device.send import report_to_option
     except ImportError:
         return f
     return report_to_option(f)
@@ -70,11 +70,11 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
       edgerun run out/mobilenet_v2-int8 --source camera:0 --max-frames 300
       edgerun run model.tflite --source picamera --threads 4
     """
-    from device.bundle import BundleError
-    from device.postprocess import json_line
-    from device.runner import RunError, StopRun, run_source
-    from device.runtime import RuntimeLoadError
-    from device.sources import SourceError
+    from edgepipe.device.bundle import BundleError
+    from edgepipe.device.postprocess import json_line
+    from edgepipe.device.runner import RunError, StopRun, run_source
+    from edgepipe.device.runtime import RuntimeLoadError
+    from edgepipe.device.sources import SourceError
 
     to_stdout = out in (None, "-")
     if as_json and to_stdout:
@@ -115,13 +115,13 @@ def finish(report: dict, *, report_path: Optional[str], as_json: bool, quiet: bo
 
     Partial results are written before the non-zero exit, so nothing already produced is lost.
     """
-    from device.report import format_summary
+    from edgepipe.device.report import format_summary
 
     save_and_echo(report, report_path, as_json)
     if not quiet:
         click.echo(summary(report, format_summary), err=True)
     try:
-        from device.send import maybe_send
+        from edgepipe.device.send import maybe_send
     except ImportError:
         pass
     else:

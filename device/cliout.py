@@ -27,7 +27,7 @@ def start_server(make: Callable[[], S], host: str, port: int) -> S:
 
 def save_and_echo(payload: Any, path: Optional[os.PathLike], as_json: bool) -> None:
     """Write a report (or list of reports) to ``path`` if given, and print it as JSON if asked."""
-    from device.report import dumps, write_json
+    from edgepipe.device.report import dumps, write_json
 
     if path:
         try:

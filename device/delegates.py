@@ -1,6 +1,6 @@
-"""Delegate tables, discovery and error explanations for ``device.runtime``.
+"""Delegate tables, discovery and error explanations for ``edgepipe.device.runtime``.
 
-This module never imports a runtime: ``device.runtime`` passes in the
+This module never imports a runtime: ``edgepipe.device.runtime`` passes in the
 backend's ``load_delegate``. It turns native failures ("Failed to load
 delegate from libedgetpu.so.1") into one-line reasons with a hint.
 """

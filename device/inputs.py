@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from device.bundle import Preprocess
+from edgepipe.device.bundle import Preprocess
 
 MAX_IMAGES = 64  # real-image benches cycle through at most this many decoded inputs
 
@@ -79,8 +79,8 @@ def random_inputs(specs: Sequence, preprocess: Optional[Preprocess] = None, seed
 
 def image_inputs(folder: os.PathLike, specs: Sequence, preprocess: Optional[Preprocess],
                  limit: int = MAX_IMAGES) -> BenchInputs:
-    """Up to ``limit`` real images from ``folder`` through ``device.preprocess`` (sorted by name)."""
-    from device.preprocess import ImageError, list_images, load_image, to_model_input
+    """Up to ``limit`` real images from ``folder`` through ``edgepipe.device.preprocess`` (sorted by name)."""
+    from edgepipe.device.preprocess import ImageError, list_images, load_image, to_model_input
 
     if len(specs) != 1 or len(specs[0].shape) != 4:
         raise InputError("--input DIR needs a model with one image input (N, H, W, C); use --input random")
@@ -110,7 +110,7 @@ def image_inputs(folder: os.PathLike, specs: Sequence, preprocess: Optional[Prep
 def assumed_preprocess(spec) -> tuple:
     """A best guess for a plain .tflite: size from the input tensor, pixels scaled to the
     quantized range for integer inputs or [-1, 1] (MobileNet style) for float ones."""
-    from device.bundle import ColorOrder
+    from edgepipe.device.bundle import ColorOrder
 
     shape = spec.shape
     nchw = len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3)

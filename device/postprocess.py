@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device.bundle import Task
+from edgepipe.device.bundle import Task
 
 SCORE_DECIMALS = 6
 

@@ -44,7 +44,7 @@ from typing import Any, List, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from device.bundle import ColorOrder, Preprocess, ResizeMode
+from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode
 
 # Extensions treated as images when listing a folder; everything else is
 # counted as skipped. Unreadable files with these extensions are the caller's

@@ -34,14 +34,14 @@ def new_report(kind: str, *, device: Optional[dict] = None, runtime: Optional[di
                model: Optional[dict] = None, **blocks: Any) -> dict:
     """A report skeleton: schema, fresh uuid4 id, UTC creation time, kind, device/runtime/model.
 
-    ``device`` defaults to :func:`device.sysinfo.device_info`; extra keyword
+    ``device`` defaults to :func:`edgepipe.device.sysinfo.device_info`; extra keyword
     blocks (``latency_ms=...``, ``load_ms=...``) are added as given.
     ``warnings`` and ``errors`` always exist (empty lists).
     """
     if kind not in KINDS:
         raise ValueError(f"report kind must be one of {KINDS}, got {kind!r}")
     if device is None:
-        from device.sysinfo import device_info
+        from edgepipe.device.sysinfo import device_info
 
         device = device_info()
     report: Dict[str, Any] = {

@@ -20,10 +20,10 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from device.postprocess import Postprocessor
-from device.preprocess import ImageError, load_image, to_model_input
-from device.sources import Frame
-from device.timing import now_ns, ns_to_ms
+from edgepipe.device.postprocess import Postprocessor
+from edgepipe.device.preprocess import ImageError, load_image, to_model_input
+from edgepipe.device.sources import Frame
+from edgepipe.device.timing import now_ns, ns_to_ms
 
 STAGES = ("capture", "preprocess", "invoke", "postprocess")
 

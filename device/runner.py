@@ -1,13 +1,13 @@
 """`edgerun run`: frames from a source -> preprocess -> invoke -> postprocess -> predictions + report.
 
-Two modes with identical predictions (the frame loop is ``device.runloop``):
+Two modes with identical predictions (the frame loop is ``edgepipe.device.runloop``):
 sequential, and pipelined, where decoding/preprocessing runs in worker threads
 overlapped with ``invoke`` through bounded queues. On the CPU delegate several
 interpreter copies ("lanes", same settings, same numerics) may invoke in
 parallel when invoke is the costlier stage, so every core stays busy.
 
 Per-stage timings (capture, preprocess, invoke = set_input + invoke +
-get_output, postprocess) and end-to-end latency use :func:`device.timing.stats`
+get_output, postprocess) and end-to-end latency use :func:`edgepipe.device.timing.stats`
 like ``edgerun bench``. Errors before the first frame raise (one line); errors
 after it are recorded in the report's ``errors`` and the partial results are
 kept.
@@ -22,11 +22,11 @@ from typing import Any, Callable, List, Optional, Union
 
 import numpy as np
 
-from device.bundle import load_bundle
-from device.postprocess import Postprocessor, infer_task
-from device.runloop import STAGES, FrameLoop, LoopStats, StopRun, make_prep, probe_lanes
-from device.sources import Source, SourceError, open_source
-from device.timing import now_ns, ns_to_ms, stats
+from edgepipe.device.bundle import load_bundle
+from edgepipe.device.postprocess import Postprocessor, infer_task
+from edgepipe.device.runloop import STAGES, FrameLoop, LoopStats, StopRun, make_prep, probe_lanes
+from edgepipe.device.sources import Source, SourceError, open_source
+from edgepipe.device.timing import now_ns, ns_to_ms, stats
 
 MAX_WARNED_SKIPS = 5
 
@@ -57,25 +57,25 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
                top_k: int = 5, live: bool = False) -> dict:
     """Run a bundle (or ``.tflite``) over a source; returns a ``run`` report.
 
-    ``source`` is a :class:`device.sources.Source` or a spec for
-    :func:`device.sources.open_source` (DIR, image, video, ``camera[:N]``,
+    ``source`` is a :class:`edgepipe.device.sources.Source` or a spec for
+    :func:`edgepipe.device.sources.open_source` (DIR, image, video, ``camera[:N]``,
     ``picamera``). ``pipeline`` None picks pipelined for folders, video and
     cameras, sequential for one image. ``workers`` preprocessing threads and
     ``lanes`` interpreter copies (CPU delegate only) default to the core
     count; ``loaded`` reuses a warm model (the agent's). ``on_prediction``
     gets each record in frame order. Raises RunError, BundleError,
-    SourceError or device.runtime.RuntimeLoadError before the first frame.
+    SourceError or edgepipe.device.runtime.RuntimeLoadError before the first frame.
     """
-    from device import sysinfo
-    from device.bench import model_block
-    from device.inputs import assumed_preprocess
-    from device.report import new_report
-    from device.runtime import load_model
+    from edgepipe.device import sysinfo
+    from edgepipe.device.bench import model_block
+    from edgepipe.device.inputs import assumed_preprocess
+    from edgepipe.device.report import new_report
+    from edgepipe.device.runtime import load_model
 
     if max_frames is not None and max_frames < 1:
         raise RunError("--max-frames must be at least 1")
     bundle = load_bundle(bundle_path)
-    from device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
+    from edgepipe.device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
 
     model_path = model_for(bundle, delegate)
     device = sysinfo.device_info()
@@ -227,7 +227,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
 def _warnings(start: dict, end: dict, loaded, st: LoopStats, dropped: int, src: Source) -> List[str]:
     out: List[str] = []
     try:
-        from device.bench import resource_warnings as bench_warnings  # governor, throttling, heat, CPU fallback
+        from edgepipe.device.bench import resource_warnings as bench_warnings  # governor, throttling, heat, CPU fallback
         out.extend(bench_warnings(start, end, loaded, None))
     except ImportError:
         pass

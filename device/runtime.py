@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device import delegates as _dl
-from device.delegates import CpuFallback, RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
-from device.flatcheck import known_crash
-from device.timing import now_ns, ns_to_ms
+from edgepipe.device import delegates as _dl
+from edgepipe.device.delegates import CpuFallback, RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
+from edgepipe.device.flatcheck import known_crash
+from edgepipe.device.timing import now_ns, ns_to_ms
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ class TensorSpec:
         )
 
     def to_dict(self) -> dict:
-        """The manifest/report form (same keys as ``device.bundle.TensorInfo``)."""
+        """The manifest/report form (same keys as ``edgepipe.device.bundle.TensorInfo``)."""
         q = {"scale": self.scale, "zero_point": self.zero_point} if self.quantized else None
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "quantization": q}
 
@@ -298,7 +298,7 @@ class LoadedModel:
 
     def tensor_infos(self) -> tuple:
         """(inputs, outputs) as the manifest's ``TensorInfo`` tuples."""
-        from device.bundle import TensorInfo
+        from edgepipe.device.bundle import TensorInfo
 
         return tuple(tuple(TensorInfo.from_dict(t.to_dict()) for t in ts) for ts in (self.inputs, self.outputs))
 
@@ -319,7 +319,7 @@ class LoadedModel:
 def _check_flatbuffer(path: str, data: bytes) -> None:
     """Reject files that are not sound TFLite models before native code sees them
     (some runtimes segfault on a truncated buffer instead of raising)."""
-    from device.flatcheck import problem
+    from edgepipe.device.flatcheck import problem
 
     if len(data) < 16:
         raise RuntimeLoadError(f"{path}: not a TFLite model (only {len(data)} bytes)")

@@ -19,8 +19,8 @@ from typing import Callable, Optional
 
 import click
 
-from device.http import ClientError, request
-from device.paths import user_dir
+from edgepipe.device.http import ClientError, request
+from edgepipe.device.paths import user_dir
 
 REPORTS_PATH = "/v1/reports"
 TOKEN_ENV = "EDGEPIPE_TOKEN"

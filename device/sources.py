@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
-from device.bundle import ColorOrder
-from device.preprocess import IMAGE_EXTENSIONS, list_images
-from device.timing import now_ns, ns_to_ms
+from edgepipe.device.bundle import ColorOrder
+from edgepipe.device.preprocess import IMAGE_EXTENSIONS, list_images
+from edgepipe.device.timing import now_ns, ns_to_ms
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264",
                               ".mjpeg", ".mjpg", ".wmv", ".flv", ".3gp", ".ts"})

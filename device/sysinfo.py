@@ -218,8 +218,8 @@ def info(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
 
     The runtime is not imported: backends are found by package metadata.
     """
-    from device.delegates import find_delegates
-    from device.runtime import available_backends
+    from edgepipe.device.delegates import find_delegates
+    from edgepipe.device.runtime import available_backends
 
     snap = snapshot(root, vcgencmd)
     mem = memory_mb(root)

@@ -1,4 +1,4 @@
 """edgepipe host side: conversion, evaluation, fleet benchmarking and reports."""
-from device import __version__  # one version for the whole distribution
+from edgepipe.device import __version__  # one version for the whole distribution
 
 __all__ = ["__version__"]

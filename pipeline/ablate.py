@@ -2,8 +2,8 @@
 
 Stages per point, each shared by the points that agree on it: the Keras model
 (architecture + input size; factories train it once), the bundle (+ recipe,
-converted by ``pipeline.convert``), accuracy/agreement (per bundle, on the
-device runtime), latency (per bundle x threads x delegate, ``device.bench``
+converted by ``edgepipe.pipeline.convert``), accuracy/agreement (per bundle, on the
+device runtime), latency (per bundle x threads x delegate, ``edgepipe.device.bench``
 locally or an ``edgerun agent`` with ``device_url``).
 
 Every finished point is appended to ``<out>/points.jsonl`` at once; a re-run
@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pipeline.ablate_spec import Point, Spec
-from pipeline.modelio import one_line, with_input_size
+from edgepipe.pipeline.ablate_spec import Point, Spec
+from edgepipe.pipeline.modelio import one_line, with_input_size
 
 CACHE_FILE = "points.jsonl"
 
@@ -84,7 +84,7 @@ def _append(out_dir: Path, digest: str, key: str, result: dict) -> None:
 
 
 def _labels_for(spec: Spec) -> Optional[Path]:
-    from pipeline import samples
+    from edgepipe.pipeline import samples
 
     if spec.labels:
         return spec.labels
@@ -97,7 +97,7 @@ def _labels_for(spec: Spec) -> Optional[Path]:
 
 def model_path(spec: Spec, point: Point, out_dir: Path, say: Callable[[str], None]) -> Path:
     """The Keras model of ``point`` (built and trained once for factories)."""
-    from pipeline import samples
+    from edgepipe.pipeline import samples
 
     if spec.source == "sample:mobilenet_v2":
         say("preparing the sample MobileNetV2")
@@ -133,7 +133,7 @@ def resized_model(src: Path, size: int, out_dir: Path) -> Path:
     enforces the declared input shape; rebuilding from the config with a new
     input shape and copying the weights lifts that.
     """
-    from pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     digest = hashlib.sha256(f"{src.resolve()}:{src.stat().st_mtime_ns}".encode()).hexdigest()[:8]
     out = out_dir / "models" / f"{src.stem}-{size}-{digest}.keras"
@@ -155,8 +155,8 @@ def resized_model(src: Path, size: int, out_dir: Path) -> Path:
 
 def check_data(spec: Spec) -> None:
     """Fail before any slow work when the data folders cannot be used."""
-    from device.preprocess import list_images
-    from pipeline.evaluate import EvalError, load_dataset
+    from edgepipe.device.preprocess import list_images
+    from edgepipe.pipeline.evaluate import EvalError, load_dataset
 
     try:
         load_dataset(spec.data_dir, labels_file=None, limit=spec.limit)
@@ -169,7 +169,7 @@ def check_data(spec: Spec) -> None:
 
 def flat_calibration(spec: Spec, out_dir: Path) -> Path:
     """A flat folder for calibration: class sub-folders are linked into one, evenly."""
-    from device.preprocess import list_images
+    from edgepipe.device.preprocess import list_images
 
     top, _ = list_images(spec.calib_dir)
     if top:
@@ -197,10 +197,10 @@ def flat_calibration(spec: Spec, out_dir: Path) -> Path:
 def convert_point(spec: Spec, point: Point, keras_path: Path, out_dir: Path, recipes: tuple,
                   say: Callable[[str], None]) -> dict:
     """Bundles for ``recipes`` of one Keras model; returns {recipe: bundle path}."""
-    from pipeline.cache import default_cache_dir
-    from pipeline.convert import ConvertError, ConvertRequest, convert_model
-    from pipeline.preprocessing import PreprocessRequest
-    from pipeline.recipes import RECIPES
+    from edgepipe.pipeline.cache import default_cache_dir
+    from edgepipe.pipeline.convert import ConvertError, ConvertRequest, convert_model
+    from edgepipe.pipeline.preprocessing import PreprocessRequest
+    from edgepipe.pipeline.recipes import RECIPES
 
     calib = flat_calibration(spec, out_dir)
     size = None
@@ -233,7 +233,7 @@ class _Evaluator:
         self._refs: dict = {}
 
     def dataset(self, bundle):
-        from pipeline.evaluate import load_dataset
+        from edgepipe.pipeline.evaluate import load_dataset
 
         if self._ds is None:
             self._ds = load_dataset(self.spec.data_dir, class_names=bundle.labels or None,
@@ -242,7 +242,7 @@ class _Evaluator:
 
     def reference(self, ref_key: str, keras_path: Path, spec_pre) -> np.ndarray:
         """Float outputs of the reference model at its own native input size."""
-        from pipeline.evaluate import KerasReference, load_inputs
+        from edgepipe.pipeline.evaluate import KerasReference, load_inputs
 
         if ref_key not in self._refs:
             ref = KerasReference(keras_path)
@@ -253,8 +253,8 @@ class _Evaluator:
         return self._refs[ref_key]
 
     def measure(self, bundle_path: Path, ref_key: str, ref_keras: Path) -> dict:
-        from pipeline import metrics
-        from pipeline.evaluate import load_inputs, open_bundle, run_bundle
+        from edgepipe.pipeline import metrics
+        from edgepipe.pipeline.evaluate import load_inputs, open_bundle, run_bundle
 
         b = open_bundle(bundle_path)
         ds = self.dataset(b)
@@ -275,7 +275,7 @@ def measure_latency(bundle: Path, point: Point, spec: Spec, device_url: Optional
     """p50/mean latency of one bundle at the point's threads/delegate."""
     b = spec.bench
     if device_url:
-        from pipeline.remote import AgentClient, pack_bundle
+        from edgepipe.pipeline.remote import AgentClient, pack_bundle
 
         client = AgentClient(device_url, token=token)
         pb = pack_bundle(bundle)
@@ -287,7 +287,7 @@ def measure_latency(bundle: Path, point: Point, spec: Spec, device_url: Optional
             raise AblateError(f"{device_url}: bench failed ({state.get('error') or state.get('status')})")
         rep = state["report"]
     else:
-        from device.bench import run_bench
+        from edgepipe.device.bench import run_bench
 
         rep = run_bench(bundle, threads=point.threads, delegate=point.delegate, runs=int(b["runs"]),
                         warmup=int(b["warmup"]), min_secs=float(b["min_secs"]))

@@ -4,7 +4,7 @@
 name = "mobilenet_v2"
 
 [model]
-source = "sample:mobilenet_v2"      # or a .keras path, or "factory:pipeline.factories:fashion_mnist_cnn"
+source = "sample:mobilenet_v2"      # or a .keras path, or "factory:edgepipe.pipeline.factories:fashion_mnist_cnn"
 preprocess = "mobilenet"            # optional preset for convert
 
 [data]

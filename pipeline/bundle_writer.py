@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-from device.bundle import EDGETPU_MODEL, LABELS, MANIFEST, MODEL, Manifest, write_manifest
-from pipeline import edgetpu
+from edgepipe.device.bundle import EDGETPU_MODEL, LABELS, MANIFEST, MODEL, Manifest, write_manifest
+from edgepipe.pipeline import edgetpu
 
 
 class BundleWriteError(OSError):

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from device.paths import user_dir
+from edgepipe.device.paths import user_dir
 
 
 def default_cache_dir() -> Path:

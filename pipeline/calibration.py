@@ -1,6 +1,6 @@
 """Representative datasets for full-integer quantization, drawn from real images.
 
-Images go through the device's own preprocessing (`device.preprocess`), so the
+Images go through the device's own preprocessing (`edgepipe.device.preprocess`), so the
 calibration data is exactly what the board will feed the model. The selection
 (count, seed) and a digest of the chosen files are recorded in the manifest
 and in the conversion cache key.
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from device.bundle import Calibration, Preprocess
+from edgepipe.device.bundle import Calibration, Preprocess
 
 DEFAULT_COUNT = 100
 DEFAULT_SEED = 0
@@ -43,7 +43,7 @@ class CalibrationSet:
 
 def select(folder: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) -> CalibrationSet:
     """Pick up to ``count`` images from ``folder`` (not its sub-folders), reproducibly for ``seed``."""
-    from device.preprocess import list_images
+    from edgepipe.device.preprocess import list_images
 
     if count < 1:
         raise CalibrationError(f"--calib-count must be at least 1, got {count}")
@@ -75,7 +75,7 @@ def select(folder: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) -
 def load_arrays(cset: CalibrationSet, spec: Preprocess,
                 progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
     """Decode and preprocess the set: float32 array (N, *model input shape without batch)."""
-    from device.preprocess import load_image
+    from edgepipe.device.preprocess import load_image
 
     arrays = []
     bad = []

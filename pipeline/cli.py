@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import click
 
-from device import __version__
-from device.lazycli import LazyGroup
+from edgepipe.device import __version__
+from edgepipe.device.lazycli import LazyGroup
 
 COMMANDS = {
-    "convert": "pipeline.cli_convert:convert",
-    "evaluate": "pipeline.cli_evaluate:evaluate",
-    "ablate": "pipeline.cli_ablate:ablate",
-    "serve": "pipeline.cli_serve:serve",
-    "bench": "pipeline.cli_fleet:bench",
-    "report": "pipeline.cli_report:report",
+    "convert": "edgepipe.pipeline.cli_convert:convert",
+    "evaluate": "edgepipe.pipeline.cli_evaluate:evaluate",
+    "ablate": "edgepipe.pipeline.cli_ablate:ablate",
+    "serve": "edgepipe.pipeline.cli_serve:serve",
+    "bench": "edgepipe.pipeline.cli_fleet:bench",
+    "report": "edgepipe.pipeline.cli_report:report",
 }
 
 

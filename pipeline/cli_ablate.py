@@ -32,7 +32,7 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
     Points measured by an earlier (or interrupted) run of the same spec are
     reused from --out/points.jsonl.
     """
-    from pipeline.ablate_spec import SpecError, load_spec
+    from edgepipe.pipeline.ablate_spec import SpecError, load_spec
 
     try:
         spec = load_spec(spec_path)
@@ -46,8 +46,8 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
         return
     if out_dir is None:
         raise click.ClickException("--out: required (the folder receiving results and the resume cache)")
-    from pipeline.ablate import AblateError, quality_key, run_ablation
-    from pipeline import pareto
+    from edgepipe.pipeline.ablate import AblateError, quality_key, run_ablation
+    from edgepipe.pipeline import pareto
 
     talk = not (quiet or as_json)
     state = {"n": 0}
@@ -92,7 +92,7 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
         click.echo(json.dumps({"name": spec.name, "quality": quality, "out": str(out_dir),
                                "results": results}, indent=2))
     else:
-        from device.tables import format_table
+        from edgepipe.device.tables import format_table
 
         click.echo(format_table(headers, rows, right=range(1, 7)))
         click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")

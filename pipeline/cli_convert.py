@@ -1,4 +1,4 @@
-"""`edgepipe convert`: the click boundary around pipeline.convert."""
+"""`edgepipe convert`: the click boundary around edgepipe.pipeline.convert."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from pipeline import calibration
-from pipeline.cache import default_cache_dir
-from pipeline.preprocessing import PRESETS, PreprocessRequest
-from pipeline.recipes import DEFAULT_RECIPES, RECIPES, RecipeError, parse_recipes, with_io_type
-from device.tables import format_bytes, format_table
+from edgepipe.pipeline import calibration
+from edgepipe.pipeline.cache import default_cache_dir
+from edgepipe.pipeline.preprocessing import PRESETS, PreprocessRequest
+from edgepipe.pipeline.recipes import DEFAULT_RECIPES, RECIPES, RecipeError, parse_recipes, with_io_type
+from edgepipe.device.tables import format_bytes, format_table
 
 
 def _floats(ctx, param, value):
@@ -94,7 +94,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
             crop_fraction, input_size, io_type, labels, task, name, cache_dir, no_cache, no_edgetpu, as_json,
             target_agreement):
     """Convert MODEL (.keras, .h5 or a SavedModel directory) into TFLite bundles, one per recipe."""
-    from pipeline.convert import ConvertError, ConvertRequest, convert_model
+    from edgepipe.pipeline.convert import ConvertError, ConvertRequest, convert_model
 
     try:
         chosen = tuple(with_io_type(r, io_type) for r in parse_recipes(recipes))
@@ -120,7 +120,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     except (ConvertError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if target_agreement is not None:
-        from pipeline.selective import apply_selective_to_results
+        from edgepipe.pipeline.selective import apply_selective_to_results
 
         results = apply_selective_to_results(results, model, target_agreement, progress)
     if as_json:

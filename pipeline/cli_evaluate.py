@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from device.tables import format_bytes, format_table
+from edgepipe.device.tables import format_bytes, format_table
 
 EPILOG = """\b
 Examples:
@@ -41,7 +41,7 @@ class _Bar:
 
 
 def format_results(results) -> str:
-    from pipeline.metrics import fmt_snr
+    from edgepipe.pipeline.metrics import fmt_snr
 
     rows = []
     for r in results:
@@ -84,7 +84,7 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
     the fraction of images where both pick the same class; mean/max |d|,
     cosine and SNR compare the raw outputs.
     """
-    from pipeline.evaluate import EvalError, evaluate_bundles, load_dataset
+    from edgepipe.pipeline.evaluate import EvalError, evaluate_bundles, load_dataset
 
     bar = _Bar(enabled=not (as_json or quiet))
     n_images = {"n": 0}
@@ -109,7 +109,7 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
                                    limit=limit, threads=threads, progress=progress)
         layers = {}
         if n_layers:
-            from pipeline.layer_error import layer_errors
+            from edgepipe.pipeline.layer_error import layer_errors
 
             for r in results:
                 if r.recipe in ("int8", "int8-io"):
@@ -146,11 +146,11 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
 
 def _store(results, data, db_path) -> int:
     try:
-        from pipeline.store import Store
+        from edgepipe.pipeline.store import Store
     except ImportError:
-        raise click.ClickException("--db: the results store (pipeline.store) is not available "
+        raise click.ClickException("--db: the results store (edgepipe.pipeline.store) is not available "
                                    "in this installation") from None
-    from pipeline.evaluate import eval_report
+    from edgepipe.pipeline.evaluate import eval_report
 
     try:
         with Store(db_path) as store:

@@ -45,10 +45,10 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     jobs on all devices concurrently (one at a time per device), prints a
     device x recipe table. Exit code 0 only when every job succeeded.
     """
-    from device.bundle import BundleError
-    from pipeline.fleet import bench_fleet, expand_settings
-    from pipeline.remote import pack_bundle
-    from pipeline.reporting import quantized_slower, results_table, row, sort_rows
+    from edgepipe.device.bundle import BundleError
+    from edgepipe.pipeline.fleet import bench_fleet, expand_settings
+    from edgepipe.pipeline.remote import pack_bundle
+    from edgepipe.pipeline.reporting import quantized_slower, results_table, row, sort_rows
 
     thread_list = _list(threads, "--threads", int)
     delegate_list = _list(delegate, "--delegate", str)
@@ -64,7 +64,7 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
 
     store = None
     if not no_db:
-        from pipeline.store import Store, default_db_path
+        from edgepipe.pipeline.store import Store, default_db_path
         path = db_path or default_db_path()
         try:
             store = Store(path)

@@ -43,8 +43,8 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     kind; by default only the newest report of each configuration is shown.
     Warns when a quantized recipe is slower than fp32 on the same device.
     """
-    from pipeline import reporting as rp
-    from pipeline.store import Store, default_db_path
+    from edgepipe.pipeline import reporting as rp
+    from edgepipe.pipeline.store import Store, default_db_path
 
     path = Path(db_path) if db_path else default_db_path()
     if not path.exists():
@@ -78,7 +78,7 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     if save_to:
         _write(Path(save_to), json.dumps(rp.to_reportset(rows, kept), indent=2) + "\n")
     if html_out:
-        from pipeline.html_report import render_html
+        from edgepipe.pipeline.html_report import render_html
         _write(Path(html_out), render_html(rows, comparison=comparison, source=str(path)))
 
     if as_json:

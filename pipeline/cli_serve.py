@@ -5,7 +5,7 @@ import datetime as _dt
 
 import click
 
-from pipeline.collector import DEFAULT_MAX_BODY, DEFAULT_PORT
+from edgepipe.pipeline.collector import DEFAULT_MAX_BODY, DEFAULT_PORT
 
 
 @click.command(epilog="""\b
@@ -32,10 +32,10 @@ def serve(db_path, host, port, token, max_body_kb, quiet):
     lists them with filters (kind, device, model, recipe, delegate, threads,
     since, limit); GET /healthz answers liveness probes.
     """
-    from device.cliout import start_server
-    from device.http import serve_until_stopped
-    from pipeline.collector import CollectorServer
-    from pipeline.store import Store, default_db_path
+    from edgepipe.device.cliout import start_server
+    from edgepipe.device.http import serve_until_stopped
+    from edgepipe.pipeline.collector import CollectorServer
+    from edgepipe.pipeline.store import Store, default_db_path
 
     path = db_path or default_db_path()
 

@@ -12,8 +12,8 @@ import urllib.parse
 from importlib import resources
 from typing import Callable, Optional
 
-from device.http import HTTPError_, JSONHandler, Server, check_bind
-from pipeline.store import FILTERS, Store
+from edgepipe.device.http import HTTPError_, JSONHandler, Server, check_bind
+from edgepipe.pipeline.store import FILTERS, Store
 
 DEFAULT_PORT = 8750
 DEFAULT_MAX_BODY = 1 << 20  # a report is a few KB; 1 MiB leaves room for accuracy blocks
@@ -133,7 +133,7 @@ def make_validator() -> Callable[[object], Optional[str]]:
     try:
         import jsonschema
     except ImportError:  # pragma: no cover - the host extra installs jsonschema
-        from device.report import report_problems
+        from edgepipe.device.report import report_problems
 
         def light(doc):
             problems = report_problems(doc)

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from device import __version__
-from device.bundle import Manifest, Preprocess, Task
-from pipeline import cache as _cache
-from pipeline import calibration, edgetpu, modelio
-from pipeline.bundle_writer import BundleWriteError, check_writable, write_bundle
-from pipeline.preprocessing import PreprocessRequest, resolve
-from pipeline.recipes import Recipe
-from pipeline.tfenv import captured_output, import_tf, last_error_line, tensorflow_version
+from edgepipe.device import __version__
+from edgepipe.device.bundle import Manifest, Preprocess, Task
+from edgepipe.pipeline import cache as _cache
+from edgepipe.pipeline import calibration, edgetpu, modelio
+from edgepipe.pipeline.bundle_writer import BundleWriteError, check_writable, write_bundle
+from edgepipe.pipeline.preprocessing import PreprocessRequest, resolve
+from edgepipe.pipeline.recipes import Recipe
+from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line, tensorflow_version
 
 
 class ConvertError(RuntimeError):
@@ -68,7 +68,7 @@ Progress = Callable[[str], None]
 
 
 def _configure(tf, converter, recipe: Recipe, arrays) -> None:
-    """Apply a recipe (data from pipeline.recipes) to a fresh converter."""
+    """Apply a recipe (data from edgepipe.pipeline.recipes) to a fresh converter."""
     if recipe.optimize:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if recipe.supported_types:
@@ -261,7 +261,7 @@ def _manifest(req: ConvertRequest, recipe: Recipe, name: str, digest: str, data:
               cset: Optional[calibration.CalibrationSet]) -> Manifest:
     import hashlib
 
-    from device.runtime import load_model
+    from edgepipe.device.runtime import load_model
 
     # Tensors as the device runtime sees them (the same code the board runs).
     inputs, outputs = load_model(model_path).tensor_infos()

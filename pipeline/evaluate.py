@@ -1,7 +1,7 @@
 """Accuracy of bundles and their agreement with the float reference model.
 
-Every bundle runs through the device runtime (``device.runtime``) on images
-read with the bundle's own preprocessing (``device.preprocess.load_image``), so
+Every bundle runs through the device runtime (``edgepipe.device.runtime``) on images
+read with the bundle's own preprocessing (``edgepipe.device.preprocess.load_image``), so
 the host measures exactly what the board computes. The float reference (the
 Keras model the bundle came from) runs on the *same* float inputs.
 
@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from device.bundle import Bundle, BundleError, Preprocess, load_bundle, read_labels
-from pipeline import metrics
+from edgepipe.device.bundle import Bundle, BundleError, Preprocess, load_bundle, read_labels
+from edgepipe.pipeline import metrics
 
 
 class EvalError(ValueError):
@@ -65,7 +65,7 @@ def load_dataset(root: Path, *, labels_file: Optional[Path] = None,
       ``<file name> <class index or name>`` per line.
     ``limit`` keeps an evenly spread subset (every class stays represented).
     """
-    from device.preprocess import list_images
+    from edgepipe.device.preprocess import list_images
 
     root = Path(root)
     if not root.is_dir():
@@ -145,7 +145,7 @@ def load_dataset(root: Path, *, labels_file: Optional[Path] = None,
 def load_inputs(paths: Sequence[Path], spec: Preprocess,
                 progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """The float model inputs (N, ...) for ``paths`` via the device's preprocessing."""
-    from device.preprocess import ImageError, load_image
+    from edgepipe.device.preprocess import ImageError, load_image
 
     out = []
     for p in paths:
@@ -168,7 +168,7 @@ class KerasReference:
     """The float model, run on the same float inputs as the bundle."""
 
     def __init__(self, path: Path):
-        from pipeline.tfenv import captured_output, import_tf
+        from edgepipe.pipeline.tfenv import captured_output, import_tf
 
         self.path = Path(path)
         tf = import_tf()
@@ -197,7 +197,7 @@ class KerasReference:
                             f"bundle {bundle_name} takes {per_example}")
 
     def predict(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
-        from pipeline.tfenv import captured_output
+        from edgepipe.pipeline.tfenv import captured_output
 
         rows = []
         with captured_output():
@@ -217,7 +217,7 @@ class KerasReference:
 def run_bundle(bundle: Bundle, x: np.ndarray, *, threads: Optional[int] = None,
                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """First-output rows of ``bundle`` on float inputs ``x`` via the device runtime."""
-    from device.runtime import RuntimeLoadError, load_model
+    from edgepipe.device.runtime import RuntimeLoadError, load_model
 
     try:
         lm = load_model(bundle.model_path, threads=threads)
@@ -242,7 +242,7 @@ def find_reference(bundle: Bundle, search: Sequence[Path] = ()) -> Optional[Path
     name = (m.source_model or {}).get("name") if m else None
     if not name:
         return None
-    from pipeline.samples import SAMPLE_DATA, cache_dir
+    from edgepipe.pipeline.samples import SAMPLE_DATA, cache_dir
 
     dirs = [bundle.path.parent, bundle.path.parent.parent, *search, SAMPLE_DATA / "models", cache_dir(),
             cache_dir() / "models"]
@@ -369,7 +369,7 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
 
 def eval_report(e: BundleEval, data: Path) -> dict:
     """An ``eval`` report (edgepipe.report/1) for the results DB."""
-    from device.report import new_report
+    from edgepipe.device.report import new_report
 
     r = new_report("eval", runtime=_runtime_block(),
                    model={"name": e.bundle, "recipe": e.recipe, "sha256": e.sha256, "size": e.size})
@@ -382,7 +382,7 @@ def eval_report(e: BundleEval, data: Path) -> dict:
 
 def _runtime_block() -> dict:
     try:
-        from device.runtime import get_backend
+        from edgepipe.device.runtime import get_backend
 
         be = get_backend(None)
         return {"backend": be.info.name, "version": be.version, "delegate": "cpu", "threads": None}

@@ -64,8 +64,8 @@ def fashion_mnist_cnn(out_path: Path, *, width: Optional[float] = None, depth: O
     """Build, train briefly (seeded) and save one Fashion-MNIST CNN variant."""
     if input_size not in (None, 28):
         raise FactoryError("axes.input_size: the Fashion-MNIST factory takes 28x28 images only")
-    from pipeline import samples
-    from pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline import samples
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     tf = import_tf()
     keras = tf.keras

@@ -11,9 +11,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from device.http import ClientError
-from pipeline.remote import AgentClient, PackedBundle
-from pipeline.reporting import fmt
+from edgepipe.device.http import ClientError
+from edgepipe.pipeline.remote import AgentClient, PackedBundle
+from edgepipe.pipeline.reporting import fmt
 
 # What `edgepipe bench` forwards to every bench job (None = agent default).
 JOB_PARAMS = ("threads", "delegate", "runs", "warmup", "min_secs", "input", "backend", "seed")
@@ -150,7 +150,7 @@ def bench_fleet(packed: list, devices: list, *, params: Optional[dict] = None, s
     ``settings`` is a list of job-parameter dicts (see :func:`expand_settings`);
     default: one job per bundle with ``params``.
     """
-    from pipeline.collector import make_validator
+    from edgepipe.pipeline.collector import make_validator
 
     if settings is None:
         settings = expand_settings(params)

@@ -13,7 +13,7 @@ import html
 import io
 from typing import Optional
 
-from pipeline.reporting import LOAD_PARTS, RECIPE_ORDER, fastest, fmt, quantized_slower, size_mb
+from edgepipe.pipeline.reporting import LOAD_PARTS, RECIPE_ORDER, fastest, fmt, quantized_slower, size_mb
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222;max-width:1200px}

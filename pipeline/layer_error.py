@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from pipeline.tfenv import captured_output, import_tf, last_error_line
+from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line
 
 ROUNDING_NOISE = 1.0 / math.sqrt(12.0)
 
@@ -166,8 +166,8 @@ def layer_errors(bundle_path, reference=None, top: int = 10) -> list:
     folder, count and seed) with TensorFlow's QuantizationDebugger; returns
     ``LayerError.to_dict()`` rows, worst first.
     """
-    from pipeline import calibration
-    from pipeline.evaluate import EvalError, KerasReference, find_reference, open_bundle
+    from edgepipe.pipeline import calibration
+    from edgepipe.pipeline.evaluate import EvalError, KerasReference, find_reference, open_bundle
 
     b = open_bundle(Path(bundle_path))
     m = b.manifest

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from device.bundle import ColorOrder, Preprocess, ResizeMode
+from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode
 
 
 @dataclass(frozen=True)

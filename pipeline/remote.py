@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from device.http import ClientError, request
+from edgepipe.device.http import ClientError, request
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ def pack_bundle(path: os.PathLike) -> PackedBundle:
     The same bundle always gives the same bytes, so its sha256 names it on
     every device and re-deploying is a no-op.
     """
-    from device.bundle import load_bundle
+    from edgepipe.device.bundle import load_bundle
 
     b = load_bundle(path)  # refuses broken bundles before anything is sent
     root = Path(path)

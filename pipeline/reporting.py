@@ -201,7 +201,7 @@ def load_baseline(path: Path) -> list:
     if not path.exists():
         raise ValueError(f"{path}: no such baseline file")
     if path.suffix in (".db", ".sqlite", ".sqlite3"):
-        from pipeline.store import Store
+        from edgepipe.pipeline.store import Store
         with Store(path) as s:
             return latest(row(r) for r in s.query())
     try:

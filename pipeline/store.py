@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-from device.paths import user_dir
+from edgepipe.device.paths import user_dir
 
 SCHEMA_VERSION = 1
 

@@ -43,8 +43,8 @@ wait_http() {  # wait_http URL: until /healthz-style URL answers (max ~30 s)
 }
 
 echo "== 1. sample model: pretrained ImageNet MobileNetV2 (torchvision weights, built without torch)"
-model="$($py -c 'from pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())')"
-labels="$($py -c 'from pipeline.samples import imagenet_labels_path; print(imagenet_labels_path())')"
+model="$($py -c 'from edgepipe.pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())')"
+labels="$($py -c 'from edgepipe.pipeline.samples import imagenet_labels_path; print(imagenet_labels_path())')"
 echo "   $model"
 
 echo "== 2. convert with all recipes (calibration on the sample photos)"

@@ -33,7 +33,7 @@ H, W, C, K = 8, 8, 3, 4
 
 def _tf():
     sys.path.insert(0, str(ROOT))
-    from pipeline.tfenv import import_tf  # quiet import (fd-level)
+    from edgepipe.pipeline.tfenv import import_tf  # quiet import (fd-level)
 
     return import_tf()
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         "int8_io.tflite": convert(tf, model, "int8"),
         "uint8_io.tflite": convert(tf, model, "uint8"),
         "two_outputs.tflite": convert(tf, build_keras(tf, two_outputs=True)),
-        # The layout tflite-runtime 2.14 segfaults on under ARM; device.runtime refuses it there.
+        # The layout tflite-runtime 2.14 segfaults on under ARM; edgepipe.device.runtime refuses it there.
         "int8_no_bias.tflite": convert(tf, build_keras(tf, bias=False), "int8"),
     }
     files["custom_op.tflite"] = with_custom_first_op(files["float.tflite"], "EdgepipeTestOp")

@@ -4,14 +4,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from device.bundle import Manifest, sha256_file, write_manifest
+from edgepipe.device.bundle import Manifest, sha256_file, write_manifest
 
 MODELS = Path(__file__).resolve().parent / "data" / "models"
 
 
 def make_bundle(root: Path, model: str, name: str, recipe: str) -> Path:
     """``root/name`` holding ``tests/data/models/<model>`` and a manifest describing it."""
-    from device.runtime import load_model
+    from edgepipe.device.runtime import load_model
 
     d = root / name
     d.mkdir(parents=True)

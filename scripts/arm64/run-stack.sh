@@ -24,7 +24,7 @@ bin="$cache/bin-$stack"
 mkdir -p "$bin"
 ln -sf "$py" "$bin/python3"
 ln -sf "$py" "$bin/python"
-for cmd in edgerun:device.cli edgepipe:pipeline.cli; do
+for cmd in edgerun:edgepipe.device.cli edgepipe:edgepipe.pipeline.cli; do
     printf '#!%s\nimport sys\nfrom %s import main\nsys.exit(main())\n' "$py" "${cmd#*:}" > "$bin/${cmd%%:*}"
     chmod +x "$bin/${cmd%%:*}"
 done

@@ -7,8 +7,8 @@ equally. Printed: the median of the per-round ratios (each round's edgerun
 p50 over the bare p50 measured right before it; target <= 1.02), and the
 ratio of the median per-round p50s.
 Default mode: one process holds a bare ``Interpreter(model_path=...)`` and a
-``device.runtime.load_model`` model side by side and alternates a bare loop
-with ``device.bench.run_bench`` (what `edgerun bench` runs), which removes
+``edgepipe.device.runtime.load_model`` model side by side and alternates a bare loop
+with ``edgepipe.device.bench.run_bench`` (what `edgerun bench` runs), which removes
 process-to-process variance. ``--cli`` instead runs the `edgerun bench`
 command and a bare-loop script as fresh processes per round (noisier).
 No assertion: this machine is shared and noisy, the figure is for the README.
@@ -78,7 +78,7 @@ def ensure_bundles(directory: Path, recipes, name: str = "mobilenet_v2") -> dict
         if not EDGEPIPE.exists():
             sys.exit(f"bundles missing in {directory} and {EDGEPIPE} not found: build them with edgepipe convert")
         print(f"building {', '.join(missing)} bundle(s) into {directory} (one-off, takes a minute) ...", flush=True)
-        model = subprocess.run([str(HOST_PY), "-c", "from pipeline.samples import mobilenet_v2_keras as m; print(m())"],
+        model = subprocess.run([str(HOST_PY), "-c", "from edgepipe.pipeline.samples import mobilenet_v2_keras as m; print(m())"],
                                capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().splitlines()[-1]
         cmd = [str(EDGEPIPE), "convert", model, "--recipes", ",".join(missing), "--out", str(directory),
                "--calib", str(ROOT / "sample_data" / "images"), "--name", name,
@@ -96,7 +96,7 @@ def bare_p50(model: Path, threads: int, runs: int, warmup: int) -> float:
 
 
 def edgerun_p50(bundle: Path, threads: int, runs: int, warmup: int) -> float:
-    cmd = [sys.executable, "-m", "device.cli", "bench", str(bundle), "--runs", str(runs), "--warmup", str(warmup),
+    cmd = [sys.executable, "-m", "edgepipe.device.cli", "bench", str(bundle), "--runs", str(runs), "--warmup", str(warmup),
            "--min-secs", "0", "--json"]
     if threads > 0:
         cmd += ["--threads", str(threads)]
@@ -110,8 +110,8 @@ INPROC = textwrap.dedent("""
     import sys, time, json
     import numpy as np
     from ai_edge_litert.interpreter import Interpreter
-    from device.bench import run_bench
-    from device.runtime import load_model
+    from edgepipe.device.bench import run_bench
+    from edgepipe.device.runtime import load_model
     bundle, threads, runs, warmup, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     thr = threads if threads > 0 else None
     it = Interpreter(model_path=bundle + "/model.tflite", num_threads=thr)

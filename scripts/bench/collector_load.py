@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Collector ingest rate: 50 concurrent senders -> `edgepipe serve` on loopback.
 
-Starts the real collector (`python -m pipeline.cli serve`) as a separate
+Starts the real collector (`python -m edgepipe.pipeline.cli serve`) as a separate
 process with a fresh SQLite DB, then N sender threads in this process each
 POST reports; then the same burst again the way a device delivers (spool on
 disk, POST, remove on ack). Prints reports/s ingested and how many were lost
@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from device.http import request  # noqa: E402
-from device.report import new_report  # noqa: E402
-from device.send import Spool, send_report  # noqa: E402
+from edgepipe.device.http import request  # noqa: E402
+from edgepipe.device.report import new_report  # noqa: E402
+from edgepipe.device.send import Spool, send_report  # noqa: E402
 
 TOKEN = "load-test-token"
 
@@ -120,7 +120,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="edgepipe-load-"))
     db = tmp / "results.db"
     env = dict(os.environ, EDGEPIPE_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", "0", "--db", str(db),
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe.pipeline.cli", "serve", "--port", "0", "--db", str(db),
                              "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -131,7 +131,7 @@ def main() -> int:
         print(f"collector_load: `edgepipe serve` on loopback, fresh SQLite DB "
               f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; figures are noisy)")
         rate, lost = run("post", url, proc, tmp, args.senders, args.per_sender)
-        # Same burst through device.send: on one box the senders' spool fsyncs
+        # Same burst through edgepipe.device.send: on one box the senders' spool fsyncs
         # compete with the collector; on real devices each has its own disk.
         _, lost2 = run("send", url, proc, tmp, args.senders, args.per_sender)
         ok = rate >= 1000 and lost == 0 and lost2 == 0

@@ -35,12 +35,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-count", type=int, default=32)
     args = ap.parse_args()
-    from pipeline.samples import imagenet_labels_path, mobilenet_v2_keras, sample_images_dir
+    from edgepipe.pipeline.samples import imagenet_labels_path, mobilenet_v2_keras, sample_images_dir
 
     model = mobilenet_v2_keras()
     work = Path(tempfile.mkdtemp(prefix="edgepipe-bench-cache-"))
     try:
-        cmd = [sys.executable, "-m", "pipeline.cli", "convert", str(model), "--recipes", "all",
+        cmd = [sys.executable, "-m", "edgepipe.pipeline.cli", "convert", str(model), "--recipes", "all",
                "--preprocess", "imagenet", "--labels", str(imagenet_labels_path()),
                "--calib", str(sample_images_dir()), "--calib-count", str(args.calib_count),
                "--cache-dir", str(work / "cache"), "--out", str(work / "bundles"), "--json"]

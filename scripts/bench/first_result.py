@@ -32,15 +32,15 @@ BREAKDOWN = textwrap.dedent("""
     t = [c()]
     import numpy
     t.append(c())
-    from device.runtime import get_backend, load_model
+    from edgepipe.device.runtime import get_backend, load_model
     get_backend()
     t.append(c())
-    from device.bundle import load_bundle
+    from edgepipe.device.bundle import load_bundle
     b = load_bundle(sys.argv[1])
     t.append(c())
     m = load_model(b.model_path)
     t.append(c())
-    from device.preprocess import load_image, to_model_input
+    from edgepipe.device.preprocess import load_image, to_model_input
     pre = b.manifest.preprocess
     x = to_model_input(load_image(sys.argv[2], pre), pre, m.inputs[0])
     t.append(c())
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     bundle = ensure_bundles(args.bundles or cache_root() / "bench-bundles", [args.recipe])[args.recipe]
     py = sys.executable
-    run = [py, "-m", "device.cli", "run", str(bundle), "--source", str(IMAGE), "--max-frames", "1", "-q"]
+    run = [py, "-m", "edgepipe.device.cli", "run", str(bundle), "--source", str(IMAGE), "--max-frames", "1", "-q"]
     time_to_first_line(run)  # page cache warm-up, not counted
     firsts, bare, numpy_ = [], [], []
     for _ in range(args.repeats):  # interleaved so load drift hits all three alike

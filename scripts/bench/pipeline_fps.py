@@ -39,10 +39,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from device.bundle import load_bundle  # noqa: E402
-from device.preprocess import list_images, load_image, to_model_input  # noqa: E402
-from device.runner import _cores, run_source  # noqa: E402
-from device.runtime import load_model  # noqa: E402
+from edgepipe.device.bundle import load_bundle  # noqa: E402
+from edgepipe.device.preprocess import list_images, load_image, to_model_input  # noqa: E402
+from edgepipe.device.runner import _cores, run_source  # noqa: E402
+from edgepipe.device.runtime import load_model  # noqa: E402
 
 DEFAULT_OUT = ROOT / ".cache" / "edgepipe" / "bench-bundles"
 
@@ -53,7 +53,7 @@ def default_bundle() -> Path:
         return b
     edgepipe = ROOT / ".venv" / "bin" / "edgepipe"
     keras = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c",
-                            "from pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())"],
+                            "from edgepipe.pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())"],
                            capture_output=True, text=True, cwd=ROOT)
     if keras.returncode != 0 or not edgepipe.exists():
         raise SystemExit("no --bundle given and the sample MobileNetV2 cannot be built here: " +

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fast preprocessing (device.preprocess.load_image) vs naive PIL, on real photos at 1280x720 and 1920x1080.
+"""Fast preprocessing (edgepipe.device.preprocess.load_image) vs naive PIL, on real photos at 1280x720 and 1920x1080.
 
 Naive = what most scripts do: ``Image.open(p).convert("RGB").resize(size, BILINEAR)``
 then ``(np.asarray(img, float32) - mean) / std``. Fast = JPEG DCT-scaled
@@ -14,7 +14,7 @@ times over the rounds, all within this one run. Targets: >= 2x at
 
 Also printed: how far the two outputs are apart, in 0..255 pixel levels (the
 naive path rounds to 8 bits after a full-size decode; the fast path decodes
-with DCT scaling), and the fast path against device.preprocess's reference
+with DCT scaling), and the fast path against edgepipe.device.preprocess's reference
 implementation of the same decode (must be 0).
 
     .venv-device/bin/python scripts/bench/preprocess_speed.py [--bundle DIR] [--rounds 7]
@@ -34,8 +34,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from device.bundle import ColorOrder, Preprocess, ResizeMode, load_bundle  # noqa: E402
-from device.preprocess import crop_box, load_image, reference_preprocess  # noqa: E402
+from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode, load_bundle  # noqa: E402
+from edgepipe.device.preprocess import crop_box, load_image, reference_preprocess  # noqa: E402
 
 SIZES = ((1280, 720, 2.0), (1920, 1080, 3.0))
 MOBILENET = Preprocess(224, 224, mean=(127.5,) * 3, std=(127.5,) * 3, preset="mobilenet")

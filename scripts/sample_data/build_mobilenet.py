@@ -21,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline import samples  # noqa: E402
+from edgepipe.pipeline import samples  # noqa: E402
 
 
 def main() -> int:
@@ -37,8 +37,8 @@ def main() -> int:
         return 1
     print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
-    from pipeline import mobilenet_v2
-    from pipeline.tfenv import import_tf
+    from edgepipe.pipeline import mobilenet_v2
+    from edgepipe.pipeline.tfenv import import_tf
 
     import_tf()
     import keras

@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pipeline import samples  # noqa: E402
+from edgepipe.pipeline import samples  # noqa: E402
 
 SOURCE = Path("/usr/share/doc/opencv-doc/examples")
 # (path under SOURCE, committed file name)

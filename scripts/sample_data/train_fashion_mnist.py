@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline import samples  # noqa: E402
+from edgepipe.pipeline import samples  # noqa: E402
 
 SEED = 20240601
 
@@ -100,7 +100,7 @@ def main() -> int:
     if args.data_only:
         return 0
 
-    from pipeline.tfenv import import_tf
+    from edgepipe.pipeline.tfenv import import_tf
 
     import_tf()
     import keras

@@ -27,7 +27,7 @@ EMULATED = os.environ.get("EDGEPIPE_EMULATED", "") not in ("", "0")
 
 
 def _edgetpu_present() -> bool:
-    from device.delegates import edgetpu_devices, find_delegates
+    from edgepipe.device.delegates import edgetpu_devices, find_delegates
 
     return bool(find_delegates()["edgetpu"]["available"] and edgetpu_devices())
 
@@ -135,9 +135,9 @@ def make_bundle(tmp_path):
     Writes model.tflite + a manifest whose tensors come from the runtime's own
     view of the model, like ``edgepipe convert`` does.
     """
-    from device.bundle import (LABELS, MODEL, Manifest, Preprocess, Quantization, Task, TensorInfo,
+    from edgepipe.device.bundle import (LABELS, MODEL, Manifest, Preprocess, Quantization, Task, TensorInfo,
                                sha256_file, write_manifest)
-    from device.runtime import load_model
+    from edgepipe.device.runtime import load_model
 
     def make(model: Path, *, name: str = "tiny", recipe: str = "fp32", labels=None, preprocess=None,
              task: str = "classification", directory: Path | None = None) -> Path:
@@ -172,7 +172,7 @@ def make_bundle(tmp_path):
 def backend():
     """``(name, version)`` of the runtime load_model picks here (ai_edge_litert on x86,
     tflite_runtime on the arm64 tflite-runtime stack)."""
-    from device.runtime import available_backends
+    from edgepipe.device.runtime import available_backends
 
     found = available_backends()
     if not found:
@@ -209,7 +209,7 @@ def edgerun():
     def run(*args, env=None, timeout=120, cwd=None):
         e = dict(os.environ)
         e.update(env or {})
-        return subprocess.run([sys.executable, "-m", "device.cli", *map(str, args)], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "edgepipe.device.cli", *map(str, args)], capture_output=True,
                               text=True, timeout=timeout, env=e, cwd=cwd or ROOT)
 
     return run

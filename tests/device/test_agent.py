@@ -1,6 +1,6 @@
 """`edgerun agent` on loopback: tokens, bundle uploads, the job lifecycle, warm loads.
 
-Real HTTP server, real bundle store, real bench (device.bench.run_bench) on the
+Real HTTP server, real bundle store, real bench (edgepipe.device.bench.run_bench) on the
 tiny committed models. No TensorFlow, no pipeline imports.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from device.agent import Agent, AgentServer
-from device.bundle_store import BundleStore
+from edgepipe.device.agent import Agent, AgentServer
+from edgepipe.device.bundle_store import BundleStore
 from bundle_factory import make_bundle
-from device.http import ClientError, request
+from edgepipe.device.http import ClientError, request
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 TOKEN = "s3cret-token"
@@ -244,7 +244,7 @@ def test_run_job_over_real_photos(agent, tmp_path):
 def test_agent_command_refuses_open_bind_without_token(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from device.cli import main as edgerun
+    from edgepipe.device.cli import main as edgerun
 
     monkeypatch.delenv("EDGERUN_TOKEN", raising=False)
     res = CliRunner().invoke(edgerun, ["agent", "--host", "0.0.0.0", "--port", "0",
@@ -263,7 +263,7 @@ def test_agent_command_serves_and_stops_cleanly(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k not in ("EDGERUN_TOKEN",)}
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "device.cli", "agent", "--port", "0", "--store", str(tmp_path / "store")]
+    cmd = [sys.executable, "-m", "edgepipe.device.cli", "agent", "--port", "0", "--store", str(tmp_path / "store")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
     try:
         line = proc.stdout.readline()
@@ -289,7 +289,7 @@ def test_port_in_use_is_a_one_line_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "device.cli", "agent", "--port", str(port),
+        proc = subprocess.run([sys.executable, "-m", "edgepipe.device.cli", "agent", "--port", str(port),
                                "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -2,8 +2,8 @@
 
 The same committed models (tests/data/models) and the same inputs (real photos
 from sample_data/images plus a seeded synthetic PNG and seeded random tensors)
-go through ``device.preprocess.load_image``, ``load_model(...).predict`` and the
-runner (``device.runner.run_source`` over a folder, pipelined and sequential).
+go through ``edgepipe.device.preprocess.load_image``, ``load_model(...).predict`` and the
+runner (``edgepipe.device.runner.run_source`` over a folder, pipelined and sequential).
 
 * On x86, ``scripts/test-arm64.sh`` runs this file with
   ``EDGEPIPE_ARM64_REFERENCE=<path>`` set, which writes the observations there
@@ -38,10 +38,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import ColorOrder, Preprocess, ResizeMode
-from device.preprocess import list_images, load_image
-from device.runner import run_source
-from device.runtime import load_model
+from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode
+from edgepipe.device.preprocess import list_images, load_image
+from edgepipe.device.runner import run_source
+from edgepipe.device.runtime import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = ROOT / "tests" / "data" / "models"

@@ -1,4 +1,4 @@
-"""device.bench / device.inputs / device.report and `edgerun bench` end to end."""
+"""edgepipe.device.bench / edgepipe.device.inputs / edgepipe.device.report and `edgerun bench` end to end."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.bench import BenchError, model_for, resource_warnings as _warnings, run_bench, run_matrix
-from device.bundle import BundleError
-from device.inputs import assumed_preprocess, random_inputs
-from device.report import (ReportError, format_comparison, format_summary, new_report, report_problems,
+from edgepipe.device.bench import BenchError, model_for, resource_warnings as _warnings, run_bench, run_matrix
+from edgepipe.device.bundle import BundleError
+from edgepipe.device.inputs import assumed_preprocess, random_inputs
+from edgepipe.device.report import (ReportError, format_comparison, format_summary, new_report, report_problems,
                            validate_report)
-from device.runtime import CpuFallback, RuntimeLoadError, load_model
+from edgepipe.device.runtime import CpuFallback, RuntimeLoadError, load_model
 
 FAST = dict(runs=5, warmup=1, min_secs=0.0)
 
@@ -85,12 +85,12 @@ def test_plain_tflite_states_assumptions(int8_io_model, assert_valid_report):
 
 
 def test_real_images_through_manifest_preprocessing(int8_bundle, images_dir, assert_valid_report):
-    pre = pytest.importorskip("device.preprocess")
+    pre = pytest.importorskip("edgepipe.device.preprocess")
     r = assert_valid_report(run_bench(int8_bundle, input=str(images_dir), **FAST))
     assert r["input"]["kind"] == "images" and r["input"]["count"] == 4 and r["input"]["skipped"] == 1
     # the bench feeds exactly what the runner would: preprocess + quantize of the first image
-    from device.bundle import load_bundle
-    from device.inputs import image_inputs
+    from edgepipe.device.bundle import load_bundle
+    from edgepipe.device.inputs import image_inputs
 
     b = load_bundle(int8_bundle)
     m = load_model(b.model_path)
@@ -101,7 +101,7 @@ def test_real_images_through_manifest_preprocessing(int8_bundle, images_dir, ass
 
 
 def test_bad_image_folder(int8_bundle, tmp_path):
-    pytest.importorskip("device.preprocess")
+    pytest.importorskip("edgepipe.device.preprocess")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BenchError, match="no readable images"):
         run_bench(int8_bundle, input=str(tmp_path / "empty"), **FAST)
@@ -135,7 +135,7 @@ def test_matrix_runs_every_pair_in_order(int8_bundle, noop_delegate):
 
 
 def test_matrix_error_policy(int8_bundle):
-    from device.delegates import find_delegates
+    from edgepipe.device.delegates import find_delegates
 
     if find_delegates()["gpu"]["available"]:
         pytest.skip("a GPU delegate is installed here")
@@ -156,7 +156,7 @@ def test_random_inputs_seeded_dtype_and_range(uint8_io_model, float_model):
     assert a.dtype == np.uint8 and a.shape == (1, 8, 8, 3)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert a.min() < 20 and a.max() > 235  # the whole uint8 range is used
-    from device.bundle import Preprocess
+    from edgepipe.device.bundle import Preprocess
 
     pre = Preprocess(8, 8, mean=(127.5,) * 3, std=(127.5,) * 3)
     q = random_inputs(spec, pre, seed=0).sets[0][0]  # pixels -> [-1, 1] -> quantized
@@ -301,7 +301,7 @@ def test_cli_bench_bad_input_one_line_no_traceback(case, make_bundle, float_mode
             args = ["--input", str(tmp_path / "no-images")]
     from click.testing import CliRunner
 
-    from device.cli import main
+    from edgepipe.device.cli import main
 
     res = CliRunner().invoke(main, ["bench", str(target), "--runs", "2", "--min-secs", "0", *args])
     assert res.exit_code != 0
@@ -320,7 +320,7 @@ def test_cli_bench_bad_input_one_line_no_traceback(case, make_bundle, float_mode
 
 
 def test_edgetpu_delegate_picks_the_compiled_model(make_bundle, float_model, edgetpu_like_model):
-    from device.bundle import EDGETPU_MODEL, load_bundle
+    from edgepipe.device.bundle import EDGETPU_MODEL, load_bundle
 
     d = make_bundle(float_model)
     b = load_bundle(d)
@@ -341,7 +341,7 @@ def test_bundle_error_is_raised_for_wrong_schema(make_bundle, float_model):
 
 
 def test_plain_tflite_with_real_images_uses_assumed_preprocessing(uint8_io_model, images_dir, assert_valid_report):
-    pytest.importorskip("device.preprocess")
+    pytest.importorskip("edgepipe.device.preprocess")
     r = assert_valid_report(run_bench(uint8_io_model, input=str(images_dir), **FAST))
     assert r["input"]["kind"] == "images" and r["input"]["count"] == 4
     assert any("no manifest: 8x8 rgb" in a for a in r["input"]["assumed"])

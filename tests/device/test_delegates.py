@@ -1,4 +1,4 @@
-"""device.delegates: delegate specs, loading failures with reasons, CPU fallback counts."""
+"""edgepipe.device.delegates: delegate specs, loading failures with reasons, CPU fallback counts."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from device import delegates as dl
-from device.runtime import RuntimeLoadError, load_model, parse_delegate
+from edgepipe.device import delegates as dl
+from edgepipe.device.runtime import RuntimeLoadError, load_model, parse_delegate
 
 
 

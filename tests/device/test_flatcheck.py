@@ -15,14 +15,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_flatcheck_accepts_every_good_model(models_dir):
-    from device.flatcheck import problem
+    from edgepipe.device.flatcheck import problem
 
     for name in ("float", "int8_float_io", "int8_io", "uint8_io", "two_outputs", "custom_op", "edgetpu_like"):
         assert problem((models_dir / f"{name}.tflite").read_bytes()) is None, name
 
 
 def test_flatcheck_catches_every_truncation(float_model, two_output_model):
-    from device.flatcheck import problem
+    from edgepipe.device.flatcheck import problem
 
     for model in (float_model, two_output_model):
         data = model.read_bytes()
@@ -31,7 +31,7 @@ def test_flatcheck_catches_every_truncation(float_model, two_output_model):
 
 
 def test_flatcheck_catches_root_offset_past_the_end(float_model):
-    from device.flatcheck import problem
+    from edgepipe.device.flatcheck import problem
 
     data = bytearray(float_model.read_bytes())
     data[0:4] = (len(data) + 8).to_bytes(4, "little")  # root table past the end
@@ -42,7 +42,7 @@ def test_truncated_models_never_crash_the_runtime(float_model, int8_io_model):
     # In a child process: a runtime that segfaults on a bad buffer (tflite-runtime
     # 2.14 does without our pre-check) must show up as a failure, not kill pytest.
     code = textwrap.dedent(f"""
-        from device.runtime import load_model, RuntimeLoadError
+        from edgepipe.device.runtime import load_model, RuntimeLoadError
         ok = errors = 0
         for path in ({str(float_model)!r}, {str(int8_io_model)!r}):
             data = open(path, 'rb').read()
@@ -67,7 +67,7 @@ def test_truncated_models_never_crash_the_runtime(float_model, int8_io_model):
 
 
 def test_operators_summary(int8_no_bias_model, int8_io_model):
-    from device.flatcheck import FULLY_CONNECTED, operators
+    from edgepipe.device.flatcheck import FULLY_CONNECTED, operators
 
     ops = operators(int8_no_bias_model.read_bytes())
     fc = [o for o in ops if o["code"] == FULLY_CONNECTED]
@@ -79,7 +79,7 @@ def test_operators_summary(int8_no_bias_model, int8_io_model):
 
 
 def test_known_tflite_runtime_crash_is_refused_on_arm(int8_no_bias_model, int8_io_model):
-    from device.flatcheck import known_crash
+    from edgepipe.device.flatcheck import known_crash
 
     data = int8_no_bias_model.read_bytes()
     assert "crashes on ARM" in known_crash("tflite_runtime", "2.14.0", data, machine="aarch64")
@@ -92,7 +92,7 @@ def test_known_tflite_runtime_crash_is_refused_on_arm(int8_no_bias_model, int8_i
 
 def test_int8_no_bias_model_loads_or_is_refused_never_crashes(int8_no_bias_model, backend):
     # In a child process so that a crash would be a failure, not a dead test run.
-    code = (f"from device.runtime import load_model, RuntimeLoadError\nimport numpy as np\n"
+    code = (f"from edgepipe.device.runtime import load_model, RuntimeLoadError\nimport numpy as np\n"
             f"try:\n    m = load_model({str(int8_no_bias_model)!r})\n"
             "    print('ran', m.predict([np.zeros(m.inputs[0].shape, np.float32)])[0].shape)\n"
             "except RuntimeLoadError as e:\n    print('refused', e)\n")

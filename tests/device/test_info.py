@@ -1,4 +1,4 @@
-"""device.sysinfo on fake /proc + /sys trees made of real files, and `edgerun info`."""
+"""edgepipe.device.sysinfo on fake /proc + /sys trees made of real files, and `edgerun info`."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from device import sysinfo
+from edgepipe.device import sysinfo
 
 
 def write(root: Path, rel: str, text) -> None:

@@ -1,7 +1,7 @@
 """Per-user locations: environment override, XDG variables, home-directory defaults."""
 from pathlib import Path
 
-from device.paths import user_dir
+from edgepipe.device.paths import user_dir
 
 
 def test_env_override_wins(monkeypatch, tmp_path):

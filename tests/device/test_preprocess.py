@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.bundle import ColorOrder, Preprocess, ResizeMode
-from device.preprocess import (
+from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode
+from edgepipe.device.preprocess import (
     ImageError, crop_box, jpeg_draft_scale, list_images, load_image, reference_preprocess, to_model_input)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,7 +207,7 @@ def test_to_model_input_layout_and_quantization(photos):
 
 
 def test_runtime_tensorspec_quantizes_like_the_contract(photos):
-    runtime = pytest.importorskip("device.runtime")
+    runtime = pytest.importorskip("edgepipe.device.runtime")
     spec = runtime.TensorSpec(index=0, name="x", shape=(1, 224, 224, 3), dtype="uint8", scale=1 / 127.5,
                               zero_point=128)
     m = load_image(photos["jpeg"][0], MOBILENET)

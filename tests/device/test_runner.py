@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import BundleError
-from device.postprocess import Postprocessor, json_line
-from device.preprocess import load_image, to_model_input
-from device.runner import RunError, run_source
-from device.sources import SourceError
+from edgepipe.device.bundle import BundleError
+from edgepipe.device.postprocess import Postprocessor, json_line
+from edgepipe.device.preprocess import load_image, to_model_input
+from edgepipe.device.runner import RunError, run_source
+from edgepipe.device.sources import SourceError
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "sample_data" / "images"
@@ -84,8 +84,8 @@ def test_pipelined_equals_sequential_on_a_folder(float_bundle, photos, assert_va
 
 def test_predictions_match_a_direct_invoke(int8_bundle, photos):
     """The runner's numbers are the model's: same preprocess + invoke done by hand."""
-    from device.bundle import load_bundle
-    from device.runtime import load_model
+    from edgepipe.device.bundle import load_bundle
+    from edgepipe.device.runtime import load_model
 
     recs, _ = _run(int8_bundle, str(photos), pipeline=True, top_k=4, max_frames=3)
     b = load_bundle(int8_bundle)
@@ -137,7 +137,7 @@ def test_other_task_summarises_every_output(make_bundle, two_output_model, photo
 
 
 def test_warm_model_is_reused(float_bundle, photos):
-    from device.runtime import load_model
+    from edgepipe.device.runtime import load_model
 
     m = load_model(Path(float_bundle) / "model.tflite")
     recs, r = _run(float_bundle, str(photos), loaded=m, pipeline=True, max_frames=4)
@@ -183,7 +183,7 @@ def test_live_replay_counts_dropped_frames(int8_bundle, assert_valid_report):
 
 def test_bad_inputs_raise_one_line_errors(make_bundle, float_bundle, float_model, truncated_model,
                                           custom_op_model, tmp_path, photos):
-    from device.runtime import RuntimeLoadError
+    from edgepipe.device.runtime import RuntimeLoadError
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -227,7 +227,7 @@ def test_opencv_bgr_frames_are_converted_like_the_same_picture_on_disk(int8_bund
 
 
 def test_consumer_can_stop_the_run_cleanly(float_bundle, photos, assert_valid_report):
-    from device.runner import StopRun
+    from edgepipe.device.runner import StopRun
 
     seen = []
 
@@ -247,7 +247,7 @@ def test_consumer_can_stop_the_run_cleanly(float_bundle, photos, assert_valid_re
 def test_default_lanes_follow_the_costlier_stage(float_bundle, photos):
     """Auto lanes: the tiny model invokes in microseconds, preprocessing a photo takes milliseconds,
     so one interpreter keeps up and no copy is made; an explicit --lanes is obeyed."""
-    from device.runner import _cores
+    from edgepipe.device.runner import _cores
 
     _, r = _run(float_bundle, str(photos), pipeline=True)
     probe = r["settings"]["lane_probe"]

@@ -1,4 +1,4 @@
-"""device.runtime / device.delegates on the tiny committed models (no TensorFlow needed)."""
+"""edgepipe.device.runtime / edgepipe.device.delegates on the tiny committed models (no TensorFlow needed)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from device.runtime import (BACKENDS, LoadedModel, RuntimeLoadError, TensorSpec, available_backends,
+from edgepipe.device.runtime import (BACKENDS, LoadedModel, RuntimeLoadError, TensorSpec, available_backends,
                             get_backend, load_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,7 +112,7 @@ def _run_blocked(code: str, blocked) -> subprocess.CompletedProcess:
 
 def test_no_runtime_installed_gives_one_error_listing_pip_commands():
     out = _run_blocked("""
-        from device.runtime import load_model, RuntimeLoadError, available_backends
+        from edgepipe.device.runtime import load_model, RuntimeLoadError, available_backends
         assert available_backends() == [], available_backends()
         try:
             load_model('tests/data/models/float.tflite')
@@ -141,7 +141,7 @@ def test_fallback_skips_to_next_backend_when_first_is_absent():
     # tensorflow.lite, or reports none when TensorFlow is absent too (.venv-device).
     out = _run_blocked("""
         import numpy as np
-        from device.runtime import get_backend, load_model, RuntimeLoadError
+        from edgepipe.device.runtime import get_backend, load_model, RuntimeLoadError
         try:
             name = get_backend().info.name
         except RuntimeLoadError as e:
@@ -271,7 +271,7 @@ def test_bad_threads(float_model):
 
 
 def test_native_chatter_stays_off_stderr(float_model):
-    code = (f"from device.runtime import load_model; import numpy as np; m = load_model({str(float_model)!r}); "
+    code = (f"from edgepipe.device.runtime import load_model; import numpy as np; m = load_model({str(float_model)!r}); "
             "m.predict([np.zeros((1,8,8,3), np.float32)]); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "ok"
@@ -279,7 +279,7 @@ def test_native_chatter_stays_off_stderr(float_model):
 
 
 def test_default_threads_reports_what_ran(float_model, backend):
-    from device.runtime import DEFAULTS_TO_ONE_THREAD
+    from edgepipe.device.runtime import DEFAULTS_TO_ONE_THREAD
 
     m = load_model(float_model)
     assert m.threads == (1 if backend[0] in DEFAULTS_TO_ONE_THREAD else None)

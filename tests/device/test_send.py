@@ -1,6 +1,6 @@
 """Reports reach the host exactly once: spool, retries with backoff, lost replies.
 
-The collector here is a real HTTP server on loopback built from device.http
+The collector here is a real HTTP server on loopback built from edgepipe.device.http
 (device tests may not import pipeline); it is idempotent on the report id like
 the real one and can be told to fail, or to store a report and then drop the
 connection without answering (the lost-reply case). The host suite repeats
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from device.cli import main as edgerun
-from device.http import HTTPError_, JSONHandler, Server
-from device.report import new_report
-from device.send import Spool, deliver, send_report
+from edgepipe.device.cli import main as edgerun
+from edgepipe.device.http import HTTPError_, JSONHandler, Server
+from edgepipe.device.report import new_report
+from edgepipe.device.send import Spool, deliver, send_report
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 

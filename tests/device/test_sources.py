@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import ColorOrder
-from device.sources import LatestFrame, SourceError, open_source, replay_live, VideoSource
+from edgepipe.device.bundle import ColorOrder
+from edgepipe.device.sources import LatestFrame, SourceError, open_source, replay_live, VideoSource
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "sample_data" / "images"

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from device.tarsafe import UnsafeArchive, safe_extract
+from edgepipe.device.tarsafe import UnsafeArchive, safe_extract
 
 
 def make_tar(path, members):

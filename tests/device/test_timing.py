@@ -1,4 +1,4 @@
-"""device.timing: statistics on known inputs, agreement with numpy, stopwatch bookkeeping."""
+"""edgepipe.device.timing: statistics on known inputs, agreement with numpy, stopwatch bookkeeping."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from device.timing import STAT_KEYS, StageTimes, Stopwatch, ns_to_ms, percentile, stats
+from edgepipe.device.timing import STAT_KEYS, StageTimes, Stopwatch, ns_to_ms, percentile, stats
 
 
 def test_stats_on_known_values():

@@ -11,7 +11,7 @@ PHOTOS = REPO / "sample_data" / "images"
 
 @pytest.fixture(scope="session")
 def tf():
-    from pipeline.tfenv import import_tf
+    from edgepipe.pipeline.tfenv import import_tf
 
     return import_tf()
 
@@ -80,7 +80,7 @@ def cnn_h5(tf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cnn_savedmodel(tf, tmp_path_factory) -> Path:
-    from pipeline.tfenv import captured_output
+    from edgepipe.pipeline.tfenv import captured_output
 
     path = tmp_path_factory.mktemp("models") / "small_cnn_savedmodel"
     with captured_output():

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import pareto
-from pipeline.ablate_spec import SpecError, load_spec, parse_spec
+from edgepipe.pipeline import pareto
+from edgepipe.pipeline.ablate_spec import SpecError, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
 FM_TEST = REPO / "sample_data" / "fashion_mnist" / "test"
@@ -88,7 +88,7 @@ threads = [1, 2]
 
 def test_factory_grid_has_arch_knobs(tmp_path):
     spec = load_spec(_spec(tmp_path, BASE.replace('"sample:fashion_mnist"',
-                                                  '"factory:pipeline.factories:fashion_mnist_cnn"') + """
+                                                  '"factory:edgepipe.pipeline.factories:fashion_mnist_cnn"') + """
 [axes]
 width = [1.0, 0.5]
 remove = [[], ["head"]]
@@ -138,7 +138,7 @@ def test_bad_spec_files(tmp_path):
 
 
 def test_cli_bad_spec_is_one_line_without_traceback(tmp_path):
-    from pipeline.cli import main
+    from edgepipe.pipeline.cli import main
 
     p = _spec(tmp_path, BASE + '[axes]\nrecipe = ["int4"]\n')
     r = CliRunner().invoke(main, ["ablate", str(p), "--out", str(tmp_path / "o")])
@@ -163,8 +163,8 @@ def test_examples_are_valid_specs():
 def test_small_study_runs_and_resumes(tmp_path, monkeypatch):
     # A private conversion cache: the study really converts, and nothing lands in ~/.cache.
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
-    from pipeline.ablate import CACHE_FILE, load_cache, run_ablation, spec_digest
-    from pipeline.cli import main
+    from edgepipe.pipeline.ablate import CACHE_FILE, load_cache, run_ablation, spec_digest
+    from edgepipe.pipeline.cli import main
 
     p = _spec(tmp_path, BASE + """
 [data]
@@ -214,7 +214,7 @@ warmup = 1
 
 
 def test_cli_data_folder_without_images(tmp_path):
-    from pipeline.cli import main
+    from edgepipe.pipeline.cli import main
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -228,9 +228,9 @@ def test_cli_data_folder_without_images(tmp_path):
 @pytest.mark.host
 def test_study_timed_on_a_loopback_agent(tmp_path, monkeypatch):
     """`--device URL`: bundles are shipped to a real `edgerun agent` and timed there."""
-    from device.agent import Agent, AgentServer
-    from device.bundle_store import BundleStore
-    from pipeline.cli import main
+    from edgepipe.device.agent import Agent, AgentServer
+    from edgepipe.device.bundle_store import BundleStore
+    from edgepipe.pipeline.cli import main
 
     monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
     worker = Agent(BundleStore(tmp_path / "store"))

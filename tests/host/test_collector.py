@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from device.http import ClientError, request
-from device.report import new_report
-from device.send import Spool, deliver, send_report
-from pipeline.collector import CollectorServer
-from pipeline.store import Store
+from edgepipe.device.http import ClientError, request
+from edgepipe.device.report import new_report
+from edgepipe.device.send import Spool, deliver, send_report
+from edgepipe.pipeline.collector import CollectorServer
+from edgepipe.pipeline.store import Store
 
 TOKEN = "collector-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -233,13 +233,13 @@ def test_fifty_concurrent_reporters_lose_nothing(collector, tmp_path):
 def test_serve_command_end_to_end(tmp_path):
     env = dict(os.environ, EDGEPIPE_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
     db = tmp_path / "cli.db"
-    refused = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--host", "0.0.0.0",
+    refused = subprocess.run([sys.executable, "-m", "edgepipe.pipeline.cli", "serve", "--host", "0.0.0.0",
                               "--port", "0", "--db", str(db)],
                              env={k: v for k, v in env.items() if k != "EDGEPIPE_TOKEN"},
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert refused.returncode != 0 and "without a token" in refused.stderr
     assert "Traceback" not in refused.stderr
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--port", "0", "--db", str(db)],
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe.pipeline.cli", "serve", "--port", "0", "--db", str(db)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         line = proc.stdout.readline()
@@ -268,7 +268,7 @@ def test_fast_validation_never_accepts_what_jsonschema_refuses():
 
     import jsonschema
 
-    from pipeline.collector import compile_schema, report_schema
+    from edgepipe.pipeline.collector import compile_schema, report_schema
 
     schema = report_schema()
     fast, slow = compile_schema(schema), jsonschema.Draft202012Validator(schema)

@@ -8,12 +8,12 @@ import jsonschema
 import numpy as np
 import pytest
 
-from device.bundle import load_bundle
-from device.preprocess import list_images, load_image
-from device.runtime import load_model
-from pipeline.convert import ConvertRequest, convert_model
-from pipeline.preprocessing import PreprocessRequest
-from pipeline.recipes import RECIPES, parse_recipes
+from edgepipe.device.bundle import load_bundle
+from edgepipe.device.preprocess import list_images, load_image
+from edgepipe.device.runtime import load_model
+from edgepipe.pipeline.convert import ConvertRequest, convert_model
+from edgepipe.pipeline.preprocessing import PreprocessRequest
+from edgepipe.pipeline.recipes import RECIPES, parse_recipes
 
 pytestmark = pytest.mark.host
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "device/schemas/bundle.schema.json").read_text())
@@ -169,7 +169,7 @@ def test_input_size_on_a_fixed_size_functional_model(tf, tmp_path):
 
 
 def test_one_line_picks_the_error_line_of_a_traceback_like_message():
-    from pipeline.modelio import one_line
+    from edgepipe.pipeline.modelio import one_line
 
     msg = "in user code:\n\n    File \"x.py\", line 3\n        y = f(x)\n\n    ValueError: Input 0 is incompatible\n"
     assert one_line(ValueError(msg)) == "ValueError: Input 0 is incompatible"

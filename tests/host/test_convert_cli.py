@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.bundle_writer import write_bundle
-from pipeline.cli import main
+from edgepipe.pipeline.bundle_writer import write_bundle
+from edgepipe.pipeline.cli import main
 
 pytestmark = pytest.mark.host
 REPO = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ def test_tensorflow_noise_stays_out_of_user_output(cnn_keras, photos, tmp_path):
     env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "convert", str(cnn_keras), "--recipes", "fp32,int8",
+        [sys.executable, "-m", "edgepipe.pipeline.cli", "convert", str(cnn_keras), "--recipes", "fp32,int8",
          "--calib", str(photos), "--calib-count", "4", "--out", str(tmp_path / "o"), "--no-cache"],
         capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import edgetpu
+from edgepipe.pipeline import edgetpu
 
 SUMMARY = """Edge TPU Compiler version 16.0.384591198
 Started a compilation timeout timer of 180 seconds.

@@ -30,10 +30,10 @@ def expected_probs(c: int, level: int = 255) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pipeline.tfenv import captured_output, import_tf
-    from pipeline.convert import ConvertRequest, convert_model
-    from pipeline.preprocessing import PreprocessRequest
-    from pipeline.recipes import RECIPES
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline.convert import ConvertRequest, convert_model
+    from edgepipe.pipeline.preprocessing import PreprocessRequest
+    from edgepipe.pipeline.recipes import RECIPES
 
     tf = import_tf()
     keras = tf.keras
@@ -76,7 +76,7 @@ def world(tmp_path_factory):
 
 
 def test_known_outputs_accuracy_and_agreement(world):
-    from pipeline.evaluate import evaluate_bundles, load_inputs, open_bundle, run_bundle, load_dataset
+    from edgepipe.pipeline.evaluate import evaluate_bundles, load_inputs, open_bundle, run_bundle, load_dataset
 
     fp32, int8 = world["bundles"]["fp32"], world["bundles"]["int8"]
     res = evaluate_bundles([fp32, int8], world["data"])
@@ -104,7 +104,7 @@ def test_known_outputs_accuracy_and_agreement(world):
 def test_cli_table_json_and_db(world, tmp_path):
     import jsonschema
 
-    from pipeline.cli import main
+    from edgepipe.pipeline.cli import main
 
     fp32, int8 = world["bundles"]["fp32"], world["bundles"]["int8"]
     r = CliRunner().invoke(main, ["evaluate", str(fp32), str(int8), "--data", str(world["data"]),
@@ -117,7 +117,7 @@ def test_cli_table_json_and_db(world, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["stored"] == 1 and d["results"][0]["images"] == 5
-    from pipeline.store import Store
+    from edgepipe.pipeline.store import Store
 
     schema = json.loads((Path(__file__).resolve().parents[2] / "device" / "schemas" /
                          "report.schema.json").read_text())
@@ -129,7 +129,7 @@ def test_cli_table_json_and_db(world, tmp_path):
 
 
 def _run(args):
-    from pipeline.cli import main
+    from edgepipe.pipeline.cli import main
 
     r = CliRunner().invoke(main, ["evaluate", *map(str, args), "--quiet"])
     assert r.exit_code == 1, r.output
@@ -139,7 +139,7 @@ def _run(args):
 
 
 def test_bad_inputs(world, tmp_path):
-    from pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     fp32 = world["bundles"]["fp32"]
     empty = tmp_path / "empty"
@@ -172,7 +172,7 @@ def test_bad_inputs(world, tmp_path):
 
 
 def test_layers_lists_int8_error_per_layer(world):
-    from pipeline.cli import main
+    from edgepipe.pipeline.cli import main
 
     r = CliRunner().invoke(main, ["evaluate", str(world["bundles"]["int8"]), str(world["bundles"]["fp32"]),
                                   "--data", str(world["data"]), "--layers", "5", "--json"])

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from device.agent import Agent, AgentServer
-from device.bundle_store import BundleStore
+from edgepipe.device.agent import Agent, AgentServer
+from edgepipe.device.bundle_store import BundleStore
 from bundle_factory import make_bundle
-from pipeline.cli import main as edgepipe
-from pipeline.remote import AgentClient, pack_bundle
-from pipeline.store import Store
+from edgepipe.pipeline.cli import main as edgepipe
+from edgepipe.pipeline.remote import AgentClient, pack_bundle
+from edgepipe.pipeline.store import Store
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 TOKEN = "fleet-token"

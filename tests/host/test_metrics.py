@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
-from pipeline.metrics import MetricsError
+from edgepipe.pipeline import metrics
+from edgepipe.pipeline.metrics import MetricsError
 
 
 def test_topk_accuracy_known_values():

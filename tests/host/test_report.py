@@ -7,10 +7,10 @@ import re
 import pytest
 from click.testing import CliRunner
 
-from device.report import new_report
-from pipeline.cli import main as edgepipe
-from pipeline.reporting import compare, latest, quantized_slower, row
-from pipeline.store import Store
+from edgepipe.device.report import new_report
+from edgepipe.pipeline.cli import main as edgepipe
+from edgepipe.pipeline.reporting import compare, latest, quantized_slower, row
+from edgepipe.pipeline.store import Store
 
 P50 = {  # device -> recipe -> p50 ms; int8 is slower than fp32 on "pi3" (the classic complaint)
     "pi5": {"fp32": 20.0, "fp16": 20.3, "dynamic": 15.0, "int8": 8.0},

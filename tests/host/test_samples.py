@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import samples, torch_weights
+from edgepipe.pipeline import samples, torch_weights
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -253,7 +253,7 @@ def test_committed_fashion_model_accuracy_on_committed_subset():
 
 def _random_torchvision_state(rng, num_classes=10):
     """A state dict with torchvision's MobileNetV2 names and shapes, random values."""
-    from pipeline.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+    from edgepipe.pipeline.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
     state = {}
 
@@ -291,7 +291,7 @@ def _random_torchvision_state(rng, num_classes=10):
 
 def _torch_reference_logits(state, x_nhwc):
     """torchvision's MobileNetV2 forward in plain numpy, NCHW with torch's own weight layout."""
-    from pipeline.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+    from edgepipe.pipeline.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
     def conv(x, w, stride, groups=1):
         o, ipg, k, _ = w.shape
@@ -335,7 +335,7 @@ def _torch_reference_logits(state, x_nhwc):
 @pytest.mark.host
 def test_keras_mobilenet_v2_matches_torchvision_forward():
     keras = pytest.importorskip("keras")
-    from pipeline.mobilenet_v2 import build_mobilenet_v2
+    from edgepipe.pipeline.mobilenet_v2 import build_mobilenet_v2
 
     rng = np.random.default_rng(3)
     state = _random_torchvision_state(rng, num_classes=10)
@@ -355,7 +355,7 @@ def test_keras_mobilenet_v2_matches_torchvision_forward():
 @pytest.mark.host
 def test_keras_mobilenet_v2_default_shape():
     pytest.importorskip("keras")
-    from pipeline.mobilenet_v2 import build_mobilenet_v2
+    from edgepipe.pipeline.mobilenet_v2 import build_mobilenet_v2
 
     model = build_mobilenet_v2()
     assert model.input_shape == (None, 224, 224, 3)
@@ -367,7 +367,7 @@ def test_keras_mobilenet_v2_default_shape():
 @pytest.mark.slow
 def test_real_mobilenet_classifies_real_photos():
     keras = pytest.importorskip("keras")
-    from pipeline import mobilenet_v2
+    from edgepipe.pipeline import mobilenet_v2
 
     try:
         path = samples.mobilenet_v2_keras()

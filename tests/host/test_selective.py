@@ -8,9 +8,9 @@ pytestmark = pytest.mark.host
 
 @pytest.fixture(scope="module")
 def fm():
-    from device.bundle import ColorOrder, Preprocess
-    from pipeline import samples
-    from pipeline.evaluate import load_dataset, load_inputs
+    from edgepipe.device.bundle import ColorOrder, Preprocess
+    from edgepipe.pipeline import samples
+    from edgepipe.pipeline.evaluate import load_dataset, load_inputs
 
     spec = Preprocess(height=28, width=28, color=ColorOrder.GRAY, mean=(0.0,), std=(255.0,))
     ds = load_dataset(samples.fashion_mnist_test_dir(), limit=300)
@@ -19,7 +19,7 @@ def fm():
 
 
 def test_layer_names_from_tensor_names():
-    from pipeline.layer_error import keras_layer_name
+    from edgepipe.pipeline.layer_error import keras_layer_name
 
     assert keras_layer_name("functional_1/conv2_1/Relu;functional_1/conv2_1/BiasAdd") == "conv2"
     assert keras_layer_name("StatefulPartitionedCall_1:0") == "StatefulPartitionedCall_1:0"
@@ -27,8 +27,8 @@ def test_layer_names_from_tensor_names():
 
 def test_layer_error_ranks_a_clipped_layer_first():
     """A layer whose calibration range misses the real data loses most; it must rank first."""
-    from pipeline.layer_error import debug_int8
-    from pipeline.tfenv import import_tf
+    from edgepipe.pipeline.layer_error import debug_int8
+    from edgepipe.pipeline.tfenv import import_tf
 
     tf = import_tf()
     keras = tf.keras
@@ -52,9 +52,9 @@ def test_layer_error_ranks_a_clipped_layer_first():
 
 @pytest.mark.slow
 def test_selective_reaches_target_with_fewer_float_layers(fm):
-    from pipeline import metrics
-    from pipeline.selective import float_outputs, run_tflite, selective_int8
-    from pipeline.tfenv import captured_output, import_tf
+    from edgepipe.pipeline import metrics
+    from edgepipe.pipeline.selective import float_outputs, run_tflite, selective_int8
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     tf = import_tf()
     with captured_output():
@@ -78,7 +78,7 @@ def test_selective_reaches_target_with_fewer_float_layers(fm):
 
 
 def test_selective_rejects_bad_requests(fm):
-    from pipeline.selective import SelectiveError, selective_int8
+    from edgepipe.pipeline.selective import SelectiveError, selective_int8
 
     with pytest.raises(SelectiveError, match="only works with recipe int8"):
         selective_int8(fm["model"], "fp16", fm["x"][:2], None, 0.9)
@@ -94,9 +94,9 @@ def test_convert_target_agreement_records_float_layers(tmp_path):
 
     from click.testing import CliRunner
 
-    from device.bundle import load_bundle
-    from pipeline import samples
-    from pipeline.cli import main
+    from edgepipe.device.bundle import load_bundle
+    from edgepipe.pipeline import samples
+    from edgepipe.pipeline.cli import main
 
     calib = tmp_path / "calib"
     calib.mkdir()
@@ -118,7 +118,7 @@ def test_convert_target_agreement_records_float_layers(tmp_path):
     before = b.manifest.model_sha256
 
     # Judged on the 500 test images it does not; the search keeps a few layers in float.
-    from pipeline.selective import apply_to_bundle
+    from edgepipe.pipeline.selective import apply_to_bundle
 
     res = apply_to_bundle(path, samples.fashion_mnist_model_path(), 1.0,
                           eval_dir=samples.fashion_mnist_test_dir(), eval_limit=500)
