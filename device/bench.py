@@ -12,11 +12,12 @@ from typing import Callable, List, Optional, Sequence
 
 from edgepipe.device.bundle import Bundle, BundleError, load_bundle, sha256_file
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
+from edgepipe.device.errors import EdgepipeError
 
 HOT_TEMPERATURE_C = 80.0  # Raspberry Pi firmware soft limit starts at 80 C
 
 
-class BenchError(Exception):
+class BenchError(EdgepipeError):
     """A bench that cannot run; one line for the user."""
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
+from edgepipe.device.errors import EdgepipeError
 
 SCHEMA = "edgepipe.bundle/1"
 MANIFEST = "manifest.json"
@@ -26,7 +27,7 @@ EDGETPU_MODEL = "model_edgetpu.tflite"
 LABELS = "labels.txt"
 
 
-class BundleError(Exception):
+class BundleError(EdgepipeError):
     """A bundle or model that cannot be used; the message is one line for the user."""
 
 

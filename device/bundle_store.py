@@ -17,13 +17,14 @@ from typing import BinaryIO, Optional
 
 from edgepipe.device.bundle import MANIFEST, MODEL, BundleError, load_bundle
 from edgepipe.device.tarsafe import UnsafeArchive, safe_extract
+from edgepipe.device.errors import EdgepipeError
 
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_MAX_BYTES = 512 << 20
 INCOMING = ".incoming"
 
 
-class UploadError(Exception):
+class UploadError(EdgepipeError):
     """A refused upload; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, status: int, reason: str):

@@ -15,9 +15,10 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from edgepipe.device.errors import EdgepipeError
 
 
-class RuntimeLoadError(Exception):
+class RuntimeLoadError(EdgepipeError):
     """A model or delegate that cannot be loaded; the message is one actionable line."""
 
 

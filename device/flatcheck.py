@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import struct
 from typing import Callable, Dict, Optional, Tuple
+from edgepipe.device.errors import EdgepipeError
 
 _U8, _U16, _I32, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-class FlatbufferError(ValueError):
+class FlatbufferError(EdgepipeError, ValueError):
     """The file is not a well-formed TFLite model; the message says where."""
 
 

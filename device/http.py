@@ -17,13 +17,14 @@ import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
+from edgepipe.device.errors import EdgepipeError
 
 JSON_TYPE = "application/json"
 # Largest unwanted body we still read (and discard) before answering an error.
 DRAIN_LIMIT = 64 << 20
 
 
-class HTTPError_(Exception):
+class HTTPError_(EdgepipeError):
     """Raised inside a handler to answer with ``status`` and a one-line ``reason``."""
 
     def __init__(self, status: int, reason: str):
@@ -244,7 +245,7 @@ class JSONHandler(BaseHTTPRequestHandler):
 
 # -- client side -----------------------------------------------------------
 
-class ClientError(Exception):
+class ClientError(EdgepipeError):
     """An HTTP exchange that failed; ``status`` is None when nothing came back."""
 
     def __init__(self, message: str, status: Optional[int] = None, payload: Any = None):

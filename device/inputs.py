@@ -14,11 +14,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from edgepipe.device.bundle import Preprocess
+from edgepipe.device.errors import EdgepipeError
 
 MAX_IMAGES = 64  # real-image benches cycle through at most this many decoded inputs
 
 
-class InputError(ValueError):
+class InputError(EdgepipeError, ValueError):
     """Bench inputs that cannot be made; one line for the user."""
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode
+from edgepipe.device.errors import EdgepipeError
 
 # Extensions treated as images when listing a folder; everything else is
 # counted as skipped. Unreadable files with these extensions are the caller's
@@ -65,7 +66,7 @@ _FILTERS = {
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, Any]
 
 
-class ImageError(ValueError):
+class ImageError(EdgepipeError, ValueError):
     """An image that cannot be read or used; the message is one line."""
 
 

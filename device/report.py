@@ -16,13 +16,14 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+from edgepipe.device.errors import EdgepipeError
 
 SCHEMA = "edgepipe.report/1"
 SCHEMA_FILE = Path(__file__).with_name("schemas") / "report.schema.json"
 KINDS = ("bench", "run", "eval")
 
 
-class ReportError(ValueError):
+class ReportError(EdgepipeError, ValueError):
     """A report that does not match the schema; the message lists the problems."""
 
 

@@ -27,11 +27,12 @@ from edgepipe.device.postprocess import Postprocessor, infer_task
 from edgepipe.device.runloop import STAGES, FrameLoop, LoopStats, StopRun, make_prep, probe_lanes
 from edgepipe.device.sources import Source, SourceError, open_source
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
+from edgepipe.device.errors import EdgepipeError
 
 MAX_WARNED_SKIPS = 5
 
 
-class RunError(Exception):
+class RunError(EdgepipeError):
     """A run that cannot start; the message is one line for the user."""
 
 

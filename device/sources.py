@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 from edgepipe.device.bundle import ColorOrder
 from edgepipe.device.preprocess import IMAGE_EXTENSIONS, list_images
 from edgepipe.device.timing import now_ns, ns_to_ms
+from edgepipe.device.errors import EdgepipeError
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".h264",
                               ".mjpeg", ".mjpg", ".wmv", ".flv", ".3gp", ".ts"})
@@ -33,7 +34,7 @@ PICAMERA_HINT = ("install picamera2 from Raspberry Pi OS (sudo apt install pytho
 CAMERA_SIZE = (640, 480)  # requested from cameras; the model's resize happens in preprocessing
 
 
-class SourceError(Exception):
+class SourceError(EdgepipeError):
     """A source that cannot be opened or read; the message is one line for the user."""
 
 

@@ -23,11 +23,12 @@ import numpy as np
 
 from edgepipe.pipeline.ablate_spec import Point, Spec
 from edgepipe.pipeline.modelio import one_line, with_input_size
+from edgepipe.device.errors import EdgepipeError
 
 CACHE_FILE = "points.jsonl"
 
 
-class AblateError(RuntimeError):
+class AblateError(EdgepipeError, RuntimeError):
     """A study that cannot continue; one line for the user."""
 
 

@@ -41,6 +41,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from edgepipe.device.errors import EdgepipeError
 
 try:  # Python 3.11+
     import tomllib as _toml
@@ -60,7 +61,7 @@ BENCH_KEYS = {"runs", "warmup", "min_secs"}
 DELEGATES = ("cpu", "xnnpack", "edgetpu", "gpu")
 
 
-class SpecError(ValueError):
+class SpecError(EdgepipeError, ValueError):
     """An invalid spec; the message names the field."""
 
 

@@ -16,9 +16,10 @@ from typing import Callable, Optional
 
 from edgepipe.device.bundle import EDGETPU_MODEL, LABELS, MANIFEST, MODEL, Manifest, write_manifest
 from edgepipe.pipeline import edgetpu
+from edgepipe.device.errors import EdgepipeError
 
 
-class BundleWriteError(OSError):
+class BundleWriteError(EdgepipeError, OSError):
     """The output location cannot take the bundle; message is user-facing."""
 
     def __str__(self) -> str:  # OSError's default str adds errno noise

@@ -15,12 +15,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgepipe.device.bundle import Calibration, Preprocess
+from edgepipe.device.errors import EdgepipeError
 
 DEFAULT_COUNT = 100
 DEFAULT_SEED = 0
 
 
-class CalibrationError(ValueError):
+class CalibrationError(EdgepipeError, ValueError):
     """Unusable calibration folder; message is user-facing."""
 
 

@@ -24,9 +24,10 @@ from edgepipe.pipeline.bundle_writer import BundleWriteError, check_writable, wr
 from edgepipe.pipeline.preprocessing import PreprocessRequest, resolve
 from edgepipe.pipeline.recipes import Recipe
 from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line, tensorflow_version
+from edgepipe.device.errors import EdgepipeError
 
 
-class ConvertError(RuntimeError):
+class ConvertError(EdgepipeError, RuntimeError):
     """A conversion that cannot proceed; message is user-facing."""
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Optional
+from edgepipe.device.errors import EdgepipeError
 
 COMPILER = "edgetpu_compiler"
 MAPPED = "Mapped to Edge TPU"
@@ -33,7 +34,7 @@ _INT_FIELDS = {
 _OP_ROW = re.compile(r"^([A-Z][A-Z0-9_]*)\s+(\d+)\s+(\S.*?)\s*$")
 
 
-class EdgeTPUError(RuntimeError):
+class EdgeTPUError(EdgepipeError, RuntimeError):
     """The compiler ran and failed; message is user-facing."""
 
 

@@ -20,9 +20,10 @@ import numpy as np
 
 from edgepipe.device.bundle import Bundle, BundleError, Preprocess, load_bundle, read_labels
 from edgepipe.pipeline import metrics
+from edgepipe.device.errors import EdgepipeError
 
 
-class EvalError(ValueError):
+class EvalError(EdgepipeError, ValueError):
     """Unusable evaluation input; the message is one line naming what is wrong."""
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional, Sequence
+from edgepipe.device.errors import EdgepipeError
 
 BLOCK_FILTERS = (32, 64, 64)
 BLOCKS = ("block1", "block2", "block3", "head")
 
 
-class FactoryError(ValueError):
+class FactoryError(EdgepipeError, ValueError):
     """Bad architecture knobs; one-line reason naming the knob."""
 
 

@@ -26,11 +26,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line
+from edgepipe.device.errors import EdgepipeError
 
 ROUNDING_NOISE = 1.0 / math.sqrt(12.0)
 
 
-class LayerErrorError(RuntimeError):
+class LayerErrorError(EdgepipeError, RuntimeError):
     """Debugging could not run; one-line reason for the user."""
 
 

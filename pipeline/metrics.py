@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+from edgepipe.device.errors import EdgepipeError
 
 
-class MetricsError(ValueError):
+class MetricsError(EdgepipeError, ValueError):
     """Inputs that cannot be compared; the message is one line for the user."""
 
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
+from edgepipe.device.errors import EdgepipeError
 
 
-class ModelError(ValueError):
+class ModelError(EdgepipeError, ValueError):
     """The source model is missing, unreadable or unusable; message is user-facing."""
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from edgepipe.device.bundle import ColorOrder, Preprocess, ResizeMode
+from edgepipe.device.errors import EdgepipeError
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ PRESETS: dict = {
 }
 
 
-class PreprocessError(ValueError):
+class PreprocessError(EdgepipeError, ValueError):
     """The model's input or the requested preprocessing cannot work; user-facing."""
 
 

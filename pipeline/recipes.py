@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Optional
+from edgepipe.device.errors import EdgepipeError
 
 
 class OpSet(str, Enum):
@@ -67,7 +68,7 @@ RECIPES: dict = {
 DEFAULT_RECIPES = tuple(RECIPES)
 
 
-class RecipeError(ValueError):
+class RecipeError(EdgepipeError, ValueError):
     """Unknown recipe names or options; message is user-facing."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from edgepipe.device.errors import EdgepipeError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = REPO_ROOT / "sample_data"
@@ -47,7 +48,7 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class SampleDataError(RuntimeError):
+class SampleDataError(EdgepipeError, RuntimeError):
     """Sample data that is missing or cannot be made; the message says what to do."""
 
 

@@ -29,12 +29,13 @@ import numpy as np
 
 from edgepipe.pipeline import metrics
 from edgepipe.pipeline.layer_error import Debugged, LayerError, LayerErrorError, debug_int8
+from edgepipe.device.errors import EdgepipeError
 
 SUPPORTED_RECIPES = ("int8",)
 MAX_TIMED_LAYERS = 12
 
 
-class SelectiveError(ValueError):
+class SelectiveError(EdgepipeError, ValueError):
     """Selective quantization cannot run as asked; one-line reason."""
 
 

@@ -25,6 +25,7 @@ import zipfile
 from typing import Any, Union
 
 import numpy as np
+from edgepipe.device.errors import EdgepipeError
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -44,7 +45,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class TorchWeightsError(ValueError):
+class TorchWeightsError(EdgepipeError, ValueError):
     """A file that is not a readable PyTorch state dict; one-line message."""
 
 
