@@ -6,7 +6,6 @@ never names a CLI flag (the ``cli_*`` modules add those hints). Anything else
 that escapes is a bug, and the agent and CLIs tell the two apart by class.
 """
 from __future__ import annotations
-from edgepipe.device.errors import EdgepipeError
 
 
 class EdgepipeError(EdgepipeError):
