@@ -8,7 +8,7 @@ that escapes is a bug, and the agent and CLIs tell the two apart by class.
 from __future__ import annotations
 
 
-class EdgepipeError(EdgepipeError):
+class EdgepipeError(Exception):
     """An expected failure: bad input, a missing runtime, an unreachable peer.
 
     ``str(err)`` is one line; newlines in the message are folded so a log line
