@@ -1,0 +1,1 @@
+"""The sample data shipped with edgepipe (see README.md here for provenance and licences); data only."""
