@@ -183,8 +183,12 @@ def snapshot(root: str = "/", vcgencmd: Optional[str] = None) -> dict:
 
 
 def _identity(root: str) -> dict:
-    """What does not change while the device is up: host, board, CPU, OS, Python."""
+    """What does not change while the device is up: id, host, board, CPU, OS, Python."""
+    from edgepipe.device.identity import current_identity
+
+    ident = current_identity()
     return {
+        **(ident.to_dict() if ident else {}),
         "hostname": socket.gethostname(),
         "board": board_model(root),
         "cpu": cpu_model(root),
