@@ -1,0 +1,1 @@
+"""Deployment files shipped with edgepipe (``systemd/edgerun-agent.service``); data only."""

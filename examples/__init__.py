@@ -1,0 +1,1 @@
+"""Example specs shipped with edgepipe (``ablate/*.toml``); data only."""
