@@ -239,16 +239,15 @@ def _convert_one(session: _Session, recipe: Recipe, req: ConvertRequest) -> tupl
     except Exception as e:  # noqa: BLE001 - tracing the model raises many types
         raise ConvertError(f"{recipe.name}: cannot trace the model ({modelio.one_line(e)})") from None
     log = Path(tempfile.gettempdir()) / f"edgepipe-convert-{os.getpid()}-{recipe.name}.log"
+    # A log an earlier failure left under this name must not lend us its error line.
+    log.unlink(missing_ok=True)
     try:
         with captured_output(log):
             data = converter.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many types; one line for the user
         detail = last_error_line(log) or modelio.one_line(e)
         raise ConvertError(f"{recipe.name}: conversion failed: {detail} (full log: {log})") from None
-    try:
-        log.unlink()
-    except OSError:
-        pass
+    log.unlink(missing_ok=True)  # kept only on failure, where the error points at it
     meta = {
         "preprocess": spec.to_dict() if spec else None,
         "source_kind": source.kind.value,

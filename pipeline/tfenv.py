@@ -57,17 +57,29 @@ def import_tf():
 def captured_output(log_path: Optional[Path] = None) -> Iterator[Path]:
     """Send fds 1 and 2 to a log file for the duration; yields the log's path.
 
-    The log is kept (at ``log_path`` or a temp file) so a failure can point at
-    it instead of dumping converter internals on the terminal.
+    The log is kept when the block raises (at ``log_path`` or a temp file), so a
+    failure can point at it instead of dumping converter internals on the
+    terminal; a temp log of a block that succeeded is deleted.
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    if log_path is None:
+    own_log = log_path is None
+    if own_log:
         fd, name = tempfile.mkstemp(prefix="edgepipe-tf-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
     else:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+    with _fds_to(log_path):
+        yield log_path
+    # Reached only when the block succeeded: an exception skips this line.
+    if own_log:
+        log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _fds_to(log_path: Path) -> Iterator[None]:
+    """fds 1 and 2 (and Python's sys.stdout/stderr) into ``log_path``, restored on exit."""
     saved = (os.dup(1), os.dup(2))
     with open(log_path, "ab") as log, open(log_path, "a", encoding="utf-8", errors="replace") as text:
         try:
@@ -76,7 +88,7 @@ def captured_output(log_path: Optional[Path] = None) -> Iterator[Path]:
             # Python-level prints (Keras' "Saved artifact at ...") may go to a
             # replaced sys.stdout that is not fd 1 (e.g. under click's runner).
             with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-                yield log_path
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -173,3 +173,38 @@ def test_one_line_picks_the_error_line_of_a_traceback_like_message():
 
     msg = "in user code:\n\n    File \"x.py\", line 3\n        y = f(x)\n\n    ValueError: Input 0 is incompatible\n"
     assert one_line(ValueError(msg)) == "ValueError: Input 0 is incompatible"
+
+
+def test_temporary_tensorflow_logs_go_when_a_conversion_succeeds(cnn_keras, photos, tmp_path, monkeypatch):
+    """Every captured TF log lands in the temp folder; a successful run leaves none behind."""
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    req = ConvertRequest(model=cnn_keras, recipes=parse_recipes("fp32,int8"), out_dir=tmp_path / "out",
+                         calib_dir=photos, calib_count=4, preprocess=PreprocessRequest(preset="mobilenet"))
+    results = convert_model(req)
+    assert all(r.error is None for r in results)
+    # (TensorFlow's autograph leaves its own generated modules there; ours all start "edgepipe")
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith("edgepipe")) == []
+
+
+def test_a_failing_block_keeps_its_tensorflow_log(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from edgepipe.pipeline.tfenv import captured_output
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with captured_output() as ok_log:
+        os.write(2, b"native chatter\n")
+    assert not ok_log.exists()
+    with pytest.raises(RuntimeError):
+        with captured_output() as bad_log:
+            os.write(2, b"error: the converter gave up\n")
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp.iterdir()] == [bad_log.name]
+    assert "the converter gave up" in bad_log.read_text()
