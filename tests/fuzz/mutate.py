@@ -123,7 +123,7 @@ def _mutate_shape(model: Any, rng: random.Random) -> str:
 def _mutate_type(model: Any, rng: random.Random) -> str:
     si, ti, t = _pick_tensor(model, rng)
     old = int(t.type)
-    new = rng.choice([v for v in range(18) if v != old] + [200])
+    new = rng.choice([v for v in range(18) if v != old] + [100])  # int8 field: 100 is no type
     t.type = new
     return f"subgraph {si} tensor {ti} type: {old} -> {new}"
 
