@@ -98,6 +98,7 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
 Examples:
   edgerun flush --report-to http://HOST:8750
   EDGERUN_REPORT_TO=http://HOST:8750 edgerun flush --json
+  edgerun flush --report-to http://HOST:8750 --now --requeue-rejected   # after fixing the host
 """)
 @click.option("--report-to", envvar=REPORT_TO_ENV, required=True, metavar="URL",
               help=f"Collector (`edgepipe serve`) to send to [env: {REPORT_TO_ENV}].")
@@ -105,12 +106,23 @@ Examples:
               help=f"Bearer token [env: {TOKEN_ENV}].")
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False), default=None,
               help="Spool directory. Default: $EDGERUN_SPOOL or ~/.local/state/edgerun/spool.")
+@click.option("--now", "now", is_flag=True,
+              help="Also try reports still backing off after earlier server errors.")
+@click.option("--requeue-rejected", is_flag=True,
+              help="Move reports the host refused for good (spool/rejected/) back into the queue first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def flush(report_to, report_token, spool_dir, as_json):
+def flush(report_to, report_token, spool_dir, now, requeue_rejected, as_json):
     """Send reports spooled while the host was unreachable.
 
+    \b
+    What the host's answer does to a report:
+      2xx                 delivered, removed from the spool
+      401/403             kept; nothing more is sent (the token is wrong)
+      408/429/5xx, none   retried with backoff; one that keeps failing waits
+                          (30 s, 1 min, ... 1 h) without holding up the others
+      other 4xx           moved to spool/rejected/ with the reason
     Exits 0 when the spool is empty afterwards, 1 when reports are still
-    waiting (host unreachable) or were rejected.
+    waiting, were rejected, or the host refused the token.
     """
     import json
 
@@ -122,13 +134,17 @@ def flush(report_to, report_token, spool_dir, as_json):
         raise click.BadParameter(str(e), param_hint="--report-to") from None
     spool = Spool(spool_dir)
     try:
-        res = deliver(url, spool, token=report_token)
-    except TimeoutError as e:
-        raise click.ClickException(str(e)) from None
+        requeued = spool.requeue_rejected() if requeue_rejected else 0
+        res = deliver(url, spool, token=report_token, ignore_backoff=now)
+    except (OSError, TimeoutError) as e:
+        raise click.ClickException(f"cannot use the spool {spool.dir}: {e}") from None
     if as_json:
         click.echo(json.dumps({"sent": res.sent, "duplicates": res.duplicates,
                                "rejected": [{"id": i, "reason": r} for i, r in res.rejected],
-                               "pending": res.pending, "error": res.error, "spool": str(spool.dir)}))
+                               "pending": res.pending, "waiting": res.waiting, "requeued": requeued,
+                               "error": res.error, "token_error": res.token_error, "spool": str(spool.dir)}))
+    elif res.token_error:
+        click.echo(f"Error: {describe(res, report_to, spool)}", err=True)
     else:
         click.echo(describe(res, report_to, spool))
-    sys.exit(0 if res.pending == 0 and not res.rejected else 1)
+    sys.exit(0 if res.pending == 0 and not res.rejected and not res.token_error else 1)

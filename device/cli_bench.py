@@ -8,7 +8,7 @@ from typing import List, Optional
 import click
 
 from edgepipe.device.cliout import fail, save_and_echo
-from edgepipe.device.send import report_to_option
+from edgepipe.device.cli_report import report_to_option
 
 
 @click.command()
@@ -168,8 +168,9 @@ def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:
         return
     payload = reports[0] if len(reports) == 1 else reports
     save_and_echo(payload, out, as_json)
-    from edgepipe.device.send import maybe_send
+    from edgepipe.device.cli_report import send_reports
 
-    for r in reports:
-        maybe_send(r)
+    problem = send_reports(reports)
     sys.stdout.flush()
+    if problem:  # measured, but the report is neither delivered nor on its way: the user must act
+        raise fail(problem)

@@ -13,7 +13,7 @@ from edgepipe.device.cliout import fail, save_and_echo
 def _report_options(f):
     """`--report-to` / `--report-token` when the collector client (edgepipe.device.send) is installed."""
     try:
-        from edgepipe.device.send import report_to_option
+        from edgepipe.device.cli_report import report_to_option
     except ImportError:
         return f
     return report_to_option(f)
@@ -120,14 +120,17 @@ def finish(report: dict, *, report_path: Optional[str], as_json: bool, quiet: bo
     save_and_echo(report, report_path, as_json)
     if not quiet:
         click.echo(summary(report, format_summary), err=True)
+    problem = None
     try:
-        from edgepipe.device.send import maybe_send
+        from edgepipe.device.cli_report import send_reports
     except ImportError:
         pass
     else:
-        maybe_send(report)
-    if report["errors"]:
-        raise fail(report["errors"][0])
+        problem = send_reports([report])
+    if report["errors"] and problem:
+        click.echo(f"Error: {problem}", err=True)
+    if report["errors"] or problem:  # a report neither delivered nor on its way: the user must act
+        raise fail(report["errors"][0] if report["errors"] else problem)
 
 
 def summary(report: dict, format_summary) -> str:

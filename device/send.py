@@ -1,34 +1,52 @@
 """Getting reports to the host: an on-disk spool, retries with backoff, exactly once.
 
-Every report is written to the spool *before* it is sent and removed only
-after the collector acknowledged it (201 new or 200 duplicate). A report whose
-reply was lost stays in the spool and is sent again later; the collector is
-idempotent on the report id, so it is stored exactly once. A host that is down
-just leaves the reports in the spool for the next run or `edgerun flush`.
+Every report is written to the spool *before* it is sent and removed only once
+the collector acknowledged it (201 new, 200 duplicate); the collector is
+idempotent on the report id, so a report whose reply was lost is stored once.
+What an answer does to a spooled report:
+
+* 2xx: delivered, removed. 401/403: the token is wrong; it and every later
+  report stay queued (the same token would be refused) until it is fixed.
+* 408, 429, 5xx: retried with backoff (a short ``Retry-After`` honoured); one
+  that keeps failing stays queued with its own backoff state beside it
+  (``<report>.retry``), skipped by later flushes until due, never blocking others.
+* any other 4xx: refused for good; moved to ``rejected/`` with the reason.
+* no answer (refused, timeout, reply lost): retried; if the next report gets
+  no answer either the host is away and the flush stops, keeping the rest.
 """
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
-import click
-
-from edgepipe.device.http import ClientError, request
 from edgepipe.device.paths import user_dir
 
 REPORTS_PATH = "/v1/reports"
 TOKEN_ENV = "EDGEPIPE_TOKEN"
 REPORT_TO_ENV = "EDGERUN_REPORT_TO"
 SPOOL_ENV = "EDGERUN_SPOOL"
-# Attempts per report before a host counts as away (default 4: ~3.5 s of backoff).
+# Attempts per report and flush (default 4: ~3.5 s of backoff).
 ATTEMPTS_ENV = "EDGERUN_SEND_ATTEMPTS"
 REJECTED = "rejected"
+RETRY_SUFFIX = ".retry"
+# Between flushes a failing report waits 30 s, then 1, 2, 4 ... minutes, at most an hour.
+FIRST_DELAY = 30.0
+MAX_DELAY = 3600.0
+# Seconds one flush may spend sleeping between retries, all reports together.
+SLEEP_BUDGET = 30.0
+# Largest reply body read (the collector answers a few hundred bytes).
+MAX_REPLY = 64 << 10
 
 
 def default_spool_dir() -> Path:
@@ -44,6 +62,20 @@ def reports_url(url: str) -> str:
     return url if url.endswith(REPORTS_PATH) else url + REPORTS_PATH
 
 
+@dataclass(frozen=True)
+class RetryState:
+    """How often the host failed one report across flushes, and when to try it next (epoch seconds)."""
+
+    failures: int = 0
+    next_try: float = 0.0
+    last_error: str = ""
+
+
+def report_id(path: Path) -> str:
+    """The report id in a spool file name (``<time_ns>-<id>.json``)."""
+    return path.name.split("-", 1)[-1][:-5]
+
+
 class Spool:
     """A directory of reports waiting to be acknowledged, oldest first."""
 
@@ -51,7 +83,7 @@ class Spool:
         self.dir = Path(directory) if directory else default_spool_dir()
 
     def put(self, report: dict) -> Path:
-        """Write ``report`` durably (temp file, fsync, rename)."""
+        """Write ``report`` durably (temp file, fsync, rename); a report that breaks the schema is refused."""
         self.dir.mkdir(parents=True, exist_ok=True)
         rid = str(report["id"])
         final = self.dir / f"{time.time_ns():020d}-{rid}.json"
@@ -69,14 +101,57 @@ class Spool:
             return []
         return sorted(p for p in self.dir.glob("*.json") if not p.name.startswith("."))
 
+    def remove(self, path: Path) -> None:
+        """Forget a delivered report and its retry state."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self._retry_file(path).unlink(missing_ok=True)
+
     def reject(self, path: Path, reason: str) -> Path:
         """Park a report the host refused for good, with the reason beside it."""
         rej = self.dir / REJECTED
         rej.mkdir(exist_ok=True)
         dest = rej / path.name
         os.replace(path, dest)
+        self._retry_file(path).unlink(missing_ok=True)
         dest.with_suffix(".reason.txt").write_text(reason + "\n", encoding="utf-8")
         return dest
+
+    def requeue_rejected(self) -> int:
+        """Move parked reports back into the queue (e.g. after the host was fixed); returns how many."""
+        rej = self.dir / REJECTED
+        moved = 0
+        for path in sorted(rej.glob("*.json")) if rej.is_dir() else []:
+            os.replace(path, self.dir / path.name)
+            path.with_suffix(".reason.txt").unlink(missing_ok=True)
+            moved += 1
+        return moved
+
+    def _retry_file(self, path: Path) -> Path:
+        return path.with_name(path.name + RETRY_SUFFIX)
+
+    def retry_state(self, path: Path) -> RetryState:
+        """The backoff state beside ``path``; a missing or unreadable one means "due now"."""
+        try:
+            with open(self._retry_file(path), "rb") as f:
+                doc = json.loads(f.read(4096))
+            return RetryState(int(doc["failures"]), float(doc["next_try"]), str(doc.get("last_error", "")))
+        except (OSError, ValueError, TypeError, KeyError):
+            return RetryState()
+
+    def record_failure(self, path: Path, error: str, *, retry_after: Optional[float] = None,
+                       now: Optional[float] = None) -> RetryState:
+        """Note one more flush that could not deliver ``path``; later flushes skip it until it is due."""
+        old = self.retry_state(path)
+        failures = old.failures + 1
+        delay = retry_after if retry_after is not None else FIRST_DELAY * 2 ** min(failures - 1, 16)
+        now = time.time() if now is None else now
+        state = RetryState(failures, now + min(MAX_DELAY, delay), error[:500])
+        target = self._retry_file(path)
+        tmp = target.with_name("." + target.name + ".tmp")
+        tmp.write_text(json.dumps(state.__dict__), encoding="utf-8")
+        os.replace(tmp, target)
+        return state
 
     @contextlib.contextmanager
     def locked(self, timeout: float = 60.0):
@@ -103,23 +178,90 @@ class Spool:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class Verdict(str, Enum):
+    """What one answer means for the report that got it."""
+
+    DELIVERED = "delivered"    # 2xx
+    TOKEN = "token"            # 401/403: every report would get it; keep them all
+    RETRY = "retry"            # 408/429/5xx (or an odd status): try again later
+    REJECTED = "rejected"      # any other 4xx: never acceptable, park it
+    NO_ANSWER = "no-answer"    # refused, timed out, reply lost: the host or this report?
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The collector's answer to one POST (``status`` None when nothing came back)."""
+
+    status: Optional[int]
+    reason: str
+    retry_after: Optional[float] = None
+
+    @property
+    def verdict(self) -> Verdict:
+        s = self.status
+        if s is None:
+            return Verdict.NO_ANSWER
+        if 200 <= s < 300:
+            return Verdict.DELIVERED
+        if s in (401, 403):
+            return Verdict.TOKEN
+        if 400 <= s < 500 and s not in (408, 429):
+            return Verdict.REJECTED
+        return Verdict.RETRY  # 408, 429, 5xx; also 1xx/3xx (a proxy in the way is not the report's fault)
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """``Retry-After`` as seconds (delta or HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def post_report(url: str, data: bytes, token: Optional[str], timeout: float) -> Answer:
+    """POST one spooled report; never raises for HTTP or transport failures."""
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp.read(MAX_REPLY)
+            return Answer(resp.status, "ok")
+    except urllib.error.HTTPError as e:
+        try:
+            body = json.loads(e.read(MAX_REPLY) or b"null")
+        except (OSError, ValueError, http.client.HTTPException):
+            body = None
+        why = body.get("error") if isinstance(body, dict) else None
+        reason = " ".join(f"HTTP {e.code}: {why or e.reason}".split())[:300]
+        return Answer(e.code, reason, _retry_after(e.headers.get("Retry-After")))
+    except urllib.error.URLError as e:
+        return Answer(None, str(getattr(e, "reason", e) or e))
+    except (OSError, http.client.HTTPException, ValueError) as e:  # timeouts, resets, lost replies
+        return Answer(None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+
+
 @dataclass
 class SendResult:
     sent: list = field(default_factory=list)        # ids newly stored by the host
     duplicates: list = field(default_factory=list)  # ids the host already had
     rejected: list = field(default_factory=list)    # (id, reason): refused for good, parked
     pending: int = 0                                # still in the spool
-    error: Optional[str] = None                     # why delivery stopped early
+    error: Optional[str] = None                     # last transient failure (why some are still pending)
+    token_error: Optional[str] = None               # the host refused the token: nothing more was sent
+    waiting: int = 0                                # skipped: backing off after earlier failures
+    next_try: Optional[float] = None                # when the first of those is due (epoch seconds)
 
     @property
     def delivered(self) -> int:
         return len(self.sent) + len(self.duplicates)
-
-
-def _post(url: str, path: Path, token: Optional[str], timeout: float) -> int:
-    data = path.read_bytes()
-    status, _ = request("POST", url, data=data, token=token, timeout=timeout)
-    return status
 
 
 def default_attempts() -> int:
@@ -129,123 +271,144 @@ def default_attempts() -> int:
         return 4
 
 
+@dataclass
+class _Pacer:
+    """Backoff between attempts, capped per flush so a sick host cannot stall the caller."""
+
+    backoff: float
+    max_backoff: float
+    budget: float
+    sleep: Callable[[float], None]
+
+    def wait(self, attempt: int, retry_after: Optional[float]) -> bool:
+        """Sleep before the next attempt; False when that is not worth it within this flush."""
+        if retry_after is not None:  # the server said how long: honour it when it is short
+            delay = retry_after
+            if delay > self.max_backoff:
+                return False
+        else:
+            delay = min(self.max_backoff, self.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
+        if delay > self.budget:
+            return False
+        self.budget -= delay
+        self.sleep(delay)
+        return True
+
+
+def _send_with_retries(url: str, path: Path, token: Optional[str], tries: int, pacer: _Pacer,
+                       timeout: float) -> Answer:
+    data = path.read_bytes()
+    for attempt in range(tries):
+        ans = post_report(url, data, token, timeout)
+        if ans.verdict not in (Verdict.RETRY, Verdict.NO_ANSWER) or attempt + 1 == tries:
+            break
+        if not pacer.wait(attempt, ans.retry_after):
+            break
+    return ans
+
+
 def deliver(url: str, spool: Spool, *, token: Optional[str] = None, attempts: Optional[int] = None,
             backoff: float = 0.5, max_backoff: float = 8.0, timeout: float = 10.0,
-            sleep: Callable[[float], None] = time.sleep) -> SendResult:
-    """Send everything in ``spool`` to the collector at ``url``, oldest first.
+            sleep: Callable[[float], None] = time.sleep, budget: float = SLEEP_BUDGET,
+            ignore_backoff: bool = False, clock: Callable[[], float] = time.time) -> SendResult:
+    """Send everything due in ``spool`` to the collector at ``url``, oldest first.
 
-    A transient failure (no answer, timeout, 5xx, 429) is retried ``attempts``
-    times with exponential backoff and jitter; if it persists, delivery stops
-    and the rest stays spooled. A permanent refusal (other 4xx) parks that
-    report under ``rejected/`` so it cannot block the queue forever.
+    Each report gets up to ``attempts`` tries with exponential backoff and
+    jitter (all sleeps of one call together at most ``budget`` seconds); what
+    each answer does is in the module docstring. ``ignore_backoff`` also tries
+    reports whose per-report backoff is not over yet.
     """
     target = reports_url(url)
     attempts = default_attempts() if attempts is None else max(1, attempts)
+    pacer = _Pacer(backoff, max_backoff, budget, sleep)
     res = SendResult()
     with spool.locked():
+        silent: Optional[tuple] = None  # (path, reason) of a report that got no answer
         for path in spool.pending():
-            rid = path.name.split("-", 1)[-1][:-5]
-            for attempt in range(attempts):
-                try:
-                    status = _post(target, path, token, timeout)
-                except FileNotFoundError:
-                    break  # another sender finished it
-                except ClientError as e:
-                    if not e.transient:
-                        spool.reject(path, str(e))
-                        res.rejected.append((rid, str(e)))
-                        break
-                    res.error = str(e)
-                    if attempt + 1 < attempts:
-                        delay = min(max_backoff, backoff * (2 ** attempt))
-                        sleep(delay * (0.5 + random.random() / 2))
-                    continue
-                (res.sent if status == 201 else res.duplicates).append(rid)
-                res.error = None
-                path.unlink()
+            state = spool.retry_state(path)
+            if not ignore_backoff and state.next_try > clock():
+                res.waiting += 1
+                res.next_try = min(res.next_try or state.next_try, state.next_try)
+                res.error = res.error or state.last_error
+                continue
+            try:  # after a silence, one probe tells "host away" from "this report upsets it"
+                ans = _send_with_retries(target, path, token, 1 if silent else attempts, pacer, timeout)
+            except FileNotFoundError:
+                continue  # another sender finished it
+            except OSError as e:  # unreadable entry: leave it for a person, keep the queue moving
+                res.error = f"cannot read {path.name}: {e.strerror or e}"
+                continue
+            if ans.verdict is Verdict.NO_ANSWER:
+                res.error = ans.reason
+                if silent:
+                    break  # two silences in a row: the host is away; the rest waits for the next flush
+                silent = (path, ans.reason)
+                continue
+            if silent:  # the host answers, so that silence was about that report
+                spool.record_failure(silent[0], silent[1], now=clock())
+                silent = None
+            if not _apply(ans, path, spool, res, token, clock):
                 break
-            else:
-                break  # host unreachable: keep the rest for later
     res.pending = len(spool.pending())
     return res
 
 
+def _apply(ans: Answer, path: Path, spool: Spool, res: SendResult, token: Optional[str],
+           clock: Callable[[], float]) -> bool:
+    """Act on a report's answer; False when nothing more should be sent in this flush."""
+    rid = report_id(path)
+    if ans.verdict is Verdict.DELIVERED:
+        (res.duplicates if ans.status == 200 else res.sent).append(rid)
+        spool.remove(path)
+    elif ans.verdict is Verdict.REJECTED:
+        spool.reject(path, ans.reason)
+        res.rejected.append((rid, ans.reason))
+    elif ans.verdict is Verdict.TOKEN:
+        res.token_error = f"{'the token was refused' if token else 'no token was given'} ({ans.reason})"
+        return False
+    else:
+        res.error = ans.reason
+        spool.record_failure(path, ans.reason, retry_after=ans.retry_after, now=clock())
+    return True
+
+
 def send_report(report: dict, url: str, *, spool: Optional[Spool] = None, **kw) -> SendResult:
-    """Spool ``report`` then deliver it (and anything spooled earlier)."""
+    """Spool ``report`` then deliver it (and anything due that was spooled earlier)."""
     spool = spool or Spool()
     spool.put(report)
     return deliver(url, spool, **kw)
 
 
+def _in(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 120 else f"{round(seconds / 60)} min"
+
+
 def describe(res: SendResult, url: str, spool: Spool) -> str:
     """One line for people about what happened to the reports."""
     parts = []
+    if res.token_error:
+        parts.append(f"{url} did not accept the report token: {res.token_error}; {res.pending} report(s) "
+                     f"stay in {spool.dir} and go out once the token is right "
+                     f"(set {TOKEN_ENV} or --report-token, then `edgerun flush --report-to {url}`)")
     if res.sent:
         parts.append(f"{len(res.sent)} report(s) sent to {url}")
     if res.duplicates:
         parts.append(f"{len(res.duplicates)} already there")
     if res.rejected:
         parts.append(f"{len(res.rejected)} rejected ({res.rejected[0][1]}); kept in {spool.dir / REJECTED}")
-    if res.pending:
-        parts.append(f"{res.pending} spooled in {spool.dir} ({res.error or 'not sent'}); "
+    if res.pending and not res.token_error:
+        when = f"; next retry in {_in(res.next_try - time.time())}" if res.waiting and res.next_try else ""
+        parts.append(f"{res.pending} spooled in {spool.dir} ({res.error or 'not sent'}{when}); "
                      f"they go out on the next run or with `edgerun flush --report-to {url}`")
     return "; ".join(parts) or "nothing to send"
 
 
-# -- the shared `--report-to` option for `edgerun bench` / `edgerun run` ---------
+def __getattr__(name: str):
+    # The click option and its sender moved to edgepipe.device.cli_report (click stays in cli_* modules);
+    # resolved lazily so importing this module never imports click.
+    if name in ("report_to_option", "maybe_send"):
+        from edgepipe.device import cli_report
 
-_META_KEY = "edgerun.report_to"
-
-
-def report_to_option(f):
-    """Decorator adding ``--report-to URL`` and ``--report-token`` to a command.
-
-    The values go into the click context (the command's signature does not
-    change); call :func:`maybe_send` with the finished report.
-    """
-    def store(ctx, param, value):
-        if param.name == "report_to" and value:
-            try:
-                reports_url(value)
-            except ValueError as e:  # fail before measuring, not after
-                raise click.BadParameter(str(e)) from None
-        ctx.meta.setdefault(_META_KEY, {})[param.name] = value
-        return value
-
-    f = click.option("--report-token", envvar=TOKEN_ENV, default=None, expose_value=False,
-                     callback=store, metavar="TOKEN",
-                     help=f"Bearer token for --report-to [env: {TOKEN_ENV}].")(f)
-    f = click.option("--report-to", envvar=REPORT_TO_ENV, default=None, expose_value=False,
-                     callback=store, metavar="URL",
-                     help="Send the report to an `edgepipe serve` collector (spooled on disk "
-                          f"when it is unreachable) [env: {REPORT_TO_ENV}].")(f)
-    return f
-
-
-def maybe_send(report: dict, ctx: Optional[click.Context] = None) -> Optional[SendResult]:
-    """Send ``report`` if the command got ``--report-to``; prints one line to stderr.
-
-    Never fails the command: a report that cannot be sent now is safe in the spool.
-    """
-    ctx = ctx or click.get_current_context(silent=True)
-    opts = (ctx.meta.get(_META_KEY) if ctx else None) or {}
-    url = opts.get("report_to")
-    if not url:
-        return None
-    spool = Spool()
-    token = opts.get("report_token")
-    try:
-        res = send_report(report, reports_url(url), spool=spool, token=token)
-    except (OSError, TimeoutError) as e:
-        # No usable spool (read-only home, full disk, stuck lock): one direct
-        # attempt, and say plainly if the report did not make it.
-        click.echo(f"warning: cannot use the report spool {spool.dir}: {e}", err=True)
-        try:
-            status, _ = request("POST", reports_url(url), body=report, token=token)
-        except ClientError as ce:
-            click.echo(f"warning: report {report.get('id')} NOT sent and not spooled: {ce}", err=True)
-            return None
-        res = SendResult()
-        (res.sent if status == 201 else res.duplicates).append(str(report.get("id")))
-    click.echo(describe(res, url, spool), err=True)
-    return res
+        return getattr(cli_report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

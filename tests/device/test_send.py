@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,34 @@ from click.testing import CliRunner
 from edgepipe.device.cli import main as edgerun
 from edgepipe.device.http import HTTPError_, JSONHandler, Server
 from edgepipe.device.report import new_report
-from edgepipe.device.send import Spool, deliver, send_report
+from edgepipe.device.send import Spool, deliver, describe, send_report
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 
 
 class Sink(JSONHandler):
+    def end_headers(self):
+        if getattr(self, "retry_after", None) is not None:
+            self.send_header("Retry-After", self.retry_after)
+        super().end_headers()
+
     def route(self, method, path, query):
         srv = self.server
+        self.retry_after = None
         if (method, path) != ("POST", "/v1/reports"):
             raise HTTPError_(404, "no route")
         doc = self.read_json()
         with srv.lock:
             srv.posts += 1
+            script = srv.script.get(doc["id"])
+            status, self.retry_after = script.pop(0) if script else (None, None)
+            srv.log.append((doc["id"], status or "ok"))
+        if status == "drop":  # this report makes the host hang up without an answer
+            self.connection.shutdown(socket.SHUT_RDWR)
+            raise ConnectionAbortedError("no answer on purpose")
+        if status:
+            raise HTTPError_(status, f"scripted {status}")
+        with srv.lock:
             if srv.fail_next > 0:
                 srv.fail_next -= 1
                 raise HTTPError_(503, "busy")
@@ -53,6 +69,7 @@ def start_sink(port=0):
     srv.reports, srv.posts = {}, 0
     srv.fail_next = srv.drop_next = 0
     srv.reject_kind = None
+    srv.script, srv.log = {}, []  # id -> [(status or "drop", Retry-After or None), ...]; (id, status) per POST
     srv.start_background()
     return srv
 
@@ -183,4 +200,128 @@ def test_unusable_spool_falls_back_to_a_direct_send(sink, tmp_path, monkeypatch)
     res = CliRunner().invoke(edgerun, ["bench", str(MODELS / "float.tflite"), "--runs", "3", "--min-secs", "0",
                                        "--report-to", sink.url])
     assert res.exit_code == 0, res.output
-    assert "cannot use the report spool" in res.output and len(sink.reports) == 1
+    assert "cannot write the report spool" in res.output and "sent to" in res.output and len(sink.reports) == 1
+
+
+# -- what each answer does to a report (issue 10) ----------------------------------------------------
+
+def spooled(tmp_path, *reports):
+    spool = Spool(tmp_path)
+    for r in reports:
+        spool.put(r)
+    return spool
+
+
+def test_a_report_answered_500_does_not_block_later_ones_and_backs_off_between_flushes(sink, tmp_path):
+    a, b, c = report(), report(), report()
+    sink.script[a["id"]] = [(500, None)] * 3
+    spool = spooled(tmp_path, a, b, c)
+    sleeps = []
+    res = deliver(sink.url, spool, attempts=2, sleep=sleeps.append)
+    assert res.sent == [b["id"], c["id"]] and res.pending == 1 and "500" in res.error
+    assert [i for i, _ in sink.log] == [a["id"], a["id"], b["id"], c["id"]] and len(sleeps) == 1
+    state = spool.retry_state(spool.pending()[0])
+    assert state.failures == 1 and state.next_try > time.time() + 20 and "500" in state.last_error
+
+    # A flush before it is due leaves it alone (and says when it is due)...
+    res = deliver(sink.url, spool, attempts=2, sleep=sleeps.append)
+    assert res.waiting == 1 and res.pending == 1 and len(sink.log) == 4
+    assert "next retry in" in describe(res, sink.url, spool)
+    # ...a flush after it is due sends it once more; the third 500 doubles the wait.
+    res = deliver(sink.url, spool, attempts=1, clock=lambda: time.time() + 31)
+    assert res.pending == 1 and len(sink.log) == 5
+    again = spool.retry_state(spool.pending()[0])
+    assert again.failures == 2 and again.next_try - state.next_try > 40
+    res = deliver(sink.url, spool, clock=lambda: time.time() + 100)
+    assert res.sent == [a["id"]] and res.pending == 0
+    assert list(tmp_path.glob("*.retry")) == [] and set(sink.reports) == {a["id"], b["id"], c["id"]}
+
+
+def test_a_report_the_host_hangs_up_on_does_not_block_the_queue(sink, tmp_path):
+    a, b = report(), report()
+    sink.script[a["id"]] = [("drop", None)] * 3
+    spool = spooled(tmp_path, a, b)
+    res = deliver(sink.url, spool, attempts=3, sleep=lambda s: None)
+    # b answered, so the silence was about a: a backs off, b is delivered.
+    assert res.sent == [b["id"]] and res.pending == 1 and spool.retry_state(spool.pending()[0]).failures == 1
+
+
+def test_429_honours_a_short_retry_after_and_defers_a_long_one(sink, tmp_path):
+    a, b = report(), report()
+    sink.script[a["id"]] = [(429, "1"), (429, "0")]
+    sink.script[b["id"]] = [(429, "3000")]
+    spool = spooled(tmp_path, a, b)
+    sleeps = []
+    res = deliver(sink.url, spool, attempts=4, sleep=sleeps.append)
+    # a: waited exactly what the host asked, then went through; b: too long to wait now.
+    assert res.sent == [a["id"]] and sleeps == [1.0, 0.0] and res.pending == 1
+    assert spool.retry_state(spool.pending()[0]).next_try > time.time() + 2900
+    res = deliver(sink.url, spool, ignore_backoff=True)  # `edgerun flush --now`
+    assert res.sent == [b["id"]] and res.pending == 0
+
+
+def test_other_4xx_are_parked_with_their_reason_and_never_block(sink, tmp_path):
+    bad = [report() for _ in range(4)]
+    good = report()
+    for r, status in zip(bad, (400, 404, 413, 409)):
+        sink.script[r["id"]] = [(status, None)]
+    spool = spooled(tmp_path, *bad, good)
+    res = deliver(sink.url, spool, sleep=lambda s: None)
+    assert res.sent == [good["id"]] and res.pending == 0 and sink.posts == 5  # each tried once
+    reasons = sorted(p.read_text() for p in (tmp_path / "rejected").glob("*.reason.txt"))
+    assert [r.split(":")[0] for r in reasons] == ["HTTP 400", "HTTP 404", "HTTP 409", "HTTP 413"]
+    assert "scripted 413" in reasons[3]
+    # Parked reports can be put back once the host is fixed.
+    res = CliRunner().invoke(edgerun, ["flush", "--report-to", sink.url, "--spool", str(tmp_path),
+                                       "--requeue-rejected", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["requeued"] == 4 and len(sink.reports) == 5
+
+
+def test_refused_token_keeps_reports_queued_until_it_is_fixed(sink, tmp_path):
+    sink.token = "right"
+    a, b = report(), report()
+    spooled(tmp_path, a, b)
+    runner = CliRunner()
+    flush = ["flush", "--report-to", sink.url, "--spool", str(tmp_path)]
+    for extra in ([], ["--report-token", "wrong"]):
+        res = runner.invoke(edgerun, flush + extra)
+        assert res.exit_code == 1 and "token" in res.output and len(res.output.strip().splitlines()) == 1
+        assert len(Spool(tmp_path).pending()) == 2 and not list(tmp_path.glob("rejected/*.json"))
+    res = runner.invoke(edgerun, flush + ["--report-token", "right"])
+    assert res.exit_code == 0, res.output
+    assert set(sink.reports) == {a["id"], b["id"]}
+
+
+def bench_cmd(*extra):
+    return ["bench", str(MODELS / "float.tflite"), "--runs", "3", "--min-secs", "0", *extra]
+
+
+def test_bench_with_a_refused_token_fails_and_keeps_the_report(sink, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERUN_SPOOL", str(tmp_path))
+    monkeypatch.delenv("EDGEPIPE_TOKEN", raising=False)
+    sink.token = "right"
+    res = CliRunner().invoke(edgerun, bench_cmd("--report-to", sink.url))
+    assert res.exit_code == 1 and "no token was given" in res.output and "Traceback" not in res.output
+    assert len(Spool(tmp_path).pending()) == 1 and sink.reports == {}
+    res = CliRunner().invoke(edgerun, ["flush", "--report-to", sink.url, "--report-token", "right"])
+    assert res.exit_code == 0 and len(sink.reports) == 1
+
+
+def test_bench_whose_report_is_refused_for_good_fails(sink, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGERUN_SPOOL", str(tmp_path))
+    sink.reject_kind = "bench"
+    res = CliRunner().invoke(edgerun, bench_cmd("--report-to", sink.url))
+    assert res.exit_code == 1 and "rejected (HTTP 422" in res.output
+    assert len(list((tmp_path / "rejected").glob("*.json"))) == 1
+
+
+def test_report_neither_sent_nor_spooled_fails_the_command(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the spool directory should be")
+    monkeypatch.setenv("EDGERUN_SPOOL", str(blocker / "spool"))
+    down = f"http://127.0.0.1:{free_port()}"
+    res = CliRunner().invoke(edgerun, bench_cmd("--report-to", down))
+    assert res.exit_code == 1 and "neither sent nor spooled" in res.output and "Traceback" not in res.output
+    err = [line for line in res.output.splitlines() if "report" in line and "spool" in line]
+    assert len(err) == 1 and "cannot write the report spool" in err[0]
