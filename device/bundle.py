@@ -14,10 +14,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
+
+from edgepipe.device.contracts import ContractError, validate_manifest
 from edgepipe.device.errors import EdgepipeError
 
 SCHEMA = "edgepipe.bundle/1"
@@ -25,6 +28,10 @@ MANIFEST = "manifest.json"
 MODEL = "model.tflite"
 EDGETPU_MODEL = "model_edgetpu.tflite"
 LABELS = "labels.txt"
+# Bounds on what a bundle may make the device read (bundles arrive from the network).
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_LABELS_BYTES = 4 << 20
+MAX_LABELS_LINES = 100_000
 
 
 class BundleError(EdgepipeError):
@@ -190,6 +197,7 @@ class Manifest:
     edgetpu: Optional[dict] = None  # parsed edgetpu_compiler log, see edgepipe.pipeline.edgetpu
     extra: dict = field(default_factory=dict)  # recipe details, selective quantization, ...
     schema: str = SCHEMA
+    model_file: str = MODEL  # relative to the bundle directory
 
     def to_dict(self) -> dict:
         return {
@@ -198,7 +206,7 @@ class Manifest:
             "recipe": self.recipe,
             "created": self.created,
             "source_model": dict(self.source_model),
-            "model": {"file": MODEL, "sha256": self.model_sha256, "size": self.model_size},
+            "model": {"file": self.model_file, "sha256": self.model_sha256, "size": self.model_size},
             "converter": dict(self.converter),
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
@@ -212,17 +220,23 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Any) -> "Manifest":
+        """The manifest in ``d``, checked against ``edgepipe.bundle/1`` (BundleError when it does not match)."""
         if not isinstance(d, dict):
             raise BundleError("manifest is not a JSON object")
         schema = d.get("schema")
         if schema != SCHEMA:
             raise BundleError(
-                f"unsupported bundle schema {schema!r} (this edgerun reads {SCHEMA!r}); "
+                f"unsupported bundle schema {str(schema)[:40]!r} (this edgerun reads {SCHEMA!r}); "
                 "re-create the bundle with a matching edgepipe or upgrade edgerun")
+        try:
+            validate_manifest(d)
+        except ContractError as e:
+            raise BundleError(f"invalid manifest: {e.detail}") from None
         try:
             model = d["model"]
             return cls(
                 schema=schema,
+                model_file=str(model.get("file") or MODEL),
                 name=str(d["name"]),
                 recipe=str(d["recipe"]),
                 created=str(d.get("created", "")),
@@ -254,9 +268,65 @@ def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_bounded(path: os.PathLike, limit: int, what: str) -> bytes:
+    """The bytes of the regular file at ``path``, refusing devices, fifos and anything over ``limit`` bytes.
+
+    Checked before opening (no side effects of opening a device) and again on
+    the open descriptor (the path may change in between); never reads more
+    than ``limit + 1`` bytes.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BundleError(f"{path}: {what} is not a regular file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BundleError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    with open(fd, "rb", closefd=True) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: {what} is not a regular file")
+        if st.st_size > limit:
+            raise BundleError(f"{path}: {what} is {st.st_size} bytes, over the {limit}-byte limit")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path}: {what} is over the {limit}-byte limit")
+    return data
+
+
 def read_labels(path: os.PathLike) -> list:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f if line.strip()]
+    """Non-empty lines of a UTF-8 labels file (bounded: MAX_LABELS_BYTES, MAX_LABELS_LINES)."""
+    data = read_bounded(path, MAX_LABELS_BYTES, "labels file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path}: labels file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if len(lines) > MAX_LABELS_LINES:
+        raise BundleError(f"{path}: labels file has {len(lines)} labels, over the {MAX_LABELS_LINES} limit")
+    return lines
+
+
+def inside(root: Path, rel: str, what: str) -> Path:
+    """``root/rel`` when ``rel`` is a relative path that stays inside ``root``, symlinks resolved.
+
+    Absolute paths, ``..`` and symlinks leading out of the bundle are refused
+    without touching the target, so a manifest cannot point at ``/dev/zero``.
+    """
+    pure = PurePosixPath(rel)
+    if not rel or "\\" in rel or "\0" in rel or pure.is_absolute() or ".." in pure.parts:
+        raise BundleError(f"{root}: {what} {rel[:80]!r} is not a plain path inside the bundle")
+    full = root / pure
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(full)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        raise BundleError(f"{root}: {what} {rel[:80]!r} points outside the bundle")
+    return full
+
+
+def _regular(path: Path, what: str) -> Path:
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise BundleError(f"{path}: {what} is not a regular file")
+    return path
 
 
 @dataclass(frozen=True)
@@ -273,15 +343,20 @@ class Bundle:
         return self.manifest.name if self.manifest else self.model_path.stem
 
     def edgetpu_model_path(self) -> Optional[Path]:
-        p = self.path / EDGETPU_MODEL if self.path.is_dir() else None
-        return p if p is not None and p.exists() else None
+        """The Edge TPU-compiled model when the bundle has one (confined to the bundle, a regular file)."""
+        if not self.path.is_dir() or not os.path.lexists(self.path / EDGETPU_MODEL):
+            return None
+        p = inside(self.path, EDGETPU_MODEL, "Edge TPU model")
+        return _regular(p, "Edge TPU model") if p.exists() else None
 
 
 def load_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
     """Open a bundle directory or a plain ``.tflite`` file.
 
     Raises BundleError with a one-line reason for anything unusable: missing
-    files, bad JSON, unknown schema, or a model whose digest does not match.
+    files, bad JSON, a manifest that breaks its schema, paths leading out of
+    the bundle, oversized manifest or labels, or a model whose digest does not
+    match.
     """
     p = Path(path)
     if not p.exists():
@@ -290,28 +365,42 @@ def load_bundle(path: os.PathLike, verify: bool = True) -> Bundle:
         if p.suffix != ".tflite":
             raise BundleError(f"{p}: expected a bundle directory or a .tflite file")
         return Bundle(path=p, model_path=p, manifest=None)
-    mpath = p / MANIFEST
-    if not mpath.exists():
-        if (p / MODEL).exists():
-            return Bundle(path=p, model_path=p / MODEL, manifest=None)
+    if not p.is_dir():
+        raise BundleError(f"{p}: expected a bundle directory or a .tflite file")
+    if not os.path.lexists(p / MANIFEST):
+        model = inside(p, MODEL, "model")
+        if model.exists():
+            return Bundle(path=p, model_path=_regular(model, "model"), manifest=None)
         raise BundleError(f"{p}: not a bundle (no {MANIFEST} or {MODEL})")
-    try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
-    manifest = Manifest.from_dict(data)
-    model_path = p / MODEL
+    manifest = _read_manifest(p)
+    model_path = inside(p, manifest.model_file, "model file")
     if not model_path.exists():
-        raise BundleError(f"{p}: manifest present but {MODEL} is missing")
+        raise BundleError(f"{p}: manifest present but {manifest.model_file} is missing")
+    _regular(model_path, "model")
     if verify:
         size = model_path.stat().st_size
         if size != manifest.model_size or sha256_file(model_path) != manifest.model_sha256:
             raise BundleError(f"{model_path}: does not match the manifest's sha256/size "
                               "(corrupt or replaced model)")
     labels: tuple = ()
-    if manifest.labels_file and (p / manifest.labels_file).exists():
-        labels = tuple(read_labels(p / manifest.labels_file))
-    return Bundle(path=p, model_path=model_path, manifest=manifest, labels=labels)
+    if manifest.labels_file:
+        lpath = inside(p, manifest.labels_file, "labels file")
+        if os.path.lexists(lpath):
+            labels = tuple(read_labels(lpath))
+    bundle = Bundle(path=p, model_path=model_path, manifest=manifest, labels=labels)
+    bundle.edgetpu_model_path()  # refuse an escaping or irregular Edge TPU model now, not mid-run
+    return bundle
+
+
+def _read_manifest(p: Path) -> Manifest:
+    mpath = inside(p, MANIFEST, "manifest")
+    raw = read_bounded(mpath, MAX_MANIFEST_BYTES, "manifest")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = " ".join(str(e).split())[:120] or type(e).__name__
+        raise BundleError(f"{mpath}: unreadable manifest ({reason})") from None
+    return Manifest.from_dict(data)
 
 
 def write_manifest(directory: os.PathLike, manifest: Manifest) -> Path:

@@ -27,8 +27,9 @@ def start_server(make: Callable[[], S], host: str, port: int) -> S:
 
 def save_and_echo(payload: Any, path: Optional[os.PathLike], as_json: bool) -> None:
     """Write a report (or list of reports) to ``path`` if given, and print it as JSON if asked."""
-    from edgepipe.device.report import dumps, write_json
+    from edgepipe.device.report import check_reports, dumps, write_json
 
+    check_reports(payload)  # never write or print a report that breaks edgepipe.report/1
     if path:
         try:
             write_json(payload, path)

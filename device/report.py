@@ -1,30 +1,36 @@
-"""Reports (``edgepipe.report/1``): build, validate (without jsonschema), write, summarize.
+"""Reports (``edgepipe.report/1``): build, validate, read as typed objects, write, summarize.
 
-The JSON Schema in ``device/schemas/report.schema.json`` is the contract. The
-device must not need the ``jsonschema`` package, so :func:`report_problems`
-interprets the small subset of JSON Schema that file uses (type, required,
-properties, additionalProperties, items, enum, const, pattern, minimum,
-minLength, $ref to $defs). Tests check it agrees with ``jsonschema``.
+The JSON Schema in ``device/schemas/report.schema.json`` is the contract and
+:mod:`edgepipe.device.contracts` is the one validator for it. Producers build a
+report as a plain dict with :func:`new_report` (blocks are filled in stage by
+stage); readers turn a document into a frozen :class:`Report` with
+:meth:`Report.from_dict`, which validates it first. The schema evolves by
+optional fields only: blocks this version does not know are kept in ``extra``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import re
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-from edgepipe.device.errors import EdgepipeError
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional
+
+from edgepipe.device.contracts import ContractError, validate_report
 
 SCHEMA = "edgepipe.report/1"
-SCHEMA_FILE = Path(__file__).with_name("schemas") / "report.schema.json"
 KINDS = ("bench", "run", "eval")
+# A report that breaks the schema (kept under its old name for callers).
+ReportError = ContractError
 
 
-class ReportError(EdgepipeError, ValueError):
-    """A report that does not match the schema; the message lists the problems."""
+class Kind(str, Enum):
+    BENCH = "bench"
+    RUN = "run"
+    EVAL = "eval"
 
 
 def utc_now_iso() -> str:
@@ -40,7 +46,7 @@ def new_report(kind: str, *, device: Optional[dict] = None, runtime: Optional[di
     ``warnings`` and ``errors`` always exist (empty lists).
     """
     if kind not in KINDS:
-        raise ValueError(f"report kind must be one of {KINDS}, got {kind!r}")
+        raise ContractError("report", "kind", f"must be one of {list(KINDS)}, got {str(kind)[:40]!r}")
     if device is None:
         from edgepipe.device.sysinfo import device_info
 
@@ -60,79 +66,229 @@ def new_report(kind: str, *, device: Optional[dict] = None, runtime: Optional[di
     return report
 
 
-@lru_cache(maxsize=1)
-def _schema() -> dict:
-    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+def check_reports(payload: Any) -> Any:
+    """Return ``payload`` (one report or a list of them) if every report is valid, else raise ContractError."""
+    for doc in payload if isinstance(payload, list) else (payload,):
+        validate_report(doc)
+    return payload
 
 
-_TYPES = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
+# --------------------------------------------------------------------------- typed view
 
 
-def _check(value: Any, schema: dict, root: dict, where: str, out: List[str]) -> None:
-    if "$ref" in schema:
-        ref = schema["$ref"]
-        if not ref.startswith("#/$defs/"):
-            raise ValueError(f"unsupported $ref {ref}")
-        schema = root["$defs"][ref.split("/")[-1]]
-    types = schema.get("type")
-    if types is not None:
-        types = [types] if isinstance(types, str) else types
-        if not any(_TYPES[t](value) for t in types):
-            out.append(f"{where or '<root>'}: expected {'/'.join(types)}, got {type(value).__name__}")
-            return
-    if "const" in schema and value != schema["const"]:
-        out.append(f"{where}: must be {schema['const']!r}, got {value!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        out.append(f"{where}: must be one of {schema['enum']}, got {value!r}")
-    if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            out.append(f"{where}: too short")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            out.append(f"{where}: {value!r} does not match {schema['pattern']}")
-    if _TYPES["number"](value) and "minimum" in schema and value < schema["minimum"]:
-        out.append(f"{where}: {value} is below {schema['minimum']}")
-    if isinstance(value, dict):
-        for key in schema.get("required", ()):
-            if key not in value:
-                out.append(f"{where + '.' if where else ''}{key}: required")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties")
-        for key, v in value.items():
-            sub = f"{where}.{key}" if where else key
-            if key in props:
-                _check(v, props[key], root, sub, out)
-            elif isinstance(extra, dict):
-                _check(v, extra, root, sub, out)
-            elif extra is False:
-                out.append(f"{sub}: not allowed")
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, v in enumerate(value):
-            _check(v, schema["items"], root, f"{where}[{i}]", out)
+def _dump(v: Any) -> Any:
+    if isinstance(v, _Block):
+        return v.to_dict()
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [_dump(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _dump(x) for k, x in v.items()}
+    return v
 
 
-def report_problems(report: Any) -> List[str]:
-    """Everything wrong with ``report`` against the schema (empty list: valid)."""
-    schema = _schema()
-    out: List[str] = []
-    _check(report, schema, schema, "", out)
-    return out
+class _Block:
+    """Shared ``from_dict``/``to_dict`` for the report's frozen blocks.
+
+    ``to_dict`` is canonical: optional fields that are None are left out
+    (``_always`` names those the schema requires), unknown keys come back
+    from ``extra``. ``from_dict(x.to_dict()) == x`` for every block.
+    """
+
+    _load: ClassVar[Dict[str, Callable[[Any], Any]]] = {}
+    _always: ClassVar[tuple] = ()
+
+    @classmethod
+    def _names(cls) -> tuple:
+        # Field names (without "extra"), computed once per class: reading a
+        # report set of thousands of rows goes through here for every block.
+        names = cls.__dict__.get("_field_names")
+        if names is None:
+            names = tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+            cls._field_names = names  # type: ignore[attr-defined]
+        return names
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Any:
+        names = cls._names()
+        load = cls._load
+        kw: Dict[str, Any] = {}
+        for k, v in d.items():
+            if k in names:
+                f = load.get(k)
+                kw[k] = f(v) if f is not None and v is not None else v
+        if len(kw) < len(d):
+            kw["extra"] = {k: v for k, v in d.items() if k not in names}
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        out: Dict[str, Any] = {}
+        for k in self._names():
+            v = getattr(self, k)
+            if v is not None or k in self._always:
+                out[k] = _dump(v)
+        out.update(_dump(getattr(self, "extra", None) or {}))
+        return out
 
 
-def validate_report(report: Any) -> dict:
-    """Return ``report`` if it matches the schema, else raise :class:`ReportError`."""
-    problems = report_problems(report)
-    if problems:
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ReportError("invalid report: " + "; ".join(problems[:5]) + more)
-    return report
+def _tuple(v: Any) -> tuple:
+    return tuple(v)
+
+
+@dataclass(frozen=True)
+class StartEnd(_Block):
+    """A reading at the start and at the end of a run (temperature, throttling flags)."""
+
+    start: Any = None
+    end: Any = None
+    extra: Mapping = field(default_factory=dict)
+    _always: ClassVar[tuple] = ("start", "end")
+
+
+@dataclass(frozen=True)
+class Device(_Block):
+    hostname: str
+    id: Optional[str] = None
+    name: Optional[str] = None
+    tags: Optional[tuple] = None
+    board: Optional[str] = None
+    cpu: Optional[str] = None
+    machine: Optional[str] = None
+    cores: Optional[int] = None
+    os: Optional[str] = None
+    python: Optional[str] = None
+    governor: Optional[str] = None
+    temperature_c: Optional[StartEnd] = None
+    throttled: Optional[StartEnd] = None
+    memory_mb: Optional[float] = None
+    extra: Mapping = field(default_factory=dict)
+    _load: ClassVar[dict] = {"tags": _tuple, "temperature_c": StartEnd.from_dict, "throttled": StartEnd.from_dict}
+
+
+@dataclass(frozen=True)
+class Runtime(_Block):
+    backend: str
+    delegate: str
+    threads: Optional[int] = None
+    version: Optional[str] = None
+    cpu_fallback_ops: Optional[int] = None
+    load: Optional[str] = None  # "cold" | "warm"
+    extra: Mapping = field(default_factory=dict)
+    _always: ClassVar[tuple] = ("threads",)
+
+
+@dataclass(frozen=True)
+class ModelRef(_Block):
+    name: str
+    sha256: str
+    size: int
+    recipe: Optional[str] = None
+    extra: Mapping = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LatencyStats(_Block):
+    """Milliseconds over ``n`` samples (all None when ``n`` is 0)."""
+
+    n: int
+    mean: Optional[float] = None
+    std: Optional[float] = None
+    min: Optional[float] = None
+    p50: Optional[float] = None
+    p90: Optional[float] = None
+    p99: Optional[float] = None
+    max: Optional[float] = None
+    extra: Mapping = field(default_factory=dict)
+    _always: ClassVar[tuple] = ("n", "mean", "std", "min", "p50", "p90", "p99", "max")
+
+
+@dataclass(frozen=True)
+class LoadBreakdown(_Block):
+    """Cold-start milliseconds by stage."""
+
+    file_read: Optional[float] = None
+    interpreter_build: Optional[float] = None
+    delegate: Optional[float] = None
+    allocate: Optional[float] = None
+    first_invoke: Optional[float] = None
+    extra: Mapping = field(default_factory=dict)
+
+    @property
+    def total(self) -> Optional[float]:
+        parts = [v for v in (self.file_read, self.interpreter_build, self.delegate, self.allocate,
+                             self.first_invoke) if v is not None]
+        return sum(parts) if parts else None
+
+
+@dataclass(frozen=True)
+class Throughput(_Block):
+    fps: Optional[float] = None
+    mode: Optional[str] = None  # "sequential" | "pipelined"
+    workers: Optional[int] = None
+    queue_depth: Optional[int] = None
+    frames: Optional[int] = None
+    frames_dropped: Optional[int] = None
+    frames_skipped: Optional[int] = None
+    extra: Mapping = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failure(_Block):
+    """Why a job produced no measurement, e.g. the runtime crashed with a signal while allocating tensors."""
+
+    reason: str
+    stage: Optional[str] = None
+    signal: Optional[str] = None
+    extra: Mapping = field(default_factory=dict)
+
+
+def _stats_map(v: Mapping) -> dict:
+    return {k: None if s is None else LatencyStats.from_dict(s) for k, s in v.items()}
+
+
+@dataclass(frozen=True)
+class Report(_Block):
+    """One ``edgepipe.report/1`` document, typed. Build with :meth:`from_dict` (validates)."""
+
+    id: str
+    created: str
+    kind: Kind
+    device: Device
+    runtime: Runtime
+    model: ModelRef
+    schema: str = SCHEMA
+    load_ms: Optional[LoadBreakdown] = None
+    latency_ms: Optional[LatencyStats] = None
+    stages_ms: Optional[Mapping[str, Optional[LatencyStats]]] = None
+    throughput: Optional[Throughput] = None
+    peak_rss_mb: Optional[float] = None
+    accuracy: Optional[dict] = None
+    input: Optional[dict] = None
+    settings: Optional[dict] = None
+    failure: Optional[Failure] = None
+    warnings: tuple = ()
+    errors: tuple = ()
+    extra: Mapping = field(default_factory=dict)
+    _load: ClassVar[dict] = {
+        "kind": Kind, "device": Device.from_dict, "runtime": Runtime.from_dict, "model": ModelRef.from_dict,
+        "load_ms": LoadBreakdown.from_dict, "latency_ms": LatencyStats.from_dict, "stages_ms": _stats_map,
+        "throughput": Throughput.from_dict, "failure": Failure.from_dict, "warnings": _tuple, "errors": _tuple}
+    _always: ClassVar[tuple] = ("warnings", "errors")
+
+    @classmethod
+    def from_dict(cls, d: Any, *, validate: bool = True) -> "Report":
+        """The typed report in ``d``; raises ContractError when ``d`` breaks the schema.
+
+        ``validate=False`` is for documents already checked (e.g. read back from the results store).
+        """
+        if validate:
+            validate_report(d)
+        return super().from_dict(d)
+
+    def to_dict(self) -> dict:
+        """The JSON document (schema first, as the device writes it)."""
+        return {"schema": self.schema, **super().to_dict()}
 
 
 def dumps(report: Any, indent: Optional[int] = 2) -> str:

@@ -30,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
+from edgepipe.device.contracts import validate_report
 from edgepipe.device.paths import user_dir
 
 REPORTS_PATH = "/v1/reports"
@@ -84,6 +85,7 @@ class Spool:
 
     def put(self, report: dict) -> Path:
         """Write ``report`` durably (temp file, fsync, rename); a report that breaks the schema is refused."""
+        validate_report(report)  # never queue what the collector would refuse for good
         self.dir.mkdir(parents=True, exist_ok=True)
         rid = str(report["id"])
         final = self.dir / f"{time.time_ns():020d}-{rid}.json"

@@ -6,151 +6,16 @@ Anything bad gets a 4xx with a one-line reason and stores nothing.
 """
 from __future__ import annotations
 
-import json
-import re
 import urllib.parse
-from importlib import resources
 from typing import Callable, Optional
 
+from edgepipe.device.contracts import report_problem
 from edgepipe.device.http import HTTPError_, JSONHandler, Server, check_bind
 from edgepipe.pipeline.store import FILTERS, Store
 
 DEFAULT_PORT = 8750
 DEFAULT_MAX_BODY = 1 << 20  # a report is a few KB; 1 MiB leaves room for accuracy blocks
 MAX_LIMIT = 10000
-
-
-def report_schema() -> dict:
-    return json.loads(resources.files("device").joinpath("schemas/report.schema.json").read_text("utf-8"))
-
-
-# Keywords the compiled fast path implements. When the schema uses only
-# these, a report the fast path accepts is valid; anything it refuses goes to
-# jsonschema, which has the final word and explains the refusal. Ingest speed
-# is what this buys: jsonschema alone costs ~0.7 ms a report.
-_FAST_KEYWORDS = {"$schema", "$id", "title", "description", "type", "required", "properties", "const",
-                  "enum", "pattern", "minLength", "minimum", "additionalProperties", "items", "$ref",
-                  "$defs"}
-
-_PY_TYPES = {"object": (dict,), "array": (list,), "string": (str,), "integer": (int,),
-             "number": (int, float), "boolean": (bool,), "null": (type(None),)}
-
-
-def _keywords(node, out: set) -> set:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out.add(k)
-            if k in ("properties", "$defs"):
-                for sub in v.values():
-                    _keywords(sub, out)
-            elif isinstance(v, (dict, list)) and k not in ("enum", "const", "required", "type"):
-                _keywords(v, out)
-    elif isinstance(node, list):
-        for v in node:
-            _keywords(v, out)
-    return out
-
-
-def compile_schema(schema: dict, root: Optional[dict] = None) -> Callable[[object], bool]:
-    """A predicate that is True only for instances valid under ``schema``.
-
-    Possibly stricter than JSON Schema (1.0 is not an integer here), never
-    looser, for the keywords in _FAST_KEYWORDS.
-    """
-    root = schema if root is None else root
-    if "$ref" in schema:
-        ref = schema["$ref"]
-        if not ref.startswith("#/$defs/"):
-            raise ValueError(f"unsupported $ref {ref}")
-        return compile_schema(root["$defs"][ref.rsplit("/", 1)[1]], root)
-    types = None
-    if "type" in schema:
-        t = schema["type"]
-        types = frozenset(x for name in ([t] if isinstance(t, str) else t) for x in _PY_TYPES[name])
-    checks = []
-    if "const" in schema:
-        c = schema["const"]
-        checks.append(lambda v: type(v) is type(c) and v == c)
-    if "enum" in schema:
-        opts = tuple(schema["enum"])
-        checks.append(lambda v: any(type(v) is type(o) and v == o for o in opts))
-    if "pattern" in schema:
-        rx = re.compile(schema["pattern"])
-        checks.append(lambda v: type(v) is not str or rx.search(v) is not None)
-    if "minLength" in schema:
-        n = schema["minLength"]
-        checks.append(lambda v: type(v) is not str or len(v) >= n)
-    if "minimum" in schema:
-        lo = schema["minimum"]
-        checks.append(lambda v: type(v) not in (int, float) or v >= lo)
-    required = tuple(schema.get("required", ()))
-    props = {k: compile_schema(v, root) for k, v in schema.get("properties", {}).items()}
-    extra = schema.get("additionalProperties", True)
-    extra_check = compile_schema(extra, root) if isinstance(extra, dict) else None
-    if required or props or extra is not True:
-        def obj(v):
-            if type(v) is not dict:
-                return True
-            for k in required:
-                if k not in v:
-                    return False
-            for k, x in v.items():
-                sub = props.get(k)
-                if sub is not None:
-                    if not sub(x):
-                        return False
-                elif extra is False or (extra_check is not None and not extra_check(x)):
-                    return False
-            return True
-        checks.append(obj)
-    if isinstance(schema.get("items"), dict):
-        item = compile_schema(schema["items"], root)
-
-        def items(v):
-            if type(v) is not list:
-                return True
-            for x in v:
-                if not item(x):
-                    return False
-            return True
-        checks.append(items)
-    checks = tuple(checks)
-
-    def check(v):
-        if types is not None and type(v) not in types:
-            return False
-        for c in checks:
-            if not c(v):
-                return False
-        return True
-    return check
-
-
-def make_validator() -> Callable[[object], Optional[str]]:
-    """A function returning None for a valid report or a one-line reason."""
-    schema = report_schema()
-    fast = compile_schema(schema) if _keywords(schema, set()) <= _FAST_KEYWORDS else None
-    try:
-        import jsonschema
-    except ImportError:  # pragma: no cover - the host extra installs jsonschema
-        from edgepipe.device.report import report_problems
-
-        def light(doc):
-            problems = report_problems(doc)
-            return "; ".join(problems[:3])[:300] if problems else None
-        return light
-
-    validator = jsonschema.Draft202012Validator(schema)
-
-    def check(doc):
-        if fast is not None and fast(doc):
-            return None
-        err = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-        if err is None:
-            return None
-        where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        return f"{where}: {err.message}"[:300]
-    return check
 
 
 class CollectorHandler(JSONHandler):
@@ -217,6 +82,6 @@ class CollectorServer(Server):
                  on_report: Optional[Callable[[dict, bool], None]] = None):
         check_bind(host, token)
         self.store = store
-        self.validate = make_validator()
+        self.validate = report_problem  # None or a one-line "path: problem"
         self.on_report = on_report
         super().__init__((host, port), CollectorHandler, token=token, max_body=max_body)

@@ -150,11 +150,11 @@ def bench_fleet(packed: list, devices: list, *, params: Optional[dict] = None, s
     ``settings`` is a list of job-parameter dicts (see :func:`expand_settings`);
     default: one job per bundle with ``params``.
     """
-    from edgepipe.pipeline.collector import make_validator
+    from edgepipe.device.contracts import report_problem
 
     if settings is None:
         settings = expand_settings(params)
-    validate = make_validator()
+    validate = report_problem
     out: list = []
     lock = threading.Lock()
     emit_lock = threading.Lock()
