@@ -13,6 +13,7 @@ COMMANDS = {
     "serve": "edgepipe.pipeline.cli_serve:serve",
     "bench": "edgepipe.pipeline.cli_fleet:bench",
     "report": "edgepipe.pipeline.cli_report:report",
+    "samples": "edgepipe.pipeline.cli_samples:samples",
 }
 
 

@@ -64,9 +64,14 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
             detail = res.get("error") or (f"p50 {p50:.3f} ms" if p50 is not None else "")
             click.echo(f"[{state['n']}/{len(points)}] {res.get('label')}: {tag} {detail}", err=True)
 
+    from edgepipe.pipeline.cli_samples import not_built_hint
+    from edgepipe.pipeline.samples import SampleDataError, SampleNotBuiltError
+
     try:
         results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick)
-    except AblateError as e:
+    except SampleNotBuiltError as e:
+        raise click.ClickException(f"model.source: {e}; {not_built_hint(e.name)}") from None
+    except (AblateError, SampleDataError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted: re-run the same command to resume ({state['n']} point(s) kept)",

@@ -13,7 +13,7 @@ EPILOG = """\b
 Examples:
   edgepipe evaluate bundles/fashion_mnist_cnn-* --data sample_data/fashion_mnist/test
   edgepipe evaluate bundles/mobilenet_v2-int8 bundles/mobilenet_v2-fp16 \\
-      --data sample_data/images --reference .cache/edgepipe/mobilenet_v2.keras --json
+      --data sample_data/images --reference "$(edgepipe samples path mobilenet_v2)" --json
   edgepipe evaluate bundles/*-int8 --data photos/ --labels photo_labels.txt --db results.db
 """
 
@@ -64,7 +64,7 @@ def format_results(results) -> str:
               help="Images: one sub-folder per class (labelled) or a flat folder.")
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Float Keras model to compare with (default: the manifest's source model, "
-                   "looked up next to the bundles and in sample_data/models).")
+                   "looked up next to the bundles and among the samples).")
 @click.option("--labels", "labels_file", type=click.Path(path_type=Path),
               help="Class names one per line, or '<image file> <class>' per line for a flat folder.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images (evenly spread).")
@@ -85,6 +85,8 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
     cosine and SNR compare the raw outputs.
     """
     from edgepipe.pipeline.evaluate import EvalError, evaluate_bundles, load_dataset
+    from edgepipe.pipeline.cli_samples import not_built_hint
+    from edgepipe.pipeline.samples import SampleNotBuiltError
 
     bar = _Bar(enabled=not (as_json or quiet))
     n_images = {"n": 0}
@@ -118,6 +120,10 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
     except EvalError as e:
         bar.close()
         raise click.ClickException(str(e)) from None
+    except SampleNotBuiltError as e:
+        bar.close()
+        raise click.ClickException(f"--reference: {e}; {not_built_hint(e.name)} "
+                                   "(or pass --reference MODEL)") from None
     finally:
         bar.close()
     stored = None

@@ -5,9 +5,7 @@ read with the bundle's own preprocessing (``edgepipe.device.preprocess.load_imag
 the host measures exactly what the board computes. The float reference (the
 Keras model the bundle came from) runs on the *same* float inputs.
 
-Labels come from a folder per class (names matched to the bundle's labels, or
-a labels file, or sorted folder order) or from a labels file listing
-``<image file> <class>`` per line.
+The images and their labels come from ``edgepipe.pipeline.dataset``.
 """
 from __future__ import annotations
 
@@ -18,148 +16,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from edgepipe.device.bundle import Bundle, BundleError, Preprocess, load_bundle, read_labels
+from edgepipe.device.bundle import Bundle, BundleError, load_bundle
 from edgepipe.pipeline import metrics
 from edgepipe.device.errors import EdgepipeError
+from edgepipe.pipeline.dataset import Dataset, EvalError, load_dataset, load_inputs
 
-
-class EvalError(EdgepipeError, ValueError):
-    """Unusable evaluation input; the message is one line naming what is wrong."""
-
-
-# ------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Images to evaluate on, with class indices when known."""
-
-    root: Path
-    paths: tuple
-    labels: Optional[tuple] = None  # class index per image (model output index)
-    class_names: Optional[tuple] = None
-    skipped: int = 0
-    note: str = ""
-
-    @property
-    def labelled(self) -> bool:
-        return self.labels is not None
-
-
-def _norm(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
-def _class_index(names: Sequence[str]) -> dict:
-    return {_norm(n): i for i, n in enumerate(names)}
-
-
-def load_dataset(root: Path, *, labels_file: Optional[Path] = None,
-                 class_names: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> Dataset:
-    """Find images under ``root`` and their labels.
-
-    - ``root/<class>/*.png`` (one folder per class): labelled. Folder names are
-      mapped to output indices through ``class_names`` (the bundle's labels),
-      else ``labels_file`` / ``root/labels.txt`` / ``root/../labels.txt`` (one
-      class name per line), else sorted folder order.
-    - images directly in ``root``: unlabelled, unless ``labels_file`` lists
-      ``<file name> <class index or name>`` per line.
-    ``limit`` keeps an evenly spread subset (every class stays represented).
-    """
-    from edgepipe.device.preprocess import list_images
-
-    root = Path(root)
-    if not root.is_dir():
-        raise EvalError(f"--data: {root} is not a folder")
-    top, skipped = list_images(root)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_image = None
-    names_from_file = None
-    if labels_file is not None:
-        if not Path(labels_file).is_file():
-            raise EvalError(f"--labels: {labels_file} is not a file")
-        lines = read_labels(labels_file)
-        if lines and all(len(ln.replace(",", " ").split()) == 2 for ln in lines) and top:
-            per_image = {}
-            for ln in lines:
-                fname, lab = ln.replace(",", " ").split()
-                per_image[fname] = lab
-        else:
-            names_from_file = lines
-    else:
-        for cand in (root / "labels.txt", root.parent / "labels.txt"):
-            if subdirs and cand.is_file():
-                names_from_file = read_labels(cand)
-                break
-    names = list(class_names) if class_names else names_from_file
-    note = ""
-
-    if subdirs and not top:
-        paths, labels = [], []
-        if names:
-            index = _class_index(names)
-            for d in subdirs:
-                if _norm(d.name) not in index:
-                    raise EvalError(f"--data: class folder {d.name!r} is not one of the model's "
-                                    f"{len(names)} labels (e.g. {', '.join(names[:3])})")
-        else:
-            names = [d.name for d in subdirs]
-            index = _class_index(names)
-            note = "class index = sorted folder order (no labels file)"
-        for d in subdirs:
-            imgs, sk = list_images(d)
-            skipped += sk
-            paths += imgs
-            labels += [index[_norm(d.name)]] * len(imgs)
-        ds = Dataset(root, tuple(paths), tuple(labels), tuple(names), skipped, note)
-    elif per_image is not None:
-        idx = _class_index(names) if names else {}
-        labels = []
-        for p in top:
-            lab = per_image.get(p.name)
-            if lab is None:
-                raise EvalError(f"--labels: no label for image {p.name}")
-            if lab.lstrip("-").isdigit():
-                labels.append(int(lab))
-            elif _norm(lab) in idx:
-                labels.append(idx[_norm(lab)])
-            else:
-                raise EvalError(f"--labels: label {lab!r} of {p.name} is neither a class index "
-                                "nor one of the model's labels")
-        ds = Dataset(root, tuple(top), tuple(labels), tuple(names) if names else None, skipped)
-    else:
-        ds = Dataset(root, tuple(top), None, tuple(names) if names else None, skipped,
-                     "no labels: agreement with the float model only")
-    if not ds.paths:
-        raise EvalError(f"--data: no images found in {root}")
-    if limit is not None and limit < len(ds.paths):
-        if limit < 1:
-            raise EvalError("--limit: must be at least 1")
-        idx = np.linspace(0, len(ds.paths) - 1, limit).round().astype(int)
-        idx = sorted(set(idx.tolist()))
-        ds = Dataset(root, tuple(ds.paths[i] for i in idx),
-                     tuple(ds.labels[i] for i in idx) if ds.labels else None,
-                     ds.class_names, ds.skipped, ds.note)
-    return ds
-
-
-def load_inputs(paths: Sequence[Path], spec: Preprocess,
-                progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """The float model inputs (N, ...) for ``paths`` via the device's preprocessing."""
-    from edgepipe.device.preprocess import ImageError, load_image
-
-    out = []
-    for p in paths:
-        try:
-            x = load_image(p, spec)
-        except (ImageError, OSError) as e:
-            raise EvalError(f"--data: {Path(p).name}: {e}") from None
-        if spec.layout == "nchw":
-            x = np.transpose(x, (2, 0, 1))
-        out.append(x)
-        if progress:
-            progress(1)
-    return np.stack(out).astype(np.float32, copy=False)
+__all__ = ["BundleEval", "Dataset", "EvalError", "KerasReference", "evaluate_bundles", "eval_report",
+           "find_reference", "load_dataset", "load_inputs", "open_bundle", "run_bundle"]
 
 
 # ------------------------------------------------------------------ models
@@ -238,20 +101,34 @@ def run_bundle(bundle: Bundle, x: np.ndarray, *, threads: Optional[int] = None,
 
 
 def find_reference(bundle: Bundle, search: Sequence[Path] = ()) -> Optional[Path]:
-    """The Keras model named by the manifest, looked up next to the bundle and in ``search``."""
+    """The Keras model named by the manifest, looked up next to the bundle and in ``search``.
+
+    Then in the sample models shipped with edgepipe and the samples cache.
+    """
     m = bundle.manifest
     name = (m.source_model or {}).get("name") if m else None
     if not name:
         return None
-    from edgepipe.pipeline.samples import SAMPLE_DATA, cache_dir
+    from edgepipe.pipeline.samples import reference_search_dirs
 
-    dirs = [bundle.path.parent, bundle.path.parent.parent, *search, SAMPLE_DATA / "models", cache_dir(),
-            cache_dir() / "models"]
+    dirs = [bundle.path.parent, bundle.path.parent.parent, *search, *reference_search_dirs()]
     for d in dirs:
         cand = Path(d) / name
         if cand.exists():
             return cand
     return None
+
+
+def _missing_reference(bundle: Bundle) -> EdgepipeError:
+    """Why no float reference was found: a sample not built yet, or a model not next to the bundle."""
+    from edgepipe.pipeline.samples import CATALOGUE, SampleKind, SampleNotBuiltError
+
+    src = (bundle.manifest.source_model or {}).get("name", "?")
+    for s in CATALOGUE:
+        if s.kind is SampleKind.BUILT and s.path.name == src and not s.present:
+            return SampleNotBuiltError(s.name, s.path)
+    return EvalError(f"--reference: float model {src!r} of {bundle.name} not found next to the "
+                     "bundle; pass --reference MODEL")
 
 
 # ------------------------------------------------------------------ evaluation
@@ -293,22 +170,35 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
     """Evaluate each bundle; returns a list of BundleEval (same order).
 
     ``progress(stage, n)`` is called with a stage message (n=0) and per image (n=1).
-    Raises EvalError for unusable input before running anything slow.
+    Raises EvalError for unusable input before running anything slow (and
+    ``SampleNotBuiltError`` when the reference is a sample model not built yet).
     """
     say = progress or (lambda msg, n: None)
     bundles = [open_bundle(Path(p)) for p in bundle_paths]
     names = next((b.labels for b in bundles if b.labels), None)
     ds = load_dataset(data, labels_file=labels_file, class_names=names, limit=limit)
-    if ds.labelled:
-        n_out = [int(np.prod(b.manifest.outputs[0].shape[1:])) for b in bundles]
-        for b, n in zip(bundles, n_out):
-            if ds.class_names and len(ds.class_names) > n:
-                raise EvalError(f"labels: {len(ds.class_names)} classes but bundle {b.name} has "
-                                f"{n} outputs")
-            if max(ds.labels) >= n:
-                raise EvalError(f"labels: class index {max(ds.labels)} but bundle {b.name} has "
-                                f"{n} outputs")
+    _check_label_range(bundles, ds)
+    ref_for = _references(bundles, reference, say)
+    run = _Run(ds, threads, say)
+    return [run.evaluate(b, *ref_for[b.path]) for b in bundles]
 
+
+def _check_label_range(bundles: Sequence[Bundle], ds: Dataset) -> None:
+    """Every class index of the data must be an output of every bundle."""
+    if not ds.labelled:
+        return
+    for b in bundles:
+        n = int(np.prod(b.manifest.outputs[0].shape[1:]))
+        if ds.class_names and len(ds.class_names) > n:
+            raise EvalError(f"labels: {len(ds.class_names)} classes but bundle {b.name} has "
+                            f"{n} outputs")
+        if max(ds.labels) >= n:
+            raise EvalError(f"labels: class index {max(ds.labels)} but bundle {b.name} has "
+                            f"{n} outputs")
+
+
+def _references(bundles: Sequence[Bundle], reference: Optional[Path], say) -> dict:
+    """Bundle path -> ("keras", KerasReference) or ("bundle", the fp32 bundle) to compare with."""
     refs: dict = {}
     ref_for = {}
     for b in bundles:
@@ -316,9 +206,7 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
         if rp is None:
             fp32 = next((o for o in bundles if o.manifest.recipe == "fp32"), None)
             if fp32 is None:
-                src = (b.manifest.source_model or {}).get("name", "?")
-                raise EvalError(f"--reference: float model {src!r} of {b.name} not found next to the "
-                                "bundle; pass --reference MODEL")
+                raise _missing_reference(b)
             ref_for[b.path] = ("bundle", fp32)
             continue
         if not rp.exists():
@@ -326,32 +214,44 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
         if rp not in refs:
             say(f"loading reference {rp.name}", 0)
             refs[rp] = KerasReference(rp)
-        ref = refs[rp]
-        ref.check_input(tuple(b.manifest.inputs[0].shape[1:]), b.name)
-        ref_for[b.path] = ("keras", ref)
+        refs[rp].check_input(tuple(b.manifest.inputs[0].shape[1:]), b.name)
+        ref_for[b.path] = ("keras", refs[rp])
+    return ref_for
 
-    inputs_cache: dict = {}
-    ref_cache: dict = {}
-    results = []
-    for b in bundles:
-        t0 = time.perf_counter()
+
+class _Run:
+    """One evaluation run: inputs and reference outputs computed once and shared by the bundles."""
+
+    def __init__(self, ds: Dataset, threads: Optional[int], say):
+        self.ds, self.threads, self.say = ds, threads, say
+        self.inputs: dict = {}
+        self.ref_outputs: dict = {}
+
+    def _inputs(self, b: Bundle) -> tuple:
         spec = b.manifest.preprocess
         key = repr(sorted(spec.to_dict().items()))
-        if key not in inputs_cache:
-            say(f"reading {len(ds.paths)} images for {b.name}", 0)
-            inputs_cache[key] = load_inputs(ds.paths, spec, progress=lambda n: say("", n))
-        x = inputs_cache[key]
-        say(f"running {b.name}", 0)
-        out = run_bundle(b, x, threads=threads, progress=lambda n: say("", n))
-        kind, ref = ref_for[b.path]
+        if key not in self.inputs:
+            self.say(f"reading {len(self.ds.paths)} images for {b.name}", 0)
+            self.inputs[key] = load_inputs(self.ds.paths, spec, progress=lambda n: self.say("", n))
+        return key, self.inputs[key]
+
+    def _reference(self, kind: str, ref, key: str, x: np.ndarray, b: Bundle, out: np.ndarray) -> np.ndarray:
         rkey = (kind, str(ref.path), key)
-        if rkey not in ref_cache:
+        if rkey not in self.ref_outputs:
             if kind == "keras":
-                say(f"running float reference {ref.path.name}", 0)
-                ref_cache[rkey] = ref.predict(x)
+                self.say(f"running float reference {ref.path.name}", 0)
+                self.ref_outputs[rkey] = ref.predict(x)
             else:
-                ref_cache[rkey] = out if ref is b else run_bundle(ref, x, threads=threads)
-        y = ref_cache[rkey]
+                self.ref_outputs[rkey] = out if ref is b else run_bundle(ref, x, threads=self.threads)
+        return self.ref_outputs[rkey]
+
+    def evaluate(self, b: Bundle, kind: str, ref) -> "BundleEval":
+        t0 = time.perf_counter()
+        key, x = self._inputs(b)
+        self.say(f"running {b.name}", 0)
+        out = run_bundle(b, x, threads=self.threads, progress=lambda n: self.say("", n))
+        y = self._reference(kind, ref, key, x, b, out)
+        ds = self.ds
         try:
             acc = metrics.accuracy_block(out, ds.labels) if ds.labelled else {}
             agr = metrics.compare_outputs(out, y).to_dict()
@@ -361,11 +261,10 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
         if kind == "bundle":
             notes.append(f"reference is the fp32 bundle {ref.name} (Keras model not found)")
         m = b.manifest
-        results.append(BundleEval(
+        return BundleEval(
             bundle=b.name, path=str(b.path), recipe=m.recipe, size=m.model_size,
             sha256=m.model_sha256, images=len(ds.paths), accuracy=acc, agreement=agr,
-            reference=str(ref.path), seconds=time.perf_counter() - t0, notes=notes))
-    return results
+            reference=str(ref.path), seconds=time.perf_counter() - t0, notes=notes)
 
 
 def eval_report(e: BundleEval, data: Path) -> dict:

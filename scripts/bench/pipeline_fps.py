@@ -28,6 +28,7 @@ sample MobileNetV2 there with .venv/bin/edgepipe the first time.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,9 +53,10 @@ def default_bundle() -> Path:
     if (b / "manifest.json").exists():
         return b
     edgepipe = ROOT / ".venv" / "bin" / "edgepipe"
-    keras = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-c",
-                            "from edgepipe.pipeline.samples import mobilenet_v2_keras; print(mobilenet_v2_keras())"],
-                           capture_output=True, text=True, cwd=ROOT)
+    # `edgepipe samples build` returns the cached model or builds it, saying so.
+    env = {**os.environ, "EDGEPIPE_CACHE": os.environ.get("EDGEPIPE_CACHE", str(ROOT / ".cache" / "edgepipe"))}
+    keras = subprocess.run([str(edgepipe), "samples", "build", "mobilenet_v2"],
+                           capture_output=True, text=True, cwd=ROOT, env=env)
     if keras.returncode != 0 or not edgepipe.exists():
         raise SystemExit("no --bundle given and the sample MobileNetV2 cannot be built here: " +
                          (keras.stderr.strip().splitlines() or ["no .venv"])[-1])

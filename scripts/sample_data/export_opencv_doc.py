@@ -21,8 +21,13 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from edgepipe.pipeline import samples  # noqa: E402
+from edgepipe.pipeline import samples
+
+# These scripts regenerate the committed files: they must write into this
+# checkout (an editable install), never into an installed package.
+if samples.sample_data_dir().resolve() != (Path(__file__).resolve().parents[2] / "sample_data").resolve():
+    sys.exit(f"edgepipe is not installed from this checkout (its sample data is {samples.sample_data_dir()}): "
+             "pip install -e . first")
 
 SOURCE = Path("/usr/share/doc/opencv-doc/examples")
 # (path under SOURCE, committed file name)

@@ -23,12 +23,17 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from edgepipe.pipeline import samples  # noqa: E402
+
+# These scripts regenerate the committed files: they must write into this
+# checkout (an editable install), never into an installed package.
+if samples.sample_data_dir().resolve() != (Path(__file__).resolve().parents[2] / "sample_data").resolve():
+    sys.exit(f"edgepipe is not installed from this checkout (its sample data is {samples.sample_data_dir()}): "
+             "pip install -e . first")
 
 SEED = 20240601
 

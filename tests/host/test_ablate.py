@@ -155,6 +155,19 @@ def test_examples_are_valid_specs():
         assert spec.points()
 
 
+def test_sample_source_not_built_yet_names_the_build_command(tmp_path, monkeypatch):
+    from edgepipe.pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    p = _spec(tmp_path, BASE.replace("sample:fashion_mnist", "sample:mobilenet_v2") + '[axes]\nrecipe = ["fp32"]\n')
+    r = CliRunner().invoke(main, ["ablate", str(p), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: model.source: the sample mobilenet_v2 is not built yet"), last
+    assert last.endswith("build it with: edgepipe samples build mobilenet_v2")
+    assert not (tmp_path / "cache").exists()  # nothing fetched or built behind the user's back
+
+
 # ------------------------------------------------------------------ a real small study
 
 

@@ -183,3 +183,18 @@ def test_layers_lists_int8_error_per_layer(world):
     assert {x["layer"] for x in rows} >= {"quadrants"}
     assert rows == sorted(rows, key=lambda x: -x["rmse_steps"])
     assert all(x["scale"] > 0 and x["rmse_steps"] >= 0 for x in rows)
+
+
+def test_reference_that_is_a_sample_not_built_yet_names_the_build_command(world, tmp_path, monkeypatch):
+    """A bundle made from the sample MobileNetV2, evaluated before the sample is built in this cache."""
+    import shutil
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    int8 = tmp_path / "bundles" / "mnv2-int8"  # alone: no fp32 bundle to fall back on
+    shutil.copytree(world["bundles"]["int8"], int8)
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    manifest["source_model"]["name"] = "mobilenet_v2.keras"
+    (int8 / "manifest.json").write_text(json.dumps(manifest))
+    msg = _run([int8, "--data", world["data"]])
+    assert msg.startswith("Error: --reference: the sample mobilenet_v2 is not built yet")
+    assert "build it with: edgepipe samples build mobilenet_v2" in msg

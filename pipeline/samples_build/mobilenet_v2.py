@@ -21,6 +21,8 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from edgepipe.pipeline.samples import SampleDataError
+
 # torchvision's inverted-residual settings: expansion t, channels c, repeats n, stride s.
 INVERTED_RESIDUAL_SETTING = (
     (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
@@ -114,17 +116,22 @@ def build_mobilenet_v2(state_dict: Optional[Mapping[str, np.ndarray]] = None,
     if state_dict is not None:
         weights[dense.name] = [np.asarray(state_dict["classifier.1.weight"], np.float32).T,
                                np.asarray(state_dict["classifier.1.bias"], np.float32)]
-        for name, arrays in weights.items():
-            layer = model.get_layer(name)
-            expected = [tuple(w.shape) for w in layer.get_weights()]
-            if expected != [a.shape for a in arrays]:
-                raise ValueError(f"{name}: state dict shapes {[a.shape for a in arrays]} != {expected}")
-            layer.set_weights(arrays)
-        used = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-        mapped = sum(len(a) for a in weights.values())
-        if mapped != len(used):
-            raise ValueError(f"mapped {mapped} of {len(used)} tensors from the state dict")
+        _set_weights(model, weights, state_dict)
     return model
+
+
+def _set_weights(model, weights: dict, state_dict: Mapping[str, np.ndarray]) -> None:
+    """Load the mapped arrays, refusing a state dict that does not fit layer for layer."""
+    for name, arrays in weights.items():
+        layer = model.get_layer(name)
+        expected = [tuple(w.shape) for w in layer.get_weights()]
+        if expected != [a.shape for a in arrays]:
+            raise SampleDataError(f"{name}: state dict shapes {[a.shape for a in arrays]} != {expected}")
+        layer.set_weights(arrays)
+    used = {k for k in state_dict if not k.endswith("num_batches_tracked")}
+    mapped = sum(len(a) for a in weights.values())
+    if mapped != len(used):
+        raise SampleDataError(f"mapped {mapped} of {len(used)} tensors from the state dict")
 
 
 def preprocess_photo(path: Path, size: int = 224, crop_fraction: float = 0.875) -> np.ndarray:
