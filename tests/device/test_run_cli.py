@@ -40,7 +40,7 @@ def cli(*args):
     """In-process `edgerun run ARGS` (fast under emulation); stderr separate, exceptions not swallowed."""
     from click.testing import CliRunner
 
-    from device.cli_run import run
+    from edgepipe.device.cli_run import run
 
     res = CliRunner().invoke(run, [str(a) for a in args])
     if res.exception is not None and not isinstance(res.exception, SystemExit):
