@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 import queue
 import time
+from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -50,6 +51,42 @@ def _image_input(loaded) -> Any:
     return loaded.inputs[0]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How the frames will flow: mode, preprocessing workers, interpreter lanes, queue depth."""
+
+    pipelined: bool
+    workers: int
+    lanes: int
+    depth_asked: Optional[int] = None
+    depth: int = 1
+
+
+@dataclass
+class _Model:
+    """What the frame loop needs about the model: its tensor, pre/postprocessing and what was assumed."""
+
+    loaded: Any
+    cold: bool
+    tensor: Any
+    pre: Any
+    post: Postprocessor
+    assumed: List[str]
+    zeros: np.ndarray
+
+
+@dataclass
+class _Outcome:
+    """What the frame loop left behind besides its stats."""
+
+    errors: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    probe: Optional[dict] = None
+    lane_ms: List[float] = field(default_factory=list)
+    cpu_ms: float = 0.0
+    predictions: int = 0
+
+
 def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline: Optional[bool] = None,
                max_frames: Optional[int] = None, threads: Optional[int] = None, delegate: str = "cpu",
                on_prediction: Optional[Callable[[dict], None]] = None, loaded=None,
@@ -65,164 +102,208 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     ``lanes`` interpreter copies (CPU delegate only) default to the core
     count; ``loaded`` reuses a warm model (the agent's). ``on_prediction``
     gets each record in frame order. Raises RunError, BundleError,
-    SourceError or edgepipe.device.runtime.RuntimeLoadError before the first frame.
+    SourceError, edgepipe.device.runtime.RuntimeLoadError or ModelRunError
+    before the first frame.
     """
     from edgepipe.device import sysinfo
-    from edgepipe.device.bench import model_block
-    from edgepipe.device.inputs import assumed_preprocess
-    from edgepipe.device.report import new_report
-    from edgepipe.device.runtime import load_model
+    from edgepipe.device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
 
     if max_frames is not None and max_frames < 1:
         raise RunError("--max-frames must be at least 1")
     bundle = load_bundle(bundle_path)
-    from edgepipe.device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
-
     model_path = model_for(bundle, delegate)
+    load = dict(backend=backend, delegate=delegate, threads=threads, edgetpu_device=edgetpu_device)
     device = sysinfo.device_info()
     start = sysinfo.start_snapshot(device)
     src = open_source(source, live=live) if isinstance(source, (str, os.PathLike)) else source
     owned = src is not source
     try:
-        cold = loaded is None
-        if cold:
-            loaded = load_model(model_path, backend=backend, delegate=delegate, threads=threads,
-                                edgetpu_device=edgetpu_device)
-        tensor = _image_input(loaded)
-        manifest = bundle.manifest
-        assumed: List[str] = []
-        pre = manifest.preprocess if manifest and manifest.preprocess else None
-        if pre is None:
-            pre, notes = assumed_preprocess(tensor)
-            assumed += notes
-        if manifest is not None:
-            task, labels = manifest.task, bundle.labels
-        else:
-            task, notes = infer_task(loaded.outputs)
-            labels, assumed = (), assumed + notes
-        post = Postprocessor(loaded.outputs, task, labels, top_k=top_k)
-
-        # Warm-up outside the timed window: the first invoke pays one-off costs.
-        zeros = np.zeros(tensor.shape, dtype=np.dtype(tensor.dtype))
-        loaded.set_input(0, zeros)
-        if cold:
-            loaded.first_invoke()
-        else:
-            loaded.invoke()
-
-        many = not (src.kind == "image")
-        use_pipeline = many if pipeline is None else bool(pipeline)
-        cores = _cores()
-        n_workers = max(1, workers or cores)
-        cpu = loaded.delegate.split(":")[0].lower() in ("cpu", "xnnpack")
-        # Lanes x threads should not exceed the cores: XNNPACK's pool threads spin while they wait.
-        n_lanes = 1
-        if use_pipeline:
-            n_lanes = max(1, lanes or (cores // (threads or 1) if cpu and many and not src.live else 1))
-            if not lanes and n_lanes > 1:
-                # Each copy holds its own packed weights (~ the model's size twice): keep all copies
-                # within a quarter of the free memory, so a big model on a small board stays at one.
-                free_mb = (sysinfo.memory_mb() or {}).get("available")
-                if free_mb:
-                    fit = int(free_mb * 1e6 * 0.25 // max(1, 2 * loaded.model_size))
-                    n_lanes = max(1, min(n_lanes, fit))
-        lane_threads = threads
-        if n_lanes > 1 and not cpu:
-            raise RunError(f"several interpreter lanes need the CPU delegate (got {loaded.delegate}); use --lanes 1")
-        prep = make_prep(pre, tensor)
-        frames = islice(iter(src), max_frames) if max_frames else iter(src)
-        errors: List[str] = []
-        probe: Optional[dict] = None
-        if use_pipeline and not lanes and n_lanes > 1:
-            try:
-                n_lanes, probe, frames, prep = probe_lanes(frames, prep, loaded, n_lanes, cores)
-            except SourceError as e:
-                errors.append(str(e))
-                frames = iter(())
-        depth = max(1, queue_depth or (1 if src.live else 2 * (n_workers + n_lanes)))
-
-        models: "queue.Queue" = queue.Queue()
-        models.put(loaded)
-        lines: List[int] = [0]
-
-        def emit(rec: dict) -> None:
-            lines[0] += 1
-            if on_prediction is not None:
-                on_prediction(rec)
-
-        runner = FrameLoop(models, prep, post, emit)
-        stopped: List[str] = []
-        clone_ms: List[float] = []
-        clone_errors: List[str] = []
-        # Extra interpreter copies load before the clock starts: a copy loading
-        # while frames run would steal the CPU the measurement is about.
-        for _ in range(n_lanes - 1):
-            t0 = now_ns()
-            try:
-                m = load_model(model_path, backend=backend, delegate=delegate, threads=lane_threads,
-                               edgetpu_device=edgetpu_device)
-                m.set_input(0, zeros)
-                m.invoke()
-            except Exception as e:  # noqa: BLE001 - the run goes on with the lanes it has
-                clone_errors.append(f"extra interpreter lane failed to load: {e}")
-                break
-            clone_ms.append(ns_to_ms(now_ns() - t0))
-            models.put(m)
-        if probe is not None:
-            probe["first"].t0_ns = now_ns()  # frame 0 waited for the lane setup: its clock starts now
-        cpu0 = time.process_time()
-        try:
-            if use_pipeline:
-                runner.pipelined(frames, n_workers, n_lanes, depth)
-            else:
-                runner.sequential(frames)
-        except KeyboardInterrupt:
-            errors.append(f"interrupted after {runner.st.frames} frame(s)")
-        except StopRun as e:
-            stopped.append(f"stopped after {runner.st.frames} frame(s): {e or 'by the consumer'}")
-        except SourceError as e:
-            errors.append(str(e))
-        except (RuntimeError, ValueError, OSError) as e:
-            errors.append(f"run failed after {runner.st.frames} frame(s): {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}")
-        cpu_ms = (time.process_time() - cpu0) * 1000.0
-        info = src.info()
-        dropped = src.dropped
+        model = _prepare_model(bundle, model_path, loaded, load, top_k)
+        plan = _plan(src, model, pipeline, workers, lanes, queue_depth, threads)
+        runner, plan, out = _drive(src, model, plan, model_path, load, max_frames, lanes, on_prediction)
+        info, dropped = src.info(), src.dropped
     finally:
         if owned:
             src.close()
-
-    st = runner.st
-    if st.frames == 0 and not errors:
-        errors.append(f"no frame could be processed ({len(st.skipped)} unreadable)" if st.skipped
-                      else "the source produced no frames")
-    wall_ms = ns_to_ms(st.t_last - st.t_first) if st.frames and st.t_last and st.t_first else None
     end = sysinfo.snapshot()
     device["temperature_c"]["end"] = end["temperature_c"]
     device["throttled"]["end"] = end["throttled"]
-    runtime = loaded.runtime_dict()
-    runtime["load"] = "cold" if cold else "warm"
-    info.update(unreadable=len(st.skipped), assumed=assumed + list(pre.assumed), preprocess=pre.to_dict(),
-                task=post.task.value)
-    report = new_report(
+    settings = {"threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
+                "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path)}
+    report = _run_report(bundle, model_path, model, plan, runner.st, out, device, info, dropped, settings)
+    report["warnings"].extend(_warnings(start, end, model.loaded, runner.st, dropped, src) + out.warnings)
+    report["errors"].extend(out.errors)
+    return report
+
+
+def _prepare_model(bundle, model_path, loaded, load: dict, top_k: int) -> _Model:
+    """Load (unless warm), pick pre/postprocessing from the manifest or infer them, and warm up once."""
+    from edgepipe.device.inputs import assumed_preprocess
+    from edgepipe.device.runtime import Stage, load_model, model_stage
+
+    cold = loaded is None
+    if cold:
+        loaded = load_model(model_path, **load)
+    tensor = _image_input(loaded)
+    manifest = bundle.manifest
+    assumed: List[str] = []
+    pre = manifest.preprocess if manifest and manifest.preprocess else None
+    if pre is None:
+        pre, notes = assumed_preprocess(tensor)
+        assumed += notes
+    if manifest is not None:
+        task, labels = manifest.task, bundle.labels
+    else:
+        task, notes = infer_task(loaded.outputs)
+        labels, assumed = (), assumed + notes
+    post = Postprocessor(loaded.outputs, task, labels, top_k=top_k)
+    # Warm-up outside the timed window: the first invoke pays one-off costs.
+    zeros = np.zeros(tensor.shape, dtype=np.dtype(tensor.dtype))
+    with model_stage(loaded.path, Stage.SET_INPUTS):
+        loaded.set_input(0, zeros)
+    if cold:
+        loaded.first_invoke()
+    else:
+        with model_stage(loaded.path, Stage.WARMUP):
+            loaded.invoke()
+    return _Model(loaded, cold, tensor, pre, post, assumed, zeros)
+
+
+def _plan(src: Source, model: _Model, pipeline: Optional[bool], workers: Optional[int], lanes: Optional[int],
+          queue_depth: Optional[int], threads: Optional[int]) -> _Plan:
+    many = not (src.kind == "image")
+    use_pipeline = many if pipeline is None else bool(pipeline)
+    cores = _cores()
+    n_workers = max(1, workers or cores)
+    cpu = model.loaded.delegate.split(":")[0].lower() in ("cpu", "xnnpack")
+    # Lanes x threads should not exceed the cores: XNNPACK's pool threads spin while they wait.
+    n_lanes = 1
+    if use_pipeline:
+        n_lanes = max(1, lanes or (cores // (threads or 1) if cpu and many and not src.live else 1))
+        if not lanes and n_lanes > 1:
+            n_lanes = _lanes_that_fit(n_lanes, model.loaded.model_size)
+    if n_lanes > 1 and not cpu:
+        raise RunError(f"several interpreter lanes need the CPU delegate (got {model.loaded.delegate}); "
+                       "use --lanes 1")
+    return _Plan(use_pipeline, n_workers, n_lanes, queue_depth)
+
+
+def _lanes_that_fit(n_lanes: int, model_size: int) -> int:
+    """Each copy holds its own packed weights (~ the model's size twice): keep all copies within a quarter
+    of the free memory, so a big model on a small board stays at one."""
+    from edgepipe.device import sysinfo
+
+    free_mb = (sysinfo.memory_mb() or {}).get("available")
+    if not free_mb:
+        return n_lanes
+    fit = int(free_mb * 1e6 * 0.25 // max(1, 2 * model_size))
+    return max(1, min(n_lanes, fit))
+
+
+def _drive(src: Source, model: _Model, plan: _Plan, model_path, load: dict, max_frames: Optional[int],
+           lanes: Optional[int], on_prediction) -> Tuple[FrameLoop, _Plan, _Outcome]:
+    """Probe lanes, load the extra copies, then run the frame loop; errors after frame 0 are recorded."""
+    out = _Outcome()
+    prep = make_prep(model.pre, model.tensor)
+    frames = islice(iter(src), max_frames) if max_frames else iter(src)
+    if plan.pipelined and not lanes and plan.lanes > 1:
+        try:
+            n_lanes, out.probe, frames, prep = probe_lanes(frames, prep, model.loaded, plan.lanes, _cores())
+            plan = replace(plan, lanes=n_lanes)
+        except SourceError as e:
+            out.errors.append(str(e))
+            frames = iter(())
+    plan = replace(plan, depth=max(1, plan.depth_asked or (1 if src.live else 2 * (plan.workers + plan.lanes))))
+    models: "queue.Queue" = queue.Queue()
+    models.put(model.loaded)
+
+    def emit(rec: dict) -> None:
+        out.predictions += 1
+        if on_prediction is not None:
+            on_prediction(rec)
+
+    runner = FrameLoop(models, prep, model.post, emit)
+    _load_lanes(models, plan.lanes, model_path, load, model.zeros, out)
+    if out.probe is not None:
+        out.probe["first"].t0_ns = now_ns()  # frame 0 waited for the lane setup: its clock starts now
+    cpu0 = time.process_time()
+    _loop(runner, frames, plan, out)
+    out.cpu_ms = (time.process_time() - cpu0) * 1000.0
+    return runner, plan, out
+
+
+def _load_lanes(models: "queue.Queue", n_lanes: int, model_path, load: dict, zeros: np.ndarray,
+                out: _Outcome) -> None:
+    """Extra interpreter copies load before the clock starts: a copy loading while frames run would steal
+    the CPU the measurement is about."""
+    from edgepipe.device.runtime import load_model
+
+    for _ in range(n_lanes - 1):
+        t0 = now_ns()
+        try:
+            m = load_model(model_path, **load)
+            m.set_input(0, zeros)
+            m.invoke()
+        except Exception as e:  # noqa: BLE001 - the run goes on with the lanes it has
+            out.warnings.append(f"extra interpreter lane failed to load: {e}")
+            break
+        out.lane_ms.append(ns_to_ms(now_ns() - t0))
+        models.put(m)
+
+
+def _loop(runner: FrameLoop, frames, plan: _Plan, out: _Outcome) -> None:
+    try:
+        if plan.pipelined:
+            runner.pipelined(frames, plan.workers, plan.lanes, plan.depth)
+        else:
+            runner.sequential(frames)
+    except KeyboardInterrupt:
+        out.errors.append(f"interrupted after {runner.st.frames} frame(s)")
+    except StopRun as e:
+        out.warnings.append(f"stopped after {runner.st.frames} frame(s): {e or 'by the consumer'}")
+    except SourceError as e:
+        out.errors.append(str(e))
+    except (RuntimeError, ValueError, OSError) as e:
+        out.errors.append(f"run failed after {runner.st.frames} frame(s): {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _run_report(bundle, model_path, model: _Model, plan: _Plan, st: LoopStats, out: _Outcome, device: dict,
+                info: dict, dropped: int, settings: dict) -> dict:
+    from edgepipe.device import sysinfo
+    from edgepipe.device.bench import model_block
+    from edgepipe.device.report import new_report
+
+    if st.frames == 0 and not out.errors:
+        out.errors.append(f"no frame could be processed ({len(st.skipped)} unreadable)" if st.skipped
+                          else "the source produced no frames")
+    wall_ms = ns_to_ms(st.t_last - st.t_first) if st.frames and st.t_last and st.t_first else None
+    runtime = model.loaded.runtime_dict()
+    runtime["load"] = "cold" if model.cold else "warm"
+    info.update(unreadable=len(st.skipped), assumed=model.assumed + list(model.pre.assumed),
+                preprocess=model.pre.to_dict(), task=model.post.task.value)
+    p = plan
+    settings = dict(settings, pipeline=p.pipelined, workers=p.workers, lanes=p.lanes, queue_depth=p.depth,
+                    wall_ms=wall_ms, process_cpu_ms=out.cpu_ms, predictions=out.predictions,
+                    lane_load_ms=out.lane_ms or None,
+                    lane_probe={k: v for k, v in out.probe.items() if k != "first"} if out.probe else None)
+    return new_report(
         "run", device=device, runtime=runtime, model=model_block(bundle, model_path),
-        load_ms=dict(loaded.load_ms) if cold else None,
+        load_ms=dict(model.loaded.load_ms) if model.cold else None,
         latency_ms=stats(st.latency),
         stages_ms={s: stats(v) for s, v in st.samples.items()},
-        throughput={"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None,
-                    "mode": "pipelined" if use_pipeline else "sequential",
-                    "workers": n_workers if use_pipeline else 1, "queue_depth": depth if use_pipeline else None,
-                    "frames": st.frames, "frames_dropped": dropped, "frames_skipped": len(st.skipped)},
-        peak_rss_mb=sysinfo.peak_rss_mb(), input=info,
-        settings={"pipeline": use_pipeline, "workers": n_workers, "lanes": n_lanes, "queue_depth": depth,
-                  "threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
-                  "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path),
-                  "wall_ms": wall_ms, "process_cpu_ms": cpu_ms, "predictions": lines[0], "lane_load_ms": clone_ms or None,
-                  "lane_probe": {k: v for k, v in probe.items() if k != "first"} if probe else None},
+        throughput=_throughput(st, p, wall_ms, dropped), peak_rss_mb=sysinfo.peak_rss_mb(), input=info, settings=settings,
     )
-    report["warnings"].extend(_warnings(start, end, loaded, st, dropped, src) + clone_errors + stopped)
-    report["errors"].extend(errors)
-    return report
+
+
+def _throughput(st: LoopStats, p: _Plan, wall_ms: Optional[float], dropped: int) -> dict:
+    if not p.pipelined:
+        return {"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None, "mode": "sequential", "workers": 1,
+                "queue_depth": None, "frames": st.frames, "frames_dropped": dropped,
+                "frames_skipped": len(st.skipped)}
+    return {"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None, "mode": "pipelined",
+            "workers": p.workers, "queue_depth": p.depth, "frames": st.frames, "frames_dropped": dropped,
+            "frames_skipped": len(st.skipped)}
 
 
 def _warnings(start: dict, end: dict, loaded, st: LoopStats, dropped: int, src: Source) -> List[str]:

@@ -14,14 +14,18 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from enum import Enum
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from edgepipe.device import delegates as _dl
 from edgepipe.device.delegates import CpuFallback, RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
+from edgepipe.device.errors import EdgepipeError
 from edgepipe.device.flatcheck import known_crash
+from edgepipe.device.tensorspec import TensorSpec  # noqa: F401 (re-exported)
 from edgepipe.device.timing import now_ns, ns_to_ms
 
 
@@ -151,82 +155,47 @@ def get_backend(name: Optional[str] = None) -> _Backend:
     raise RuntimeLoadError(_no_backend_message(tried))
 
 
-# --------------------------------------------------------------------------- tensors
+# --------------------------------------------------------------------------- stages and model failures
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output, converted once from the runtime's detail dict.
+class Stage(str, Enum):
+    """What the runtime was doing with a model, worded to follow "while"."""
 
-    ``real = scale * (q - zero_point)``; ``scale == 0`` means not quantized.
+    READ = "reading the model"
+    DELEGATE = "loading the delegate"
+    BUILD = "building the interpreter"
+    ALLOCATE = "allocating tensors"
+    DETAILS = "reading the tensor details"
+    SET_INPUTS = "setting the inputs"
+    FIRST_INVOKE = "running the first invoke"
+    WARMUP = "warming up"
+    INVOKE = "invoking the model"
+    RELEASE = "releasing the interpreter"
+
+
+class ModelRunError(EdgepipeError):
+    """The runtime refused a model it had loaded (prepare, invoke, input copy); names the model and the stage."""
+
+    def __init__(self, model: str, stage: str, reason: str):
+        self.model, self.stage, self.reason = model, str(getattr(stage, "value", stage)), reason
+        super().__init__(f"{model}: the runtime failed while {self.stage}: {reason}")
+
+
+StageHook = Optional[Callable[[str], None]]
+
+
+@contextmanager
+def model_stage(model: str, stage: "Stage | str", hook: StageHook = None) -> Iterator[None]:
+    """Run a block as one stage: tell ``hook`` first, turn the runtime's RuntimeError/ValueError into one line.
+
+    Wrap whole loops, not single invokes: the timed loop must stay bare.
     """
-
-    index: int
-    name: str
-    shape: tuple
-    dtype: str  # numpy dtype name: "float32", "int8", "uint8", ...
-    scale: float = 0.0
-    zero_point: int = 0
-    shape_signature: tuple = ()
-
-    @property
-    def quantized(self) -> bool:
-        return self.scale != 0.0 and np.issubdtype(np.dtype(self.dtype), np.integer)
-
-    @property
-    def np_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
-
-    @classmethod
-    def from_detail(cls, d: dict) -> "TensorSpec":
-        scale, zp = d.get("quantization", (0.0, 0)) or (0.0, 0)
-        qp = d.get("quantization_parameters") or {}
-        scales = qp.get("scales")
-        # Per-tensor parameters live in "quantization"; fall back to a
-        # single-element per-axis list (some converters only fill that).
-        if not scale and scales is not None and len(scales) == 1:
-            scale, zp = float(scales[0]), int(qp["zero_points"][0])
-        sig = d.get("shape_signature")
-        return cls(
-            index=int(d["index"]),
-            name=str(d.get("name", "")),
-            shape=tuple(int(x) for x in d["shape"]),
-            dtype=np.dtype(d["dtype"]).name,
-            scale=float(scale),
-            zero_point=int(zp),
-            shape_signature=tuple(int(x) for x in sig) if sig is not None else (),
-        )
-
-    def to_dict(self) -> dict:
-        """The manifest/report form (same keys as ``edgepipe.device.bundle.TensorInfo``)."""
-        q = {"scale": self.scale, "zero_point": self.zero_point} if self.quantized else None
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "quantization": q}
-
-    def quantize(self, x: Any) -> np.ndarray:
-        """Float values to this tensor's dtype: round, clip to the dtype's range, then cast.
-
-        Non-quantized tensors are just cast (float32 stays float32).
-        """
-        dt = self.np_dtype
-        if not self.quantized:
-            return np.asarray(x, dtype=dt)
-        info = np.iinfo(dt)
-        q = np.rint(np.asarray(x, dtype=np.float32) / np.float32(self.scale)) + self.zero_point
-        return np.clip(q, info.min, info.max).astype(dt)
-
-    def dequantize(self, q: Any) -> np.ndarray:
-        """Raw output values to float32 with this tensor's own scale/zero-point."""
-        a = np.asarray(q)
-        if not self.quantized:
-            return a.astype(np.float32, copy=False)
-        return (a.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
-
-    def float_range(self) -> Tuple[float, float]:
-        """The real-valued range this tensor can represent (quantized), else (-1, 1)."""
-        if not self.quantized:
-            return (-1.0, 1.0)
-        info = np.iinfo(self.np_dtype)
-        return (self.scale * (info.min - self.zero_point), self.scale * (info.max - self.zero_point))
+    if hook is not None:
+        hook(getattr(stage, "value", stage))
+    try:
+        yield
+    except (RuntimeError, ValueError) as e:
+        raise ModelRunError(model, stage, _dl._one_line(str(e)) or type(e).__name__) from None
 
 
 # --------------------------------------------------------------------------- loaded model
@@ -290,9 +259,10 @@ class LoadedModel:
 
     def first_invoke(self) -> float:
         """Invoke once on the current inputs and record it as ``load_ms['first_invoke']`` (ms)."""
-        t0 = now_ns()
-        self.invoke()
-        ms = ns_to_ms(now_ns() - t0)
+        with model_stage(self.path, Stage.FIRST_INVOKE):
+            t0 = now_ns()
+            self.invoke()
+            ms = ns_to_ms(now_ns() - t0)
         self.load_ms["first_invoke"] = ms
         return ms
 
@@ -332,25 +302,7 @@ def _check_flatbuffer(path: str, data: bytes) -> None:
                                "copy or convert it again")
 
 
-def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delegate: str = "cpu",
-               threads: Optional[int] = None, edgetpu_device: Optional[str] = None,
-               delegate_options: Optional[dict] = None, quiet: bool = True) -> LoadedModel:
-    """Read, build, delegate and allocate a model; raises :class:`RuntimeLoadError`.
-
-    ``delegate``: ``cpu`` / ``xnnpack`` (the runtime's default CPU path),
-    ``edgetpu`` (optionally ``edgetpu:usb``, ``edgetpu:pci:0``...), ``gpu``, or
-    a path to an external delegate library. ``load_ms`` gets file_read (read +
-    structural check), interpreter_build, delegate (library load + device open), allocate;
-    ``first_invoke`` is left None for the caller (it needs real inputs).
-    """
-    path = os.fspath(model_path)
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise RuntimeLoadError(f"threads must be a positive integer, got {threads!r}")
-    plan = parse_delegate(delegate, edgetpu_device=edgetpu_device, options=delegate_options)
-    be = get_backend(backend)
-    load_ms: Dict[str, Optional[float]] = {"file_read": None, "interpreter_build": None, "delegate": None,
-                                           "allocate": None, "first_invoke": None}
-    t0 = now_ns()
+def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -359,12 +311,15 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
     except OSError as e:
         raise RuntimeLoadError(f"{path}: cannot read ({e.strerror or e})") from None
     _check_flatbuffer(path, data)  # part of reading: ~1 ms per 2 MB of model
-    load_ms["file_read"] = ns_to_ms(now_ns() - t0)
-    crash = known_crash(be.info.name, be.version, data)
-    if crash:
-        raise RuntimeLoadError(f"{path}: {crash}")
+    return data
 
+
+def _build(path: str, be: _Backend, plan: Any, data: bytes, threads: Optional[int], load_ms: dict,
+           quiet: bool, hook: StageHook) -> Tuple[Any, Optional[list]]:
+    """Delegate, interpreter and allocation (the native steps); ``(interpreter, op details)``."""
+    stage = hook or (lambda s: None)
     with _dl.capture_stderr(quiet) as captured:
+        stage(Stage.DELEGATE.value)
         t0 = now_ns()
         native_delegate = _dl.load(plan, be.load_delegate, captured)
         load_ms["delegate"] = ns_to_ms(now_ns() - t0) if native_delegate is not None else 0.0
@@ -373,26 +328,58 @@ def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delega
             kwargs["num_threads"] = threads
         if native_delegate is not None:
             kwargs["experimental_delegates"] = [native_delegate]
+        stage(Stage.BUILD.value)
         t0 = now_ns()
         try:
             interp = be.Interpreter(**kwargs)
-        except (ValueError, RuntimeError) as e:
-            raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
-        load_ms["interpreter_build"] = ns_to_ms(now_ns() - t0)
-        ops = _dl.op_details(interp) if plan.kind != "cpu" else None
-        t0 = now_ns()
-        try:
+            load_ms["interpreter_build"] = ns_to_ms(now_ns() - t0)
+            ops = _dl.op_details(interp) if plan.kind != "cpu" else None
+            stage(Stage.ALLOCATE.value)
+            t0 = now_ns()
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
         load_ms["allocate"] = ns_to_ms(now_ns() - t0)
+    return interp, ops
 
+
+def load_model(model_path: os.PathLike, *, backend: Optional[str] = None, delegate: str = "cpu",
+               threads: Optional[int] = None, edgetpu_device: Optional[str] = None,
+               delegate_options: Optional[dict] = None, quiet: bool = True,
+               on_stage: StageHook = None) -> LoadedModel:
+    """Read, build, delegate and allocate a model; raises :class:`RuntimeLoadError`.
+
+    ``delegate``: ``cpu`` / ``xnnpack`` (the runtime's default CPU path),
+    ``edgetpu`` (optionally ``edgetpu:usb``, ``edgetpu:pci:0``...), ``gpu``, or
+    a path to an external delegate library. ``load_ms`` gets file_read (read +
+    structural check), interpreter_build, delegate (library load + device open), allocate;
+    ``first_invoke`` is left None for the caller (it needs real inputs).
+    ``on_stage`` is told each :class:`Stage` value before it starts (a crash
+    probe uses it to say where the runtime died).
+    """
+    path = os.fspath(model_path)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise RuntimeLoadError(f"threads must be a positive integer, got {threads!r}")
+    plan = parse_delegate(delegate, edgetpu_device=edgetpu_device, options=delegate_options)
+    be = get_backend(backend)
+    load_ms: Dict[str, Optional[float]] = {"file_read": None, "interpreter_build": None, "delegate": None,
+                                           "allocate": None, "first_invoke": None}
+    if on_stage is not None:
+        on_stage(Stage.READ.value)
+    t0 = now_ns()
+    data = _read(path)
+    load_ms["file_read"] = ns_to_ms(now_ns() - t0)
+    crash = known_crash(be.info.name, be.version, data)
+    if crash:
+        raise RuntimeLoadError(f"{path}: {crash}")
+    interp, ops = _build(path, be, plan, data, threads, load_ms, quiet, on_stage)
     fallback = _dl.cpu_fallback(ops, plan, data)
     if threads is None and be.info.name in DEFAULTS_TO_ONE_THREAD:
         threads = 1  # report what ran: these wrappers pass num_threads=1 when given None
-    return LoadedModel(interp, path=path, backend=be.info.name, backend_version=be.version,
-                       delegate=plan.label, threads=threads, load_ms=load_ms, cpu_fallback=fallback,
-                       model_size=len(data), delegate_library=plan.library, model_content=data)
+    with model_stage(path, Stage.DETAILS, on_stage):
+        return LoadedModel(interp, path=path, backend=be.info.name, backend_version=be.version,
+                           delegate=plan.label, threads=threads, load_ms=load_ms, cpu_fallback=fallback,
+                           model_size=len(data), delegate_library=plan.library, model_content=data)
 
 
 def backend_pip_commands() -> List[str]:
@@ -401,9 +388,9 @@ def backend_pip_commands() -> List[str]:
 
 
 __all__ = [
-    "BACKENDS", "BackendInfo", "CpuFallback", "LoadedModel", "RuntimeLoadError", "TensorSpec",
-    "available_backends", "backend_pip_commands", "find_delegates", "get_backend", "load_model",
-    "parse_delegate",
+    "BACKENDS", "BackendInfo", "CpuFallback", "LoadedModel", "ModelRunError", "RuntimeLoadError", "Stage",
+    "TensorSpec", "available_backends", "backend_pip_commands", "find_delegates", "get_backend", "load_model",
+    "model_stage", "parse_delegate",
 ]
 
 # Platform used by the delegate tables; exposed for tests.
