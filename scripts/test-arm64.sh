@@ -8,6 +8,8 @@
 # .cache/arm64/; aarch64 registered with binfmt_misc (tests start subprocesses);
 # x86 reference outputs for tests/device/test_arm64_parity.py; then pytest under
 # qemu (Cortex-A72) with EDGEPIPE_EMULATED=1, `timing` tests deselected.
+# The code under test is the built wheel (installed per run next to each stack's
+# wheels), not the checkout; the tests themselves come from the checkout's tests/.
 #
 # Environment:
 #   EDGEPIPE_SKIP_ARM64=1    skip (local runs only; ignored when CI=true)
@@ -16,6 +18,7 @@
 #   EDGEPIPE_ARM64_TIMEOUT   seconds allowed per stack (default 480)
 #   EDGEPIPE_ARM64_CPU       qemu CPU model (default cortex-a72 = Pi 4; cortex-a76 = Pi 5)
 #   EDGEPIPE_ARM64_CACHE     cache dir (default <repo>/.cache/arm64)
+#   EDGEPIPE_WHEEL           the edgepipe wheel to test (default: scripts/build-wheel.sh builds it)
 # Extra arguments go to pytest instead of the default `tests/device`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -65,6 +68,12 @@ for p in "$root/.venv-device/bin/python" "$root/.venv/bin/python"; do
 done
 [ -n "$host_py" ] || { echo "arm64: ERROR: no .venv-device or .venv; run scripts/setup-env.sh all" >&2; exit 1; }
 export EDGEPIPE_HOST_PYTHON="$host_py"  # the helpers read apt's configuration with it
+
+if [ -z "${EDGEPIPE_WHEEL:-}" ]; then
+    EDGEPIPE_WHEEL="$("$root/scripts/build-wheel.sh")" || { echo "arm64: ERROR: the wheel did not build" >&2; exit 1; }
+fi
+export EDGEPIPE_WHEEL  # run-stack.sh installs it for each run
+echo "arm64: testing $(basename "$EDGEPIPE_WHEEL")"
 
 echo "arm64: preparing qemu, the sysroot and the wheels (cache: ${cache#"$root"/})"
 "$helpers/host-tools.sh" || cannot_emulate "qemu-user >= 8 and mmdebstrap could not be installed"
