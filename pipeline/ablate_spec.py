@@ -156,18 +156,23 @@ class Spec:
                 "factory": self.factory_kwargs}
 
 
+# element type -> (test, what the error calls it)
+_KINDS = {
+    int: (lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer"),
+    float: (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), "a number"),
+    str: (lambda x: isinstance(x, str), "a string"),
+}
+
+
 def _list(axes: dict, name: str, kind, check) -> list:
     v = axes[name]
     if not isinstance(v, list) or not v:
         raise SpecError(f"axes.{name}: expected a non-empty list, got {json.dumps(v)}")
+    is_kind, what = _KINDS[kind]
     out = []
     for x in v:
-        if kind is int and (isinstance(x, bool) or not isinstance(x, int)):
-            raise SpecError(f"axes.{name}: {json.dumps(x)} is not an integer")
-        if kind is float and (isinstance(x, bool) or not isinstance(x, (int, float))):
-            raise SpecError(f"axes.{name}: {json.dumps(x)} is not a number")
-        if kind is str and not isinstance(x, str):
-            raise SpecError(f"axes.{name}: {json.dumps(x)} is not a string")
+        if not is_kind(x):
+            raise SpecError(f"axes.{name}: {json.dumps(x)} is not {what}")
         reason = check(x)
         if reason:
             raise SpecError(f"axes.{name}: {json.dumps(x)} {reason}")
@@ -208,60 +213,90 @@ def parse_spec(data: dict, base: Path, path: Optional[Path] = None) -> Spec:
     unknown_axes = sorted(set(axes) - set(AXES))
     if unknown_axes:
         raise SpecError(f"axes.{unknown_axes[0]}: unknown axis (expected one of {', '.join(AXES)})")
+    source = _source(model.get("source"), base)
+    preprocess = model.get("preprocess")
+    if preprocess is not None and not isinstance(preprocess, str):
+        raise SpecError("model.preprocess: expected a preset name string")
+    _check_factory_only(source, axes, factory)
+    parsed_axes = _axes(axes)
+    data_dir, calib_dir, limits, labels = _data(dat, base)
+    parsed_bench = _bench(bench)
+    name = data.get("name") or (path.stem if path else "ablation")
+    if not isinstance(name, str):
+        raise SpecError("name: expected a string")
+    return Spec(path=path or base, name=name, source=source, preprocess=preprocess,
+                data_dir=data_dir, calib_dir=calib_dir, limit=limits["limit"],
+                calib_limit=limits["calib_limit"], labels=labels, axes=parsed_axes, bench=parsed_bench,
+                factory_kwargs=dict(factory))
 
-    source = model.get("source")
+
+def _source(source, base: Path) -> str:
+    """``model.source``: a factory, a known sample, or an existing path (made absolute)."""
     if not isinstance(source, str) or not source:
         raise SpecError("model.source: required (a .keras path, 'sample:mobilenet_v2', "
                         "'sample:fashion_mnist' or 'factory:module:function')")
     if source.startswith("factory:"):
         if source.count(":") != 2 or not all(source.split(":")[1:]):
             raise SpecError(f"model.source: {source!r} should be 'factory:module:function'")
-    elif source.startswith("sample:"):
+        return source
+    if source.startswith("sample:"):
         if source not in ("sample:mobilenet_v2", "sample:fashion_mnist"):
             raise SpecError(f"model.source: unknown sample {source!r} "
                             "(sample:mobilenet_v2 or sample:fashion_mnist)")
-    else:
-        p = (base / source).resolve()
-        if not p.exists():
-            raise SpecError(f"model.source: {p} does not exist")
-        source = str(p)
-    preprocess = model.get("preprocess")
-    if preprocess is not None and not isinstance(preprocess, str):
-        raise SpecError("model.preprocess: expected a preset name string")
+        return source
+    p = (base / source).resolve()
+    if not p.exists():
+        raise SpecError(f"model.source: {p} does not exist")
+    return str(p)
 
+
+def _check_factory_only(source: str, axes: dict, factory: dict) -> None:
+    """Architecture axes and a [factory] table only make sense for a factory model."""
+    if source.startswith("factory:"):
+        return
     arch_given = [a for a in ARCH_AXES if a in axes]
-    if arch_given and not source.startswith("factory:"):
+    if arch_given:
         raise SpecError(f"axes.{arch_given[0]}: architecture axes need a factory model "
                         "(model.source = 'factory:module:function')")
-    if factory and not source.startswith("factory:"):
+    if factory:
         raise SpecError("factory: only allowed with a factory model source")
 
-    parsed = {}
-    if "recipe" in axes:
-        parsed["recipe"] = _list(axes, "recipe", str, lambda r: None if r in RECIPES else
-                                 f"is not a recipe (one of {', '.join(RECIPES)})")
-    if "input_size" in axes:
-        parsed["input_size"] = _list(axes, "input_size", int,
-                                     lambda s: None if 8 <= s <= 4096 else "is out of range 8..4096")
-    if "threads" in axes:
-        parsed["threads"] = _list(axes, "threads", int,
-                                  lambda t: None if 1 <= t <= 64 else "is out of range 1..64")
-    if "delegate" in axes:
-        parsed["delegate"] = _list(axes, "delegate", str, _check_delegate)
-    if "width" in axes:
-        parsed["width"] = _list(axes, "width", float,
-                                lambda w: None if 0 < w <= 4 else "is out of range (0, 4]")
-    if "depth" in axes:
-        parsed["depth"] = _list(axes, "depth", int,
-                                lambda d: None if 1 <= d <= 16 else "is out of range 1..16")
-    if "remove" in axes:
-        v = axes["remove"]
-        if not isinstance(v, list) or not v or not all(
-                isinstance(x, list) and all(isinstance(s, str) for s in x) for x in v):
-            raise SpecError("axes.remove: expected a list of lists of block names, "
-                            'e.g. [[], ["block2"]]')
-        parsed["remove"] = [tuple(x) for x in v]
 
+# axis -> (element type, check returning a reason or None)
+_AXIS_RULES = {
+    "recipe": (str, lambda r: None if r in RECIPES else f"is not a recipe (one of {', '.join(RECIPES)})"),
+    "input_size": (int, lambda s: None if 8 <= s <= 4096 else "is out of range 8..4096"),
+    "threads": (int, lambda t: None if 1 <= t <= 64 else "is out of range 1..64"),
+    "delegate": (str, _check_delegate),
+    "width": (float, lambda w: None if 0 < w <= 4 else "is out of range (0, 4]"),
+    "depth": (int, lambda d: None if 1 <= d <= 16 else "is out of range 1..16"),
+}
+
+
+def _axes(axes: dict) -> dict:
+    """The validated axis value lists, in ``AXES`` order."""
+    parsed = {}
+    for name in AXES:
+        if name not in axes:
+            continue
+        if name == "remove":
+            parsed[name] = _remove_axis(axes[name])
+        else:
+            kind, check = _AXIS_RULES[name]
+            parsed[name] = _list(axes, name, kind, check)
+    return parsed
+
+
+def _remove_axis(v) -> list:
+    if not isinstance(v, list) or not v or not all(
+            isinstance(x, list) and all(isinstance(s, str) for s in x) for x in v):
+        raise SpecError("axes.remove: expected a list of lists of block names, "
+                        'e.g. [[], ["block2"]]')
+    return [tuple(x) for x in v]
+
+
+def _data(dat: dict, base: Path) -> tuple:
+    """``(data dir, calibration dir, {"limit", "calib_limit"}, labels file or None)``."""
     def folder(key: str, default: Optional[str]) -> Path:
         v = dat.get(key, default)
         if not isinstance(v, str):
@@ -284,7 +319,11 @@ def parse_spec(data: dict, base: Path, path: Optional[Path] = None) -> Spec:
         labels = (base / str(dat["labels"])).resolve()
         if not labels.is_file():
             raise SpecError(f"data.labels: {labels} is not a file")
+    return data_dir, calib_dir, limits, labels
 
+
+def _bench(bench: dict) -> dict:
+    """``[bench]`` with defaults: runs >= 1, warmup >= 0 (integers), min_secs >= 0."""
     b = {"runs": 30, "warmup": 5, "min_secs": 0.0}
     for key, v in bench.items():
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
@@ -293,14 +332,7 @@ def parse_spec(data: dict, base: Path, path: Optional[Path] = None) -> Spec:
         if not ok:
             raise SpecError(f"bench.{key}: bad value {json.dumps(v)}")
         b[key] = v
-
-    name = data.get("name") or (path.stem if path else "ablation")
-    if not isinstance(name, str):
-        raise SpecError("name: expected a string")
-    return Spec(path=path or base, name=name, source=source, preprocess=preprocess,
-                data_dir=data_dir, calib_dir=calib_dir, limit=limits["limit"],
-                calib_limit=limits["calib_limit"], labels=labels, axes=parsed, bench=b,
-                factory_kwargs=dict(factory))
+    return b
 
 
 def load_spec(path: os.PathLike) -> Spec:
