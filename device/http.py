@@ -1,36 +1,41 @@
 """Tiny stdlib HTTP helpers shared by the device agent and the host collector.
 
-Only ``http.server`` and ``urllib``: a Pi needs nothing extra to run the agent
-or to send a report. The host's collector reuses the server side of this
-module (``pipeline`` may import ``device``, never the other way round).
+Only the standard library: a Pi needs nothing extra to run the agent or to
+send a report. The server core (:mod:`edgepipe.device.httpserver`: event loop,
+deadlines, worker pool) is re-exported here with the request handler; the
+host's collector reuses both (``pipeline`` may import ``device``, never the
+other way round).
 """
 from __future__ import annotations
 
 import hmac
 import ipaddress
 import json
-import queue
+import logging
+import math
+import re
 import signal
-import socket
 import threading
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import accumulate
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Optional
+
 from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.httpserver import HTTPError_, Limits, Server
+
+__all__ = ["HTTPError_", "Limits", "Server", "JSONHandler", "ClientError", "request", "parse_json",
+           "check_bind", "is_loopback", "serve_until_stopped"]
 
 JSON_TYPE = "application/json"
-# Largest unwanted body we still read (and discard) before answering an error.
-DRAIN_LIMIT = 64 << 20
-
-
-class HTTPError_(EdgepipeError):
-    """Raised inside a handler to answer with ``status`` and a one-line ``reason``."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+# Deepest JSON a request body may nest: reports and jobs need a handful of levels,
+# and a bound keeps the parser and validators far from Python's recursion limit.
+MAX_JSON_DEPTH = 64
+log = logging.getLogger("edgepipe.http")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPENERS_CLOSERS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 def is_loopback(host: str) -> bool:
@@ -51,65 +56,7 @@ def check_bind(host: str, token: Optional[str]) -> None:
             "pass --token (or set the token environment variable) or bind to 127.0.0.1")
 
 
-class Server(ThreadingHTTPServer):
-    """HTTP server with a fixed pool of handler threads, a token and a body limit.
-
-    The stock ThreadingHTTPServer starts a thread per connection and its
-    accept loop waits for each new thread to get scheduled; under a burst of
-    reporters on a busy 2-core box that handshake, not the work, capped the
-    ingest rate. Pre-started workers pull accepted connections from a queue.
-    """
-
-    daemon_threads = True
-    # A burst of concurrent reporters must not see connection resets.
-    request_queue_size = 256
-    workers = 32
-
-    def __init__(self, addr, handler, *, token: Optional[str] = None, max_body: int = 1 << 20):
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
-        self.token = token or None
-        self.max_body = int(max_body)
-        self._conns: "queue.SimpleQueue" = queue.SimpleQueue()
-        # Workers start only once bound: a failed bind calls server_close(), which must find no pool.
-        self._pool: list = []
-        super().__init__(addr, handler)
-        self._pool = [threading.Thread(target=self._worker, daemon=True, name=f"http-{i}")
-                      for i in range(self.workers)]
-        for t in self._pool:
-            t.start()
-
-    def process_request(self, request, client_address):
-        self._conns.put((request, client_address))
-
-    def _worker(self) -> None:
-        while True:
-            item = self._conns.get()
-            if item is None:
-                return
-            self.process_request_thread(*item)
-
-    def server_close(self) -> None:
-        super().server_close()
-        for _ in self._pool:
-            self._conns.put(None)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{port}"
-
-    def start_background(self) -> threading.Thread:
-        """Serve in a daemon thread (tests, embedding); stop with ``shutdown()``."""
-        t = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1},
-                             name=type(self).__name__, daemon=True)
-        t.start()
-        return t
-
-
-def serve_until_stopped(server: ThreadingHTTPServer, on_close: Callable[[], None]) -> None:
+def serve_until_stopped(server: Server, on_close: Callable[[], None]) -> None:
     """Serve until Ctrl-C or SIGTERM (systemd's stop), then close the server and call ``on_close``."""
 
     def _term(signum, frame):
@@ -126,17 +73,76 @@ def serve_until_stopped(server: ThreadingHTTPServer, on_close: Callable[[], None
         on_close()
 
 
+# -- JSON bodies -------------------------------------------------------------
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise _NonFinite(text)
+    return x
+
+
+def _refuse_constant(name: str):
+    raise _NonFinite(name)
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of ``[``/``{`` in a JSON text (strings skipped), without recursing."""
+    brackets = _JSON_STRING.sub(b"", data).translate(_OPENERS_CLOSERS, _NOT_BRACKETS)
+    if len(brackets) < 2:
+        return len(brackets)
+    return max(accumulate(92 - b for b in brackets))  # "[" is 91, "]" is 93
+
+
+def parse_json(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode a request body: strict UTF-8 JSON, nesting bounded, finite numbers only.
+
+    Raises :class:`HTTPError_` 400 with a one-line reason otherwise.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HTTPError_(400, f"malformed JSON: {e}") from None
+    if json_depth(data) > max_depth:
+        raise HTTPError_(400, f"malformed JSON: nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+    except _NonFinite as e:
+        raise HTTPError_(400, f"malformed JSON: {e} is not a finite number (JSON has no NaN or Infinity)") \
+            from None
+    except json.JSONDecodeError as e:
+        raise HTTPError_(400, f"malformed JSON: {e}") from None
+    except RecursionError:  # belt and braces: the depth check should make this unreachable
+        raise HTTPError_(400, "malformed JSON: nested too deeply") from None
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as null, so an answer is always valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 class JSONHandler(BaseHTTPRequestHandler):
     """Base request handler: bearer auth, bounded bodies, JSON answers.
 
     Subclasses implement ``route(method, path, query) -> (status, payload)``
-    and raise :class:`HTTPError_` for client errors.
+    and raise :class:`HTTPError_` for client errors. The token is checked
+    before ``route`` runs, so no body byte is read for an unauthorized client.
+    Bodies are read through ``read_json``/``read_body``, or streamed from
+    ``self.rfile`` after ``body_length()`` (which sets the body deadline).
     """
 
     server: Server
     protocol_version = "HTTP/1.1"
-    # A silent client frees its worker after this long (socket timeout).
-    timeout = 30
     # Paths answered without a token (liveness probes).
     public_paths: tuple = ("/healthz",)
     server_version = "edgepipe"
@@ -144,13 +150,47 @@ class JSONHandler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet: the CLI prints its own lines
         pass
 
+    # -- one request per call: the server owns the connection -------------
+    def setup(self) -> None:
+        conn = self.request
+        self.connection = conn.sock
+        self.rfile = conn.reader
+        self.wfile = conn.writer
+        self._expect_100 = False
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self) -> None:
+        pass
+
+    def handle_expect_100(self) -> bool:
+        # "100 Continue" only once the token and the length are accepted (body_length).
+        self._expect_100 = True
+        return True
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """Protocol errors (bad request line, oversized headers) as JSON, then close."""
+        self.close_connection = True
+        try:
+            self.send_json(code, {"error": message or explain or "bad request"})
+        except OSError:
+            pass
+
     # -- helpers ---------------------------------------------------------
     def send_json(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+        try:
+            text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            text = json.dumps(_finite(payload), separators=(",", ":"))
+        body = text.encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", JSON_TYPE)
         self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()  # two writes; the server sets TCP_NODELAY, so no delayed-ACK stall
         if self.command != "HEAD":
             self.wfile.write(body)
 
@@ -165,6 +205,11 @@ class JSONHandler(BaseHTTPRequestHandler):
             raise HTTPError_(403, "wrong token")
 
     def body_length(self, limit: Optional[int] = None) -> int:
+        """The declared body length, refused (411/400/413) before any byte is read.
+
+        Also starts the body deadline (scaled from the length) and sends
+        ``100 Continue`` to a client that asked for it.
+        """
         limit = self.server.max_body if limit is None else limit
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             raise HTTPError_(411, "chunked bodies are not accepted; send Content-Length")
@@ -179,6 +224,10 @@ class JSONHandler(BaseHTTPRequestHandler):
             raise HTTPError_(400, "bad Content-Length")
         if n > limit:
             raise HTTPError_(413, f"body of {n} bytes exceeds the limit of {limit} bytes")
+        self.rfile.extend_deadline(self.server.limits.body_secs(n))
+        if self._expect_100:
+            self._expect_100 = False
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return n
 
     def read_body(self, limit: Optional[int] = None) -> bytes:
@@ -190,11 +239,7 @@ class JSONHandler(BaseHTTPRequestHandler):
         return data
 
     def read_json(self, limit: Optional[int] = None) -> Any:
-        data = self.read_body(limit)
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HTTPError_(400, f"malformed JSON: {e}") from None
+        return parse_json(self.read_body(limit))
 
     # -- dispatch --------------------------------------------------------
     def _dispatch(self) -> None:
@@ -207,31 +252,16 @@ class JSONHandler(BaseHTTPRequestHandler):
         except HTTPError_ as e:
             self._finish_error(e.status, e.reason)
             return
-        except Exception as e:  # the server must keep serving
-            self._finish_error(500, f"internal error: {type(e).__name__}: {e}")
+        except Exception as e:  # a bug: keep serving, and keep tracebacks and paths out of the answer
+            log.error("%s %s failed", self.command, path, exc_info=True)
+            self._finish_error(500, f"internal error ({type(e).__name__}); the server log has the details")
             return
         self.send_json(status, payload)
 
     def _finish_error(self, status: int, reason: str) -> None:
-        # An unread body would be parsed as the next request, so close the
-        # connection; drain a moderate body first so the client, still
-        # sending, reads our answer instead of a connection reset.
+        # The server discards any unread body after this answer (see Server), so the
+        # client, possibly still sending, reads the reason instead of a reset.
         self.close_connection = True
-        if not self._body_done:
-            try:
-                left = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                left = 0
-            if 0 < left <= DRAIN_LIMIT:
-                try:
-                    self.connection.settimeout(5)
-                    while left > 0:
-                        chunk = self.rfile.read(min(left, 1 << 16))
-                        if not chunk:
-                            break
-                        left -= len(chunk)
-                except OSError:
-                    pass
         try:
             self.send_json(status, {"error": reason})
         except OSError:

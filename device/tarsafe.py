@@ -12,11 +12,23 @@ import posixpath
 import tarfile
 from pathlib import Path
 
+from edgepipe.device.errors import EdgepipeError
+
 DEFAULT_MAX_MEMBERS = 256
 
 
-class UnsafeArchive(Exception):
-    """The archive is refused; the message names the member and the reason."""
+class UnsafeArchive(EdgepipeError):
+    """The archive is refused; the message names the member (as the archive spells it) and the reason.
+
+    ``status`` is the HTTP answer for an upload (422: well-formed but unusable);
+    messages never hold a path on this machine.
+    """
+
+    status = 422
+
+
+class ArchiveConflict(UnsafeArchive):
+    """Two members claim one path as both a file and a directory (``a`` then ``a/b``)."""
 
 
 def _clean_name(name: str) -> str:
@@ -34,7 +46,7 @@ def _clean_name(name: str) -> str:
 def check_members(tar: tarfile.TarFile, *, max_bytes: int,
                   max_members: int = DEFAULT_MAX_MEMBERS) -> list:
     """Return the members to extract, or raise UnsafeArchive for the first bad one."""
-    members, seen, total = [], set(), 0
+    members, seen, explicit, total = [], {}, set(), 0
     for m in tar:
         if len(members) >= max_members:
             raise UnsafeArchive(f"more than {max_members} members")
@@ -47,15 +59,28 @@ def check_members(tar: tarfile.TarFile, *, max_bytes: int,
             raise UnsafeArchive(f"member {m.name!r}: only regular files and directories are allowed")
         if name == ".":
             continue
-        if name in seen:
+        if name in explicit:
             raise UnsafeArchive(f"member {m.name!r}: appears twice")
-        seen.add(name)
+        explicit.add(name)
+        _claim(seen, name, m)
         if m.isreg():
             total += m.size
             if total > max_bytes:
                 raise UnsafeArchive(f"unpacked size exceeds the limit of {max_bytes} bytes")
         members.append((name, m))
     return members
+
+
+def _claim(seen: dict, name: str, m: tarfile.TarInfo) -> None:
+    """Record ``name`` and its parents, refusing a path that is both a file and a directory."""
+    parts = name.split("/")
+    for i in range(1, len(parts)):
+        parent = "/".join(parts[:i])
+        if seen.setdefault(parent, "dir") == "file":
+            raise ArchiveConflict(f"member {m.name!r}: {parent!r} is a file in this archive, not a directory")
+    if m.isreg() and seen.get(name) == "dir":
+        raise ArchiveConflict(f"member {m.name!r}: a directory of that name is already in this archive")
+    seen[name] = "dir" if m.isdir() else "file"
 
 
 def safe_extract(archive: os.PathLike, dest: os.PathLike, *, max_bytes: int,

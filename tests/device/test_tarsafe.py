@@ -92,3 +92,29 @@ def test_duplicate_member_and_garbage_are_refused(tmp_path):
     junk.write_bytes(b"this is not a tar file at all" * 30)
     with pytest.raises(UnsafeArchive, match="not a readable tar"):
         safe_extract(junk, tmp_path / "y", max_bytes=100)
+
+
+@pytest.mark.parametrize("members", [
+    [({"name": "a"}, b"file"), ({"name": "a/b"}, b"x")],                      # a file, then a path under it
+    [({"name": "a/b"}, b"x"), ({"name": "a"}, b"file")],                      # the other order
+    [({"name": "a", "type": tarfile.DIRTYPE}, None), ({"name": "a/b"}, b"x"), ({"name": "a/b/c"}, b"y")],
+])
+def test_file_versus_directory_conflict_is_a_typed_422_without_local_paths(tmp_path, members):
+    from edgepipe.device.errors import EdgepipeError
+    from edgepipe.device.tarsafe import ArchiveConflict
+
+    tar = make_tar(tmp_path / "c.tar", members)
+    dest = tmp_path / "store" / "incoming"
+    with pytest.raises(ArchiveConflict) as e:
+        safe_extract(tar, dest, max_bytes=100)
+    assert isinstance(e.value, EdgepipeError) and isinstance(e.value, UnsafeArchive)
+    assert e.value.status == 422
+    assert str(tmp_path) not in str(e.value) and "\n" not in str(e.value)
+    assert "a" in str(e.value)
+    assert list(dest.iterdir()) == []  # refused before anything was written
+
+
+def test_directory_members_after_their_files_are_fine(tmp_path):
+    tar = make_tar(tmp_path / "ok.tar", [({"name": "b/model.tflite"}, b"abc"),
+                                         ({"name": "b", "type": tarfile.DIRTYPE}, None)])
+    assert (safe_extract(tar, tmp_path / "x", max_bytes=100) / "b" / "model.tflite").read_bytes() == b"abc"
