@@ -12,13 +12,20 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional
 
+from edgepipe.pipeline.store_schema import source_label
+
+from edgepipe.device.report import Report
+
 REPORTSET = "edgepipe.reportset/1"
 LOAD_PARTS = ("file_read", "interpreter_build", "delegate", "allocate", "first_invoke")
 # A quantized recipe within this margin of fp32 is "as fast", not slower:
 # fp16 weights, for one, run through the same float kernels.
 SLOWER_MARGIN = 0.05
-# The configuration a p50 belongs to; compare and "latest" use it.
-KEY = ("device", "model", "recipe", "backend", "delegate", "threads", "kind")
+# The configuration a p50 belongs to; compare and "latest" use it. ``device_key`` is the
+# stable device id (the hostname for reports made before ids existed); ``source`` is what
+# a run read (None for a bench on random inputs), so a video run and a photo run differ.
+KEY = ("device_key", "model", "recipe", "backend", "delegate", "threads", "kind", "source")
+STAGES = ("capture", "preprocess", "invoke", "postprocess")
 
 
 def _num(x) -> Optional[float]:
@@ -32,51 +39,51 @@ def family(name: str, recipe: Optional[str]) -> str:
     return name
 
 
-def row(report: dict) -> dict:
-    """The flat view of one report."""
-    dev = report.get("device") or {}
-    rt = report.get("runtime") or {}
-    model = report.get("model") or {}
-    lat = report.get("latency_ms") or {}
-    load = report.get("load_ms") or {}
-    thr = report.get("throughput") or {}
-    acc = report.get("accuracy") or {}
-    parts = {k: _num(load.get(k)) for k in LOAD_PARTS}
+def row(report) -> dict:
+    """The flat view of one report (a dict already checked against the schema, or a typed Report)."""
+    r = report if isinstance(report, Report) else Report.from_dict(report, validate=False)
+    dev, rt, model, lat, load = r.device, r.runtime, r.model, r.latency_ms, r.load_ms
+    acc = r.accuracy or {}
+    parts = {k: _num(getattr(load, k, None)) for k in LOAD_PARTS}
     known = [v for v in parts.values() if v is not None]
-    name = str(model.get("name", "?"))
-    recipe = model.get("recipe")
+    agreement = acc.get("agreement")
     return {
-        "id": report.get("id"),
-        "created": report.get("created"),
-        "kind": report.get("kind"),
-        "device": dev.get("hostname"),
-        "board": dev.get("board"),
-        "model": name,
-        "family": family(name, recipe),
-        "recipe": recipe or "-",
-        "backend": rt.get("backend"),
-        "delegate": rt.get("delegate"),
-        "threads": rt.get("threads"),
-        "load": rt.get("load"),
-        "n": lat.get("n"),
-        "mean": _num(lat.get("mean")),
-        "p50": _num(lat.get("p50")),
-        "p90": _num(lat.get("p90")),
-        "p99": _num(lat.get("p99")),
-        "min": _num(lat.get("min")),
-        "max": _num(lat.get("max")),
-        "fps": _num(thr.get("fps")),
+        "id": r.id,
+        "created": r.created,
+        "kind": r.kind.value,
+        "device": dev.hostname,
+        "board": dev.board,
+        "model": model.name,
+        "family": family(model.name, model.recipe),
+        "recipe": model.recipe or "-",
+        "backend": rt.backend,
+        "delegate": rt.delegate,
+        "threads": rt.threads,
+        "load": rt.load,
+        "n": lat.n if lat else None,
+        **{k: _num(getattr(lat, k, None)) for k in ("mean", "p50", "p90", "p99", "min", "max")},
+        "fps": _num(getattr(r.throughput, "fps", None)),
         "load_ms": round(sum(known), 3) if known else None,
         "load_parts": parts,
-        "size": model.get("size"),
-        "sha256": model.get("sha256"),
+        "size": model.size,
+        "sha256": model.sha256,
         "top1": _num(acc.get("top1")),
-        "agreement": _num((acc.get("agreement") or {}).get("top1_agreement")
-                          if isinstance(acc.get("agreement"), dict) else None),
-        "governor": dev.get("governor"),
-        "warnings": list(report.get("warnings") or []),
-        "errors": list(report.get("errors") or []),
+        "agreement": _num(agreement.get("top1_agreement") if isinstance(agreement, dict) else None),
+        "governor": dev.governor,
+        "warnings": list(r.warnings),
+        "errors": list(r.errors),
     }
+
+
+def _stages(block) -> dict:
+    """Per-stage {p50, mean, p90} of a run (capture, preprocess, invoke, postprocess, ...)."""
+    if not isinstance(block, dict):
+        return {}
+    out = {}
+    for name, st in block.items():
+        if isinstance(st, dict):
+            out[str(name)] = {k: _num(st.get(k)) for k in ("p50", "mean", "p90")}
+    return out
 
 
 def attach_accuracy(rows: list) -> list:
@@ -98,14 +105,17 @@ def attach_accuracy(rows: list) -> list:
     return rows
 
 
-def key_of(r: dict) -> tuple:
-    return tuple(r.get(k) for k in KEY)
+def key_of(r: dict, legacy: bool = False) -> tuple:
+    """The configuration of a row; ``legacy`` keys devices by hostname (rows saved before device ids)."""
+    dev = (r.get("hostname") or r.get("device")) if legacy else (r.get("device_key") or r.get("device"))
+    return (dev,) + tuple(r.get(k) for k in KEY[1:])
 
 
 def key_str(r: dict) -> str:
     thr = r.get("threads")
+    src = f" {r['source']}" if r.get("source") else ""
     return (f"{r.get('device')} {r.get('model')} {r.get('backend')}/{r.get('delegate')}"
-            f" t={thr if thr is not None else 'auto'} {r.get('kind')}")
+            f" t={thr if thr is not None else 'auto'} {r.get('kind')}{src}")
 
 
 def latest(rows: Iterable[dict]) -> list:
@@ -165,8 +175,11 @@ def compare(current: Iterable[dict], baseline: Iterable[dict], tolerance: float)
     status: ``regressed`` (p50 above baseline x (1 + tolerance)), ``improved``
     (below baseline / (1 + tolerance)), ``same``, ``new`` or ``missing``.
     """
-    cur = {key_of(r): r for r in current}
-    base = {key_of(r): r for r in baseline}
+    baseline = list(baseline)
+    # A baseline saved before device ids existed names devices by hostname: match it that way.
+    legacy = bool(baseline) and all("device_key" not in b for b in baseline)
+    cur = {key_of(r, legacy): r for r in current}
+    base = {key_of(r, legacy): r for r in baseline}
     out = []
     for k in sorted(set(cur) | set(base), key=str):
         c, b = cur.get(k), base.get(k)
@@ -213,7 +226,7 @@ def load_baseline(path: Path) -> list:
     if isinstance(doc, dict) and doc.get("schema") == "edgepipe.report/1":
         doc = [doc]
     if isinstance(doc, list) and all(isinstance(r, dict) and r.get("schema") == "edgepipe.report/1" for r in doc):
-        return latest(row(r) for r in doc)
+        return latest(row(Report.from_dict(r)) for r in doc)  # a file: checked, ContractError is a ValueError
     raise ValueError(f"{path}: expected a report set from `edgepipe report --save/--json` "
                      "or a JSON list of reports")
 
@@ -248,6 +261,11 @@ def size_mb(n) -> Optional[float]:
     return round(n / 1e6, 2) if isinstance(n, int) else None
 
 
+def short_id(device_id) -> str:
+    """The first 8 characters of a device id (enough to tell devices apart in a table)."""
+    return str(device_id)[:8] if device_id else "-"
+
+
 def short_warnings(ws: list, width: int = 48) -> str:
     if not ws:
         return ""
@@ -259,10 +277,16 @@ def results_table(rows: list) -> str:
     """Device x recipe table: p50, p90, p99, FPS, load ms, size, warnings (+ accuracy when known)."""
     timing = [r for r in rows if r.get("kind") != "eval"]
     with_acc = any(r.get("top1") is not None or r.get("agreement") is not None for r in timing)
-    headers = ["device", "model", "recipe", "kind", "delegate", "thr", "p50 ms", "p90 ms", "p99 ms", "FPS",
-               "load ms", "MB"] + (["top-1", "agree"] if with_acc else []) + ["warnings"]
-    body = [[r["device"], r["family"], r["recipe"], r["kind"], r["delegate"], r["threads"], r["p50"], r["p90"],
-             r["p99"], r["fps"], (r["load_ms"] if r.get("load") != "warm" else "warm"), size_mb(r["size"])]
+    with_id = any(r.get("device_id") for r in timing)
+    with_src = any(r.get("source") for r in timing)
+    headers = (["device"] + (["device id"] if with_id else []) + ["model", "recipe", "kind"]
+               + (["input"] if with_src else []) + ["delegate", "thr", "p50 ms", "p90 ms", "p99 ms", "FPS",
+                                                    "load ms", "MB"]
+               + (["top-1", "agree"] if with_acc else []) + ["warnings"])
+    body = [[r["device"]] + ([short_id(r.get("device_id"))] if with_id else [])
+            + [r["family"], r["recipe"], r["kind"]] + ([r.get("source") or "-"] if with_src else [])
+            + [r["delegate"], r["threads"], r["p50"], r["p90"],
+               r["p99"], r["fps"], (r["load_ms"] if r.get("load") != "warm" else "warm"), size_mb(r["size"])]
             + ([r.get("top1"), r.get("agreement")] if with_acc else []) + [short_warnings(r["warnings"])]
             for r in timing]
     out = format_table(headers, body) if timing else ""
