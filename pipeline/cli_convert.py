@@ -120,9 +120,12 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     except (ConvertError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if target_agreement is not None:
-        from edgepipe.pipeline.selective import apply_selective_to_results
+        results = [_selective(r, results, model, target_agreement, progress) for r in results]
+    _report(results, model, out_dir, as_json)
 
-        results = apply_selective_to_results(results, model, target_agreement, progress)
+
+def _report(results, model, out_dir, as_json: bool) -> None:
+    """The table (or JSON) on stdout; a non-zero exit naming every recipe that failed."""
     if as_json:
         click.echo(json.dumps({"model": str(model), "out": str(out_dir),
                                "results": [r.to_dict() for r in results]}, indent=2))
@@ -146,3 +149,41 @@ def _summary(results) -> str:
                      f"{r.seconds:.1f} s", "hit" if r.cache_hit else ("-" if r.error else "miss"),
                      tpu, str(r.bundle) if r.bundle else f"FAILED: {r.error}"])
     return format_table(["recipe", "size", "vs fp32", "time", "cache", "Edge TPU", "bundle"], rows)
+
+
+def _selective(r, results, model_path, target: float, progress):
+    """``--target-agreement``: rework the int8 bundle of this run; the result's size follows."""
+    import dataclasses
+
+    if r.recipe != "int8" or not r.bundle or r.error:
+        return r
+
+    from edgepipe.pipeline.selective import SelectiveError, apply_to_bundle
+
+    progress(f"int8: searching the fewest float layers for agreement >= {target}")
+    try:
+        sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress)
+    except (SelectiveError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    progress(_selective_summary(sel, target))
+    if len(sel.kept) > sel.layers_total // 2:
+        progress("warning: more than half of the layers stay float, so this is close to the "
+                 "fp32 model in size and speed; compare with fp16, or calibrate with more "
+                 "representative images (--calib, --calib-count)")
+    fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
+    return dataclasses.replace(r, size=len(sel.tflite),
+                               ratio_to_fp32=round(len(sel.tflite) / fp32, 4) if fp32 else None)
+
+
+def _selective_summary(sel, target: float) -> str:
+    """One line: agreement reached, and which layers stayed float at what latency cost."""
+    if sel.latency and len(sel.latency) == len(sel.kept) + 1:
+        kept = [f"{e.layer} ({c['cost_ms']:+.3f} ms)" for e, c in zip(sel.kept, sel.latency[1:])]
+    else:
+        kept = [e.layer for e in sel.kept]
+    shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
+    lat = sel.latency
+    total = f"; p50 {lat[0]['p50_ms']:.3f} -> {lat[-1]['p50_ms']:.3f} ms" if len(lat) > 1 else ""
+    return (f"int8: agreement {sel.agreement:.4f} (plain int8 {sel.baseline_agreement:.4f}); "
+            f"{len(kept)} of {sel.layers_total} layers in float: {shown or 'none'}{total}"
+            + ("" if sel.reached else f"; target {target} NOT reached"))

@@ -19,10 +19,14 @@ Entry point for ``edgepipe convert --target-agreement``::
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -76,42 +80,38 @@ class SelectiveResult:
         }
 
 
-def run_tflite(model: bytes, x: np.ndarray, *, threads: Optional[int] = 1) -> np.ndarray:
-    """Float outputs (first output, one row per input) of a TFLite model via the device runtime."""
+def _load_bytes(model: bytes, threads: Optional[int]):
+    """A device-runtime model from bytes (the runtime loads files; the file goes once loaded)."""
     from edgepipe.device.runtime import load_model
 
     fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model)
-        lm = load_model(path, threads=threads)
-        rows = [lm.predict([x[i:i + 1]])[0].reshape(-1) for i in range(x.shape[0])]
+        return load_model(path, threads=threads)
     finally:
         os.unlink(path)
-    return np.stack(rows)
+
+
+def run_tflite(model: bytes, x: np.ndarray, *, threads: Optional[int] = 1) -> np.ndarray:
+    """Float outputs (first output, one row per input) of a TFLite model via the device runtime."""
+    lm = _load_bytes(model, threads)
+    return np.stack([lm.predict([x[i:i + 1]])[0].reshape(-1) for i in range(x.shape[0])])
 
 
 def p50_ms(model: bytes, x: np.ndarray, *, runs: int = 30, warmup: int = 3,
            threads: Optional[int] = 1) -> float:
     """Median invoke latency of ``model`` on one input (ms), via the device runtime."""
-    from edgepipe.device.runtime import load_model
-
-    fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model)
-        lm = load_model(path, threads=threads)
-        spec = lm.inputs[0]
-        lm.set_input(0, spec.quantize(x[:1]).reshape(spec.shape))
-        for _ in range(warmup):
-            lm.invoke()
-        samples = []
-        for _ in range(runs):
-            t0 = time.perf_counter_ns()
-            lm.invoke()
-            samples.append((time.perf_counter_ns() - t0) / 1e6)
-    finally:
-        os.unlink(path)
+    lm = _load_bytes(model, threads)
+    spec = lm.inputs[0]
+    lm.set_input(0, spec.quantize(x[:1]).reshape(spec.shape))
+    for _ in range(warmup):
+        lm.invoke()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        lm.invoke()
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
     return float(np.median(samples))
 
 
@@ -144,27 +144,11 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     re-quantization is not bit-identical to the converter's own int8 model).
     """
     t_start = time.perf_counter()
-    name = getattr(recipe, "name", recipe)
-    if name not in SUPPORTED_RECIPES:
-        raise SelectiveError(f"--target-agreement: only works with recipe "
-                             f"{', '.join(SUPPORTED_RECIPES)}, not {name!r}")
-    if not (0.0 < float(target) <= 1.0):
-        raise SelectiveError(f"--target-agreement: {target} is not in (0, 1]")
+    _check_request(recipe, target)
     say = on_step or (lambda msg: None)
-    from edgepipe.pipeline.tfenv import captured_output, import_tf
-
-    tf = import_tf()
-    if not hasattr(keras_model, "predict"):
-        try:
-            with captured_output():
-                keras_model = tf.keras.models.load_model(str(keras_model), compile=False)
-        except Exception as e:  # noqa: BLE001 - loaders raise anything
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise SelectiveError(f"--target-agreement: needs a Keras model ({first})") from None
+    keras_model = _keras_model(keras_model)
     calib = np.asarray(calib, dtype=np.float32)
-    ex = np.asarray(eval_x if eval_x is not None else calib, dtype=np.float32)
-    if ex.shape[0] == 0:
-        raise SelectiveError("--target-agreement: no evaluation images")
+    ex = _eval_inputs(eval_x, calib)
 
     ref = float_outputs(keras_model, ex)
     shipped_agreement = None
@@ -172,11 +156,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
         shipped_agreement = metrics.top1_agreement(run_tflite(shipped, ex, threads=threads), ref)
         say(f"plain int8: agreement {shipped_agreement:.4f}")
         if shipped_agreement >= target:
-            return SelectiveResult(
-                tflite=shipped, target=float(target), agreement=shipped_agreement,
-                baseline_agreement=shipped_agreement, reached=True, kept=[], layers_total=0,
-                steps=[{"float_layers": 0, "agreement": shipped_agreement, "model": "plain int8"}],
-                eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start)
+            return _plain_int8(shipped, shipped_agreement, target, int(ex.shape[0]), t_start)
 
     say(f"measuring per-layer error on {min(len(calib), 32)} calibration images")
     try:
@@ -184,86 +164,154 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     except LayerErrorError as e:
         raise SelectiveError(str(e)) from None
     ranked = dbg.ranked()
-    limit = len(ranked) if max_float is None else min(max_float, len(ranked))
+    search = _Search(dbg, ex, ref, float(target), threads, say)
+    kept = search.shortest_prefix(ranked, len(ranked) if max_float is None else min(max_float, len(ranked)))
+    if prune and search.reaches(kept) and 1 < len(kept) <= 12:
+        kept = search.prune(kept)
+    agreement, model = search.agreement_of(kept), search.model_of(kept)
+    if _shipped_wins(shipped_agreement, agreement, kept, target):
+        say("no float layer beats the plain int8 model: keeping it")
+        kept, agreement, model = [], shipped_agreement, shipped
 
-    cache: dict = {}
+    latency = _float_layer_costs(dbg, kept, ex, threads, say) if measure_latency and kept else []
+    return SelectiveResult(
+        tflite=model, target=float(target), agreement=agreement,
+        baseline_agreement=shipped_agreement if shipped_agreement is not None else search.baseline,
+        reached=agreement >= target, kept=kept, layers_total=len(ranked), steps=search.steps,
+        latency=latency, eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start,
+        ranks={e.tensor: i + 1 for i, e in enumerate(ranked)})
 
-    def agreement_of(kept: Sequence[LayerError]) -> float:
+
+def _plain_int8(shipped: bytes, agreement: float, target: float, images: int, t_start: float) -> SelectiveResult:
+    """The converter's own int8 model already meets the target: nothing goes float."""
+    return SelectiveResult(
+        tflite=shipped, target=float(target), agreement=agreement,
+        baseline_agreement=agreement, reached=True, kept=[], layers_total=0,
+        steps=[{"float_layers": 0, "agreement": agreement, "model": "plain int8"}],
+        eval_images=images, seconds=time.perf_counter() - t_start)
+
+
+def _shipped_wins(shipped_agreement: Optional[float], agreement: float, kept: list, target: float) -> bool:
+    """Keep the converter's own int8 model when the float-kept one is no better (or nothing went float)."""
+    if shipped_agreement is None:
+        return False
+    return agreement <= shipped_agreement or (not kept and agreement < target)
+
+
+def _check_request(recipe, target: float) -> None:
+    name = getattr(recipe, "name", recipe)
+    if name not in SUPPORTED_RECIPES:
+        raise SelectiveError(f"--target-agreement: only works with recipe "
+                             f"{', '.join(SUPPORTED_RECIPES)}, not {name!r}")
+    if not (0.0 < float(target) <= 1.0):
+        raise SelectiveError(f"--target-agreement: {target} is not in (0, 1]")
+
+
+def _eval_inputs(eval_x: Optional[np.ndarray], calib: np.ndarray) -> np.ndarray:
+    ex = np.asarray(eval_x if eval_x is not None else calib, dtype=np.float32)
+    if ex.shape[0] == 0:
+        raise SelectiveError("--target-agreement: no evaluation images")
+    return ex
+
+
+def _keras_model(keras_model):
+    """The Keras model itself, loaded when given as a path."""
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
+
+    tf = import_tf()
+    if hasattr(keras_model, "predict"):
+        return keras_model
+    try:
+        with captured_output():
+            return tf.keras.models.load_model(str(keras_model), compile=False)
+    except Exception as e:  # noqa: BLE001 - loaders raise anything
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise SelectiveError(f"--target-agreement: needs a Keras model ({first})") from None
+
+
+class _Search:
+    """Agreement of float-kept layer sets (each quantized and run once), and the search over them."""
+
+    def __init__(self, dbg: Debugged, ex: np.ndarray, ref: np.ndarray, target: float,
+                 threads: Optional[int], say: Callable[[str], None]):
+        self.dbg, self.ex, self.ref, self.target, self.threads, self.say = dbg, ex, ref, target, threads, say
+        self.cache: dict = {}
+        self.steps: list = []
+        self.baseline = self.agreement_of([])
+        self.steps.append({"float_layers": 0, "agreement": self.baseline})
+
+    def _entry(self, kept: Sequence[LayerError]) -> tuple:
         key = frozenset(e.tensor for e in kept)
-        if key not in cache:
-            model = dbg.quantize([e.tensor for e in kept])
-            out = run_tflite(model, ex, threads=threads)
-            cache[key] = (metrics.top1_agreement(out, ref), model)
-            say(f"{len(kept)} float layer(s): agreement {cache[key][0]:.4f}")
-        return cache[key][0]
+        if key not in self.cache:
+            model = self.dbg.quantize([e.tensor for e in kept])
+            out = run_tflite(model, self.ex, threads=self.threads)
+            self.cache[key] = (metrics.top1_agreement(out, self.ref), model)
+            self.say(f"{len(kept)} float layer(s): agreement {self.cache[key][0]:.4f}")
+        return self.cache[key]
 
-    steps = []
+    def agreement_of(self, kept: Sequence[LayerError]) -> float:
+        return self._entry(kept)[0]
 
-    def check(k: int) -> bool:
-        a = agreement_of(ranked[:k])
-        steps.append({"float_layers": k, "agreement": a})
-        return a >= target
+    def model_of(self, kept: Sequence[LayerError]) -> bytes:
+        return self._entry(kept)[1]
 
-    baseline = agreement_of([])
-    steps.append({"float_layers": 0, "agreement": baseline})
-    if baseline >= target:
-        best_k = 0
-    else:
+    def reaches(self, kept: Sequence[LayerError]) -> bool:
+        return self.agreement_of(kept) >= self.target
+
+    def _check(self, ranked: list, k: int) -> bool:
+        a = self.agreement_of(ranked[:k])
+        self.steps.append({"float_layers": k, "agreement": a})
+        return a >= self.target
+
+    def shortest_prefix(self, ranked: list, limit: int) -> list:
+        """The shortest prefix of ``ranked`` reaching the target (the longest tried when none does)."""
+        if self.baseline >= self.target:
+            return []
         # Exponential probe, then binary search on the prefix length.
-        lo, hi = 0, None
-        k = 1
+        lo, hi, k = 0, None, 1
         while k <= limit:
-            if check(k):
+            if self._check(ranked, k):
                 hi = k
                 break
             lo = k
             k = limit if k * 2 > limit and k < limit else k * 2
         if hi is None:
-            best_k = lo
-        else:
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if check(mid):
-                    hi = mid
-                else:
-                    lo = mid
-            best_k = hi
-    kept = list(ranked[:best_k])
-    reached = agreement_of(kept) >= target
-    if reached and prune and 1 < len(kept) <= 12:
-        # A later layer may have fixed what an earlier one was kept for.
+            return list(ranked[:lo])
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._check(ranked, mid):
+                hi = mid
+            else:
+                lo = mid
+        return list(ranked[:hi])
+
+    def prune(self, kept: list) -> list:
+        """Drop each kept layer again: a later layer may have fixed what an earlier one was kept for."""
         for e in list(kept):
             trial = [x for x in kept if x.tensor != e.tensor]
-            a = agreement_of(trial)
-            steps.append({"float_layers": len(trial), "agreement": a, "dropped": e.layer})
-            if a >= target:
+            a = self.agreement_of(trial)
+            self.steps.append({"float_layers": len(trial), "agreement": a, "dropped": e.layer})
+            if a >= self.target:
                 kept = trial
-    agreement = agreement_of(kept)
-    model = cache[frozenset(e.tensor for e in kept)][1]
-    if shipped_agreement is not None and (agreement <= shipped_agreement or (not kept and agreement < target)):
-        say("no float layer beats the plain int8 model: keeping it")
-        kept, agreement, model = [], shipped_agreement, shipped
+        return kept
 
-    latency = []
-    if measure_latency and kept:
-        say("timing the cost of each float layer")
-        prev = p50_ms(dbg.quantize([]), ex, threads=threads)
-        latency.append({"layer": None, "float_layers": 0, "p50_ms": prev, "cost_ms": 0.0})
-        # One re-quantization + benchmark per kept layer; past a handful the
-        # per-layer split is noise, so only the total is measured.
-        steps_to_time = range(1, len(kept) + 1) if len(kept) <= MAX_TIMED_LAYERS else [len(kept)]
-        for i in steps_to_time:
-            cur = p50_ms(dbg.quantize([e.tensor for e in kept[:i]]), ex, threads=threads)
-            latency.append({"layer": kept[i - 1].layer if len(steps_to_time) > 1 else "(all kept)",
-                            "tensor": kept[i - 1].tensor if len(steps_to_time) > 1 else None,
-                            "float_layers": i, "p50_ms": cur, "cost_ms": cur - prev})
-            prev = cur
-    return SelectiveResult(
-        tflite=model, target=float(target), agreement=agreement,
-        baseline_agreement=shipped_agreement if shipped_agreement is not None else baseline,
-        reached=agreement >= target, kept=kept, layers_total=len(ranked), steps=steps,
-        latency=latency, eval_images=int(ex.shape[0]), seconds=time.perf_counter() - t_start,
-        ranks={e.tensor: i + 1 for i, e in enumerate(ranked)})
+
+def _float_layer_costs(dbg: Debugged, kept: list, ex: np.ndarray, threads: Optional[int],
+                       say: Callable[[str], None]) -> list:
+    """p50 latency as the kept layers go float one by one (or all at once past a handful)."""
+    say("timing the cost of each float layer")
+    prev = p50_ms(dbg.quantize([]), ex, threads=threads)
+    latency = [{"layer": None, "float_layers": 0, "p50_ms": prev, "cost_ms": 0.0}]
+    # One re-quantization + benchmark per kept layer; past a handful the
+    # per-layer split is noise, so only the total is measured.
+    steps_to_time = range(1, len(kept) + 1) if len(kept) <= MAX_TIMED_LAYERS else [len(kept)]
+    for i in steps_to_time:
+        cur = p50_ms(dbg.quantize([e.tensor for e in kept[:i]]), ex, threads=threads)
+        latency.append({"layer": kept[i - 1].layer if len(steps_to_time) > 1 else "(all kept)",
+                        "tensor": kept[i - 1].tensor if len(steps_to_time) > 1 else None,
+                        "float_layers": i, "p50_ms": cur, "cost_ms": cur - prev})
+        prev = cur
+    return latency
 
 
 def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=None,
@@ -277,13 +325,29 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     images. The manifest gets ``extra["selective"]`` (which layers, why, and
     the latency each one costs) and the new model's digest and size.
     """
-    import dataclasses
-    import hashlib
-    from pathlib import Path
-
-    from edgepipe.device.bundle import BundleError, TensorInfo, load_bundle
     from edgepipe.pipeline import calibration
-    from edgepipe.pipeline.bundle_writer import write_bundle
+
+    b = _int8_bundle(bundle_path)
+    m = b.manifest
+    cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
+    calib = calibration.load_arrays(cset, m.preprocess)
+    ex = _eval_arrays(eval_dir, b, eval_limit)
+    res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
+                         measure_latency=measure_latency, on_step=on_step,
+                         shipped=b.model_path.read_bytes())
+    if not res.kept:
+        # The plain int8 model stays; only the manifest learns what was tried.
+        from edgepipe.device.bundle import write_manifest
+
+        write_manifest(b.path, dataclasses.replace(m, extra={**m.extra, "selective": res.to_dict()}))
+    else:
+        _rewrite_bundle(b, res)
+    return res
+
+
+def _int8_bundle(bundle_path):
+    """The bundle, checked to be an int8 one that records its calibration images."""
+    from edgepipe.device.bundle import BundleError, load_bundle
 
     try:
         b = load_bundle(bundle_path)
@@ -296,28 +360,28 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
         raise SelectiveError("--target-agreement: not supported together with --input-size")
     if m.calibration is None or not m.calibration.source or m.preprocess is None:
         raise SelectiveError(f"--target-agreement: {bundle_path} records no calibration images")
-    cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
-    calib = calibration.load_arrays(cset, m.preprocess)
-    ex = None
-    if eval_dir is not None:
-        from edgepipe.pipeline.evaluate import EvalError, load_dataset, load_inputs
+    return b
 
-        try:
-            ds = load_dataset(Path(eval_dir), class_names=b.labels or None, limit=eval_limit)
-            ex = load_inputs(ds.paths, m.preprocess)
-        except EvalError as e:
-            raise SelectiveError(str(e)) from None
-    res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
-                         measure_latency=measure_latency, on_step=on_step,
-                         shipped=b.model_path.read_bytes())
-    if not res.kept:
-        # The plain int8 model stays; only the manifest learns what was tried.
-        import dataclasses as _dc
 
-        from edgepipe.device.bundle import write_manifest
+def _eval_arrays(eval_dir, b, eval_limit: int) -> Optional[np.ndarray]:
+    """The bundle's float inputs for the images in ``eval_dir`` (None: use the calibration images)."""
+    if eval_dir is None:
+        return None
+    from edgepipe.pipeline.evaluate import EvalError, load_dataset, load_inputs
 
-        write_manifest(b.path, _dc.replace(m, extra={**m.extra, "selective": res.to_dict()}))
-        return res
+    try:
+        ds = load_dataset(Path(eval_dir), class_names=b.labels or None, limit=eval_limit)
+        return load_inputs(ds.paths, b.manifest.preprocess)
+    except EvalError as e:
+        raise SelectiveError(str(e)) from None
+
+
+def _rewrite_bundle(b, res: SelectiveResult) -> None:
+    """Replace the bundle's model with the selective one; the manifest records why."""
+    from edgepipe.device.bundle import TensorInfo
+    from edgepipe.pipeline.bundle_writer import write_bundle
+
+    m = b.manifest
 
     def manifest_for(model_file, _tpu):
         from edgepipe.device.runtime import load_model
@@ -329,57 +393,14 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
             outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in lm.outputs),
             extra={**m.extra, "selective": res.to_dict()})
 
-    labels = b.path / m.labels_file if m.labels_file else None
-    if labels is not None:
-        # write_bundle copies labels into a fresh folder; read them from a copy
-        # outside the folder being replaced.
-        import shutil
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="edgepipe-labels-"))
-        shutil.copyfile(labels, tmp / "labels.txt")
-        labels = tmp / "labels.txt"
-    write_bundle(b.path.parent, b.path.name, res.tflite, manifest_for=manifest_for, labels=labels)
-    if labels is not None:
-        shutil.rmtree(labels.parent, ignore_errors=True)
-    return res
-
-
-def apply_selective_to_results(results: list, model_path, target: float,
-                               progress: Callable[[str], None]) -> list:
-    """``edgepipe convert --target-agreement``: rework the int8 bundle of a convert run.
-
-    Returns the results with the int8 entry's size updated; raises
-    ``click.ClickException`` (one line) when the search cannot run.
-    """
-    import dataclasses
-
-    import click
-
-    out = []
-    for r in results:
-        if r.recipe == "int8" and r.bundle and not r.error:
-            progress(f"int8: searching the fewest float layers for agreement >= {target}")
-            try:
-                sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress)
-            except (SelectiveError, ValueError, OSError) as e:
-                raise click.ClickException(str(e)) from None
-            if sel.latency and len(sel.latency) == len(sel.kept) + 1:
-                kept = [f"{e.layer} ({c['cost_ms']:+.3f} ms)" for e, c in zip(sel.kept, sel.latency[1:])]
-            else:
-                kept = [e.layer for e in sel.kept]
-            shown = ", ".join(kept[:6]) + (f" and {len(kept) - 6} more" if len(kept) > 6 else "")
-            lat = sel.latency
-            total = (f"; p50 {lat[0]['p50_ms']:.3f} -> {lat[-1]['p50_ms']:.3f} ms" if len(lat) > 1 else "")
-            progress(f"int8: agreement {sel.agreement:.4f} (plain int8 {sel.baseline_agreement:.4f}); "
-                     f"{len(kept)} of {sel.layers_total} layers in float: {shown or 'none'}{total}"
-                     + ("" if sel.reached else f"; target {target} NOT reached"))
-            if len(sel.kept) > sel.layers_total // 2:
-                progress("warning: more than half of the layers stay float, so this is close to the "
-                         "fp32 model in size and speed; compare with fp16, or calibrate with more "
-                         "representative images (--calib, --calib-count)")
-            fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
-            r = dataclasses.replace(r, size=len(sel.tflite),
-                                    ratio_to_fp32=round(len(sel.tflite) / fp32, 4) if fp32 else None)
-        out.append(r)
-    return out
+    if not m.labels_file:
+        write_bundle(b.path.parent, b.path.name, res.tflite, manifest_for=manifest_for, labels=None)
+        return
+    # write_bundle copies labels into a fresh folder; read them from a copy
+    # outside the folder being replaced.
+    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-labels-"))
+    try:
+        shutil.copyfile(b.path / m.labels_file, tmp / "labels.txt")
+        write_bundle(b.path.parent, b.path.name, res.tflite, manifest_for=manifest_for, labels=tmp / "labels.txt")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
