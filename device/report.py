@@ -22,15 +22,15 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional
 from edgepipe.device.contracts import ContractError, validate_report
 
 SCHEMA = "edgepipe.report/1"
-KINDS = ("bench", "run", "eval")
-# A report that breaks the schema (kept under its old name for callers).
-ReportError = ContractError
 
 
 class Kind(str, Enum):
     BENCH = "bench"
     RUN = "run"
     EVAL = "eval"
+
+
+KINDS = tuple(k.value for k in Kind)
 
 
 def utc_now_iso() -> str:
