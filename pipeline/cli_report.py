@@ -44,17 +44,21 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     Warns when a quantized recipe is slower than fp32 on the same device.
     """
     from edgepipe.pipeline import reporting as rp
-    from edgepipe.pipeline.store import Store, default_db_path
+    from edgepipe.pipeline.store import Store, StoreError, default_db_path
 
     path = Path(db_path) if db_path else default_db_path()
     if not path.exists():
         raise click.ClickException(f"no results database at {path}; collect some with `edgepipe bench` "
                                    "or `edgepipe serve` first, or pass --db")
+    # Read-only: a report never creates, migrates or "repairs" the file it reads.
     try:
-        with Store(path) as store:
+        with Store(path, readonly=True) as store:
             reports = store.query(kind=kind, device=device, model=model, recipe=recipe)
-    except Exception as e:
-        raise click.ClickException(f"cannot read {path}: {e}") from None
+    except StoreError as e:
+        raise click.ClickException(f"{e}; pass --db with a database written by `edgepipe serve` "
+                                   "or `edgepipe bench`") from None
+    except Exception as e:  # sqlite3.Error while reading, OSError
+        raise click.ClickException(f"cannot read {path}: {' '.join(str(e).split())}") from None
     rows = [rp.row(r) for r in reports]
     rows = rp.attach_accuracy(rp.sort_rows(rows) if show_all else rp.latest(rows))
     if show_all:

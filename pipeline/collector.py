@@ -1,8 +1,10 @@
 """The collector: devices POST reports here, they land in the results DB.
 
-Routes (DESIGN.md): ``POST /v1/reports`` (201 new, 200 duplicate id),
-``GET /v1/reports`` with filters, ``GET /v1/reports/{id}``, ``GET /healthz``.
-Anything bad gets a 4xx with a one-line reason and stores nothing.
+Routes (DESIGN.md): ``POST /v1/reports`` (201 new, 200 same id and body, 409
+same id with another body), ``GET /v1/reports`` with filters,
+``GET /v1/reports/{id}``, ``GET /healthz``. Anything bad gets a 4xx with a
+one-line reason and stores nothing: malformed, too deeply nested or non-finite
+JSON 400, off-contract or unstorable 422. One bad report never fails another.
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import urllib.parse
 from typing import Callable, Optional
 
 from edgepipe.device.contracts import report_problem
-from edgepipe.device.http import HTTPError_, JSONHandler, Server, check_bind
-from edgepipe.pipeline.store import FILTERS, Store
+from edgepipe.device.http import HTTPError_, JSONHandler, Limits, Server, check_bind
+from edgepipe.pipeline.store import FILTERS, ReportConflict, Store, StoreError, Unstorable
 
 DEFAULT_PORT = 8750
 DEFAULT_MAX_BODY = 1 << 20  # a report is a few KB; 1 MiB leaves room for accuracy blocks
@@ -46,7 +48,14 @@ class CollectorHandler(JSONHandler):
         reason = srv.validate(doc)
         if reason:
             raise HTTPError_(422, f"report does not match edgepipe.report/1: {reason}")
-        new = srv.store.add(doc)
+        try:
+            new = srv.store.add(doc)
+        except ReportConflict as e:
+            raise HTTPError_(409, f"{e}; a new measurement needs a new id") from None
+        except Unstorable as e:
+            raise HTTPError_(422, f"report cannot be stored: {e}") from None
+        except StoreError as e:  # the database itself failed: the sender should retry later
+            raise HTTPError_(503, str(e)) from None
         if srv.on_report is not None:
             srv.on_report(doc, new)
         return (201 if new else 200), {"id": doc["id"], "stored": new, "duplicate": not new}
@@ -66,7 +75,7 @@ class CollectorHandler(JSONHandler):
                 if not 0 < limit <= MAX_LIMIT:
                     raise HTTPError_(400, f"limit must be between 1 and {MAX_LIMIT}")
             elif key in FILTERS:
-                if key == "threads" and not value.lstrip("-").isdigit():
+                if key == "threads" and not (value.lstrip("-").isdigit() and len(value) <= 20):
                     raise HTTPError_(400, "threads must be an integer")
                 filters[key] = value
             else:
@@ -79,9 +88,9 @@ class CollectorHandler(JSONHandler):
 class CollectorServer(Server):
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                  token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
-                 on_report: Optional[Callable[[dict, bool], None]] = None):
+                 on_report: Optional[Callable[[dict, bool], None]] = None, limits: Optional[Limits] = None):
         check_bind(host, token)
         self.store = store
         self.validate = report_problem  # None or a one-line "path: problem"
         self.on_report = on_report
-        super().__init__((host, port), CollectorHandler, token=token, max_body=max_body)
+        super().__init__((host, port), CollectorHandler, token=token, max_body=max_body, limits=limits)

@@ -11,9 +11,11 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
+from edgepipe.device.errors import EdgepipeError, one_line
 from edgepipe.device.paths import user_dir
 
 SCHEMA_VERSION = 1
@@ -50,6 +52,26 @@ FILTERS = {
 }
 
 
+# SQLite INTEGER is a signed 64-bit value.
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+class StoreError(EdgepipeError):
+    """The results database cannot do what was asked; one line, no traceback."""
+
+
+class NotADatabase(StoreError):
+    """The file is missing, not SQLite, or not an edgepipe results database."""
+
+
+class Unstorable(StoreError):
+    """A report that is valid JSON but cannot be stored as it is (the sender must change it)."""
+
+
+class ReportConflict(StoreError):
+    """A different report body under an id that is already stored."""
+
+
 def default_db_path() -> Path:
     """``$EDGEPIPE_DB``, else the user's data directory (never the cwd)."""
     return user_dir("data", "edgepipe", "results.db", env="EDGEPIPE_DB")
@@ -62,20 +84,82 @@ class _Pending:
         self.row, self.done, self.new, self.error = row, False, None, None
 
 
+def _text(v) -> Optional[str]:
+    return None if v is None else str(v)
+
+
+def _lone_surrogate_path(doc, path: str = "") -> Optional[str]:
+    """Where a string holds a lone UTF-16 surrogate (only called once encoding failed)."""
+    stack = [(path or "(root)", doc)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((f"{where}/{k}" if where != "(root)" else str(k), k))
+                stack.append((f"{where}/{k}" if where != "(root)" else str(k), x))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{where}/{i}", x) for i, x in enumerate(v))
+    return None
+
+
+def report_row(report: dict) -> tuple:
+    """The row stored for ``report``, or :class:`Unstorable` naming what no database could keep."""
+    rid = report.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise Unstorable("a report needs a string id")
+    rt = report.get("runtime") or {}
+    model = report.get("model") or {}
+    dev = report.get("device") or {}
+    threads = rt.get("threads") if isinstance(rt, dict) else None
+    if threads is not None and (not isinstance(threads, int) or threads not in _INT64):
+        raise Unstorable(f"runtime/threads: {str(threads)[:40]} does not fit a 64-bit integer")
+    try:
+        body = json.dumps(report, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
+        body.encode("utf-8")
+    except ValueError as e:
+        if isinstance(e, UnicodeEncodeError):
+            where = (_lone_surrogate_path(report) or "(root)").encode("utf-8", "backslashreplace").decode()[:120]
+            raise Unstorable(f"{where}: a string holds a lone UTF-16 surrogate; text must be valid Unicode") \
+                from None
+        raise Unstorable("a number is NaN or infinite; JSON has no such values") from None
+    except (TypeError, RecursionError) as e:
+        raise Unstorable(f"not storable as JSON: {one_line(e)}") from None
+    get = lambda d, k: _text(d.get(k)) if isinstance(d, dict) else None  # noqa: E731
+    return (rid, str(report.get("created", "")), time.time(), str(report.get("kind", "")),
+            get(dev, "hostname"), get(model, "name"), get(model, "recipe"), get(model, "sha256"),
+            get(rt, "delegate"), threads, body)
+
+
+def _same_report(stored: str, body: str) -> bool:
+    # Bodies written by older versions were ASCII-escaped: compare the parsed documents.
+    return stored == body or json.loads(stored) == json.loads(body)
+
+
 class Store:
     """Thread-safe report store; one connection guarded by a lock.
 
     SQLite serialises writers anyway; a single connection with a short
     critical section is faster than a connection per thread for small rows.
+    ``readonly=True`` opens an existing results database without ever
+    writing to it (``edgepipe report``), and refuses anything else.
     """
 
-    def __init__(self, path: os.PathLike):
+    def __init__(self, path: os.PathLike, *, readonly: bool = False):
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self._lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queue: list = []
+        if readonly:
+            self._db = _open_readonly(self.path)
+            return
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,21 +182,17 @@ class Store:
         self.close()
 
     def add(self, report: dict) -> bool:
-        """Store ``report``; True when new, False when its id was already stored.
+        """Store ``report``; True when new, False when the same report was already stored.
 
-        Group commit: concurrent callers queue their rows and whoever holds
-        the database lock writes every queued row in one transaction, so a
-        burst of reporters costs one commit instead of one each.
+        Raises :class:`Unstorable` for a report no database could keep and
+        :class:`ReportConflict` for a different body under a stored id; either
+        concerns this report alone. Group commit: concurrent callers queue
+        their rows and whoever holds the database lock writes every queued row
+        in one transaction, so a burst of reporters costs one commit.
         """
-        rt = report.get("runtime") or {}
-        model = report.get("model") or {}
-        dev = report.get("device") or {}
-        item = _Pending((
-            report["id"], str(report.get("created", "")), time.time(), str(report.get("kind", "")),
-            dev.get("hostname"), model.get("name"), model.get("recipe"), model.get("sha256"),
-            rt.get("delegate"), rt.get("threads"),
-            json.dumps(report, separators=(",", ":"), sort_keys=True),
-        ))
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
+        item = _Pending(report_row(report))
         with self._queue_lock:
             self._queue.append(item)
         with self._lock:
@@ -125,22 +205,34 @@ class Store:
         return bool(item.new)
 
     def _write(self, batch: list) -> None:
+        # Each row succeeds or fails on its own: one bad report must never fail the others in its batch.
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for it in batch:
-                cur = self._db.execute(
-                    "INSERT OR IGNORE INTO reports (id, created, received, kind, hostname, model, recipe,"
-                    " sha256, delegate, threads, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", it.row)
-                it.new = cur.rowcount == 1
+                self._insert(it)
             self._db.execute("COMMIT")
-        except Exception as e:
+        except sqlite3.Error as e:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             for it in batch:
-                it.new, it.error = None, e
+                it.new, it.error = None, StoreError(f"the results database failed: {one_line(e)}")
         finally:
             for it in batch:
                 it.done = True
+
+    def _insert(self, it: _Pending) -> None:
+        try:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO reports (id, created, received, kind, hostname, model, recipe,"
+                " sha256, delegate, threads, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", it.row)
+            it.new = cur.rowcount == 1
+            if not it.new:
+                old = self._db.execute("SELECT body FROM reports WHERE id=?", (it.row[0],)).fetchone()
+                if old is not None and not _same_report(old[0], it.row[-1]):
+                    it.error = ReportConflict(f"report {it.row[0]} is already stored with a different body")
+        except (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError, OverflowError,
+                ValueError) as e:  # this row only: the statement failed, the transaction goes on
+            it.new, it.error = None, Unstorable(f"the database refused the report: {one_line(e)}")
 
     def add_many(self, reports: Iterable[dict]) -> int:
         """Store several reports; returns how many were new."""
@@ -169,8 +261,12 @@ class Store:
             col = FILTERS.get(key)
             if col is None:
                 raise ValueError(f"unknown filter {key!r} (known: {', '.join(sorted(FILTERS))})")
+            if col == "threads":
+                value = int(value)
+                if value not in _INT64:  # no stored report can match, and SQLite cannot bind it
+                    return []
             where.append(f"{col} = ?")
-            args.append(int(value) if col == "threads" else str(value))
+            args.append(value if col == "threads" else str(value))
         if since:
             where.append("created >= ?")
             args.append(since)
@@ -184,3 +280,23 @@ class Store:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [json.loads(r[0]) for r in reversed(rows)]
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to an existing results database, or :class:`NotADatabase`."""
+    if not path.is_file():
+        raise NotADatabase(f"no results database at {path}")
+    uri = "file:" + urllib.request.pathname2url(str(path.resolve())) + "?mode=ro"
+    db = None
+    try:
+        db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=30, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=30000")
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as e:
+        if db is not None:
+            db.close()
+        raise NotADatabase(f"{path} is not a readable results database ({one_line(e)})") from None
+    if "reports" not in tables:
+        db.close()
+        raise NotADatabase(f"{path} is not an edgepipe results database (it has no reports table)")
+    return db

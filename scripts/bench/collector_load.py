@@ -7,7 +7,12 @@ POST reports; then the same burst again the way a device delivers (spool on
 disk, POST, remove on ack). Prints reports/s ingested and how many were lost
 (ids sent minus ids stored). Target: >= 1000 reports/s, 0 lost.
 
-    .venv/bin/python scripts/bench/collector_load.py [--senders 50] [--per-sender 40]
+Two robustness phases follow (issue 10): a burst where every third report is
+schema-valid but unstorable (an integer beyond 64 bits, a lone surrogate), which
+must get 422 while every good one gets 201; and authorized POST latency while
+200 connections idle or trickle one byte every 0.5 s (target: median < 1 s).
+
+    .venv/bin/python scripts/bench/collector_load.py [--senders 50] [--per-sender 40] [--slow-clients 200]
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import argparse
 import os
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from edgepipe.device.http import request  # noqa: E402
+from edgepipe.device.http import ClientError, request  # noqa: E402
 from edgepipe.device.report import new_report  # noqa: E402
 from edgepipe.device.send import Spool, send_report  # noqa: E402
 
@@ -111,10 +118,91 @@ def run(mode: str, url: str, proc, tmp: Path, senders: int, per_sender: int) -> 
     return rate, lost
 
 
+def unstorable(k: int, i: int) -> dict:
+    """Schema-valid but unstorable: alternately threads = 2**70 and a lone surrogate in the hostname."""
+    r = make_report(k, i)
+    if i % 2:
+        r["runtime"]["threads"] = 2 ** 70
+    else:
+        r["device"]["hostname"] = "pi-\ud800"
+    return r
+
+
+def run_mixed(url: str, senders: int, per_sender: int) -> int:
+    """Good and unstorable reports at once; returns how many answers were wrong."""
+    work = [[(unstorable(k, i), 422) if i % 3 == 2 else (make_report(k, i), 201) for i in range(per_sender)]
+            for k in range(senders)]
+    got, lock = [], threading.Lock()
+
+    def sender(items) -> None:
+        for r, want in items:
+            try:
+                status = request("POST", url + "/v1/reports", body=r, token=TOKEN, timeout=60)[0]
+            except ClientError as e:
+                status = e.status
+            with lock:
+                got.append((want, status))
+
+    threads = [threading.Thread(target=sender, args=(w,)) for w in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    good = [s for w, s in got if w == 201]
+    bad = [s for w, s in got if w == 422]
+    good_failed = sum(s != 201 for s in good)
+    print(f"{senders} senders, every third report unstorable: good {len(good)} -> "
+          f"{good_failed} failed ({100 * good_failed / max(1, len(good)):.1f}%); unstorable {len(bad)} -> "
+          f"{sum(s == 422 for s in bad)} answered 422, {sum(s == 500 for s in bad)} answered 500")
+    return good_failed + sum(s != 422 for s in bad)
+
+
+def run_slow_clients(url: str, n: int, seconds: float = 6.0) -> float:
+    """Median latency of authorized POSTs while ``n`` loopback clients idle or trickle."""
+    host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+    socks = [socket.create_connection((host.strip("[]"), int(port)), timeout=5) for _ in range(n)]
+    trickle = socks[: n // 2]
+    stop = threading.Event()
+
+    def trickler() -> None:
+        head, i = b"POST /v1/reports HTTP/1.1\r\nHost: x\r\n" * 8, 0
+        while not stop.wait(0.5):
+            for s in trickle:
+                try:
+                    s.send(head[i % len(head):][:1])
+                except OSError:
+                    pass
+            i += 1
+
+    t = threading.Thread(target=trickler, daemon=True)
+    t.start()
+    times, t_end = [], time.monotonic() + seconds
+    try:
+        time.sleep(1.0)
+        while time.monotonic() < t_end:
+            t0 = time.perf_counter()
+            try:
+                request("POST", url + "/v1/reports", body=make_report(99, len(times)), token=TOKEN, timeout=10)
+                times.append(time.perf_counter() - t0)
+            except ClientError:
+                times.append(float("inf"))
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+        for s in socks:
+            s.close()
+    med = statistics.median(times)
+    print(f"{n} idle/trickling connections: {len(times)} authorized POSTs, median {med * 1000:.1f} ms, "
+          f"max {max(times) * 1000:.1f} ms, failed {sum(x == float('inf') for x in times)}")
+    return med
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--senders", type=int, default=50)
     ap.add_argument("--per-sender", type=int, default=40)
+    ap.add_argument("--slow-clients", type=int, default=200, help="idle/trickling connections (0 skips)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="edgepipe-load-"))
@@ -134,10 +222,14 @@ def main() -> int:
         # Same burst through edgepipe.device.send: on one box the senders' spool fsyncs
         # compete with the collector; on real devices each has its own disk.
         _, lost2 = run("send", url, proc, tmp, args.senders, args.per_sender)
+        wrong = run_mixed(url, min(args.senders, 20), 30)
+        slow = run_slow_clients(url, args.slow_clients) if args.slow_clients else 0.0
         ok = rate >= 1000 and lost == 0 and lost2 == 0
         print(f"target: >= 1000 reports/s ingested, 0 lost -> {'OK' if ok else 'MISSED'} "
               f"({rate:.0f} reports/s, {lost + lost2} lost)")
-        return 0 if lost + lost2 == 0 else 1
+        print(f"target: 0 wrong answers with bad reports mixed in, slow-client median < 1 s -> "
+              f"{'OK' if wrong == 0 and slow < 1.0 else 'MISSED'} ({wrong} wrong, {slow * 1000:.1f} ms)")
+        return 0 if lost + lost2 + wrong == 0 and slow < 1.0 else 1
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

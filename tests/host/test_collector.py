@@ -8,9 +8,11 @@ import os
 import signal
 import socket
 import socketserver
+import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,102 @@ def test_serve_command_end_to_end(tmp_path):
 
 def post_url(url, r):
     return request("POST", url + "/v1/reports", body=r, token=TOKEN)[0]
+
+
+# -- bad reports, concurrency, conflicts (issue 10) ---------------------------------------------
+
+def unstorable_reports():
+    """Schema-valid reports no database can keep: an int beyond 64 bits, a lone surrogate."""
+    big = report()
+    big["runtime"]["threads"] = 2 ** 70
+    lone = report()
+    lone["device"]["hostname"] = "pi-\ud800"
+    return [big, lone]
+
+
+def test_unstorable_reports_get_422_with_a_reason(collector):
+    for bad, why in zip(unstorable_reports(), ("64-bit integer", "lone UTF-16 surrogate")):
+        with pytest.raises(ClientError) as e:
+            post(collector, bad)
+        assert e.value.status == 422 and why in str(e.value), e.value
+        assert "Traceback" not in str(e.value) and str(collector.store.path) not in str(e.value)
+    assert collector.store.count() == 0
+    assert post(collector, report())[0] == 201
+
+
+def test_bad_reports_never_fail_good_concurrent_ones(collector):
+    goods = [report(host=f"pi-{i % 7}", p50=float(i + 1)) for i in range(120)]
+    bads = [unstorable_reports()[i % 2] for i in range(60)]
+    for b in bads:
+        b["id"] = report()["id"]
+    work = [(r, 201) for r in goods] + [(r, 422) for r in bads]
+    work = [work[i] for i in sorted(range(len(work)), key=lambda i: (i * 7919) % len(work))]  # interleave
+    got, lock = [], threading.Lock()
+
+    def sender(items):
+        for r, want in items:
+            try:
+                status = post(collector, r, timeout=30)[0]
+            except ClientError as e:
+                status = e.status
+            with lock:
+                got.append((want, status))
+
+    threads = [threading.Thread(target=sender, args=(work[k::12],)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    wrong = [(want, status) for want, status in got if want != status]
+    assert len(got) == len(work) and wrong == [], wrong[:5]
+    assert collector.store.count() == len(goods)
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"[" * 50_000 + b"]" * 50_000, "nested deeper"),
+    (b'{"a":' * 200 + b"1" + b"}" * 200, "nested deeper"),
+    (None, "NaN is not a finite number"),
+    (None, "Infinity is not a finite number"),
+])
+def test_nested_and_non_finite_json_get_400(collector, data, why):
+    if data is None:
+        text = json.dumps(report(p50=float(why.split()[0].replace("NaN", "nan").replace("Infinity", "inf"))))
+        data = text.encode()
+    with pytest.raises(ClientError) as e:
+        post(collector, data=data)
+    assert e.value.status == 400 and why in str(e.value), e.value
+    assert collector.store.count() == 0
+
+
+def test_same_id_same_body_200_other_body_409(collector):
+    r = report()
+    assert post(collector, r)[0] == 201
+    assert post(collector, json.loads(json.dumps(r)))[0] == 200
+    with pytest.raises(ClientError) as e:
+        post(collector, {**r, "kind": "run"})
+    assert e.value.status == 409 and r["id"] in str(e.value)
+    assert request("GET", collector.url + f"/v1/reports/{r['id']}", token=TOKEN)[1]["kind"] == "bench"
+    with pytest.raises(ClientError) as e:  # a filter beyond 64 bits is a 400 (it was a 500)
+        request("GET", collector.url + "/v1/reports?threads=" + "9" * 30, token=TOKEN)
+    assert e.value.status == 400
+    assert request("GET", collector.url + "/v1/reports?threads=" + "9" * 19, token=TOKEN)[1]["count"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timing
+def test_collector_answers_a_report_while_200_clients_idle_and_trickle(collector):
+    sys.path.insert(0, str(REPO / "tests" / "device"))
+    from test_http_server import Crowd
+
+    crowd = Crowd(collector.server_address[1])
+    try:
+        time.sleep(1.2)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            assert post(collector, report(), timeout=5)[0] == 201
+            times.append(time.perf_counter() - t0)
+        assert statistics.median(times) < 1.0, times
+    finally:
+        crowd.close()
+    assert collector.store.count() == 5
