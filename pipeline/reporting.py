@@ -214,9 +214,12 @@ def load_baseline(path: Path) -> list:
     if not path.exists():
         raise ValueError(f"{path}: no such baseline file")
     if path.suffix in (".db", ".sqlite", ".sqlite3"):
-        from edgepipe.pipeline.store import Store
-        with Store(path) as s:
-            return latest(row(r) for r in s.query())
+        from edgepipe.pipeline.store import Store, StoreError
+        try:
+            with Store(path, readonly=True) as s:
+                return latest(row(r) for r in s.query())
+        except StoreError as e:
+            raise ValueError(str(e)) from None
     try:
         doc = json.loads(path.read_text("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

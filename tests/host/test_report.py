@@ -136,3 +136,26 @@ def test_accuracy_from_eval_reports_sits_next_to_latency(db):
     assert res.exit_code == 0, res.output
     assert re.search(r"pi5 +mnv2 +int8 +bench +cpu +4 +8\.00 .* 0\.700 +0\.960", res.output), res.output
     assert re.search(r"workstation +mnv2 +int8 +0\.700 +0\.960", res.output)
+
+
+def test_report_reads_the_database_read_only_and_refuses_what_is_not_one(tmp_path, db):
+    """`edgepipe report` never writes: a 0-byte file stays 0 bytes, a corrupt header is not rewritten."""
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    res = run("--db", empty)
+    assert res.exit_code == 1 and "not an edgepipe results database" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert empty.stat().st_size == 0 and not (tmp_path / "empty.db-wal").exists()
+
+    corrupt = tmp_path / "corrupt.db"
+    junk = b"this is not SQLite" + bytes(range(256)) * 20
+    corrupt.write_bytes(junk)
+    res = run("--db", corrupt)
+    assert res.exit_code == 1 and "not a readable results database" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert corrupt.read_bytes() == junk
+    assert run("--db", db, "--compare", corrupt).exit_code == 1  # a .db baseline is opened read-only too
+
+    before = db.read_bytes()  # a real database: read, byte for byte unchanged
+    assert run("--db", db).exit_code == 0
+    assert db.read_bytes() == before
