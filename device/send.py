@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from edgepipe.device.contracts import validate_report
+from edgepipe.device.report import dumps
 from edgepipe.device.paths import user_dir
 
 REPORTS_PATH = "/v1/reports"
@@ -90,7 +91,8 @@ class Spool:
         rid = str(report["id"])
         final = self.dir / f"{time.time_ns():020d}-{rid}.json"
         tmp = self.dir / f".tmp-{rid}-{os.getpid()}"
-        data = json.dumps(report, separators=(",", ":")).encode("utf-8")
+        # NaN/inf become null: the collector refuses non-finite numbers for good.
+        data = dumps(report, indent=None).encode("utf-8", "surrogatepass")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()

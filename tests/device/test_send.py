@@ -325,3 +325,18 @@ def test_report_neither_sent_nor_spooled_fails_the_command(tmp_path, monkeypatch
     assert res.exit_code == 1 and "neither sent nor spooled" in res.output and "Traceback" not in res.output
     err = [line for line in res.output.splitlines() if "report" in line and "spool" in line]
     assert len(err) == 1 and "cannot write the report spool" in err[0]
+
+
+def test_spooled_report_with_nan_is_valid_json(tmp_path):
+    """A NaN in a measurement is spooled as null: the collector refuses bare NaN for good."""
+    import json as _json
+
+    from edgepipe.device.report import new_report
+    from edgepipe.device.send import Spool
+
+    rep = new_report("bench", latency_ms={"n": 1, "mean": float("nan"), "std": 0.0, "min": 1.0, "p50": 1.0,
+                                          "p90": 1.0, "p99": 1.0, "max": 1.0})
+    path = Spool(tmp_path).put(rep)
+    text = path.read_text(encoding="utf-8")
+    assert "NaN" not in text
+    assert _json.loads(text)["latency_ms"]["mean"] is None
