@@ -1,0 +1,239 @@
+"""The results-store schema shared by SQLite and PostgreSQL: columns and versioned migrations.
+
+A report is stored whole (its canonical JSON) plus a few indexed columns the
+collector filters on and the report tables group by. Migrations are numbered;
+each database records the ones applied in ``schema_migrations``, so every
+store (a workstation's SQLite file, a team's PostgreSQL) upgrades itself the
+same way when a newer edgepipe opens it. Databases made before this table
+existed (SQLite ``user_version`` 1) count as version 1.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from edgepipe.device.errors import EdgepipeError
+
+# Column order of an INSERT (see columns()).
+COLUMNS = ("id", "created", "received", "kind", "hostname", "model", "recipe", "sha256", "delegate",
+           "threads", "device_id", "device_name", "source", "body")
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+# Query-string filters -> column (``device`` matches the id, the name or the hostname).
+FILTERS = {
+    "kind": "kind",
+    "device": "device",
+    "device_id": "device_id",
+    "hostname": "hostname",
+    "model": "model",
+    "recipe": "recipe",
+    "sha256": "sha256",
+    "delegate": "delegate",
+    "threads": "threads",
+    "source": "source",
+}
+
+
+class StoreError(EdgepipeError):
+    """The results database cannot be opened, read or written."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer edgepipe than this one."""
+
+
+class Unstorable(StoreError):
+    """A report that is valid JSON but has a value no database column can hold."""
+
+
+def source_label(report: dict) -> Optional[str]:
+    """What a run or bench read: ``video:clip.avi``, ``images:photos``; None for random bench inputs.
+
+    Part of a configuration's identity, so a video run and a photo run of the
+    same bundle are two rows, not one hiding the other.
+    """
+    inp = report.get("input")
+    if not isinstance(inp, dict):
+        return None
+    kind = inp.get("kind")
+    if kind in (None, "random"):
+        return None
+    src = inp.get("source")
+    if not isinstance(src, str) or not src:
+        return str(kind)
+    base = os.path.basename(src.rstrip("/\\")) or src
+    return f"{kind}:{base}"[:200]
+
+
+def _text(value) -> Optional[str]:
+    if value is None:
+        return None
+    s = str(value)
+    if "\x00" in s:
+        raise Unstorable("a text field contains a NUL character")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Unstorable("a text field is not valid Unicode (lone surrogate)") from None
+    return s
+
+
+def _int(value) -> Optional[int]:
+    if value is None or isinstance(value, bool) or not isinstance(value, int):
+        return None
+    if not INT64[0] <= value <= INT64[1]:
+        raise Unstorable(f"integer {value} does not fit in 64 bits")
+    return value
+
+
+def canonical(report: dict) -> str:
+    """The stored body: compact, keys sorted, ASCII (so any string survives any database)."""
+    return json.dumps(report, separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=False)
+
+
+def columns(report: dict, received: Optional[float] = None) -> tuple:
+    """The row for ``report`` in COLUMNS order; Unstorable when a value cannot be stored."""
+    rt = report.get("runtime") or {}
+    model = report.get("model") or {}
+    dev = report.get("device") or {}
+    try:
+        body = canonical(report)
+    except ValueError:
+        raise Unstorable("a number is NaN or infinite") from None
+    return (
+        _text(report["id"]), _text(report.get("created", "")), time.time() if received is None else received,
+        _text(report.get("kind", "")), _text(dev.get("hostname")), _text(model.get("name")),
+        _text(model.get("recipe")), _text(model.get("sha256")), _text(rt.get("delegate")),
+        _int(rt.get("threads")), _text(dev.get("id")), _text(dev.get("name")), _text(source_label(report)),
+        body,
+    )
+
+
+# -- migrations ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: DDL per dialect, then an optional Python backfill ``fill(db)``."""
+
+    version: int
+    description: str
+    sqlite: tuple
+    postgres: tuple
+    fill: Optional[Callable] = None
+
+
+_V1_INDEXES = ("CREATE INDEX IF NOT EXISTS reports_created ON reports(created)",
+               "CREATE INDEX IF NOT EXISTS reports_model ON reports(model, recipe)",
+               "CREATE INDEX IF NOT EXISTS reports_host ON reports(hostname)")
+_V1 = ("CREATE TABLE IF NOT EXISTS reports (id TEXT PRIMARY KEY, created TEXT NOT NULL, received {real} NOT NULL,"
+       " kind TEXT NOT NULL, hostname TEXT, model TEXT, recipe TEXT, sha256 TEXT, delegate TEXT,"
+       " threads {int}, body TEXT NOT NULL)")
+_V2 = ("ALTER TABLE reports ADD COLUMN device_id TEXT",
+       "ALTER TABLE reports ADD COLUMN device_name TEXT",
+       "ALTER TABLE reports ADD COLUMN source TEXT",
+       "CREATE INDEX IF NOT EXISTS reports_device_id ON reports(device_id)",
+       "CREATE INDEX IF NOT EXISTS reports_received ON reports(received)")
+
+
+def _backfill_v2(db) -> None:
+    """Identity and input source for rows stored before those columns existed."""
+    rows = db.fetchall("SELECT id, body FROM reports WHERE device_id IS NULL AND source IS NULL")
+    for rid, body in rows:
+        try:
+            rep = json.loads(body)
+        except ValueError:
+            continue
+        dev = rep.get("device") if isinstance(rep.get("device"), dict) else {}
+        vals = (dev.get("id"), dev.get("name"), source_label(rep))
+        if any(v is not None for v in vals):
+            db.execute("UPDATE reports SET device_id=?, device_name=?, source=? WHERE id=?",
+                       tuple(None if v is None else str(v) for v in vals) + (rid,))
+
+
+MIGRATIONS = (
+    Migration(1, "reports table", (_V1.format(real="REAL", int="INTEGER"),) + _V1_INDEXES,
+              (_V1.format(real="DOUBLE PRECISION", int="BIGINT"),) + _V1_INDEXES),
+    Migration(2, "device identity and input source columns", _V2, _V2, _backfill_v2),
+)
+LATEST = MIGRATIONS[-1].version
+_VERSIONS = ("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+             " description TEXT NOT NULL, applied TEXT NOT NULL)")
+
+
+class Dialect:
+    """The few things migrations need from a connection: run SQL with ``?`` placeholders."""
+
+    name = "?"
+
+    def execute(self, sql: str, args: tuple = ()) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fetchall(self, sql: str, args: tuple = ()) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def table_exists(self, name: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def current_version(db: Dialect) -> int:
+    """The schema version of an open database (0 for an empty one)."""
+    if db.table_exists("schema_migrations"):
+        rows = db.fetchall("SELECT MAX(version) FROM schema_migrations")
+        if rows and rows[0][0] is not None:
+            return int(rows[0][0])
+    return 1 if db.table_exists("reports") else 0
+
+
+def check_version(version: int, where: str) -> None:
+    if version > LATEST:
+        raise SchemaTooNew(f"{where} has results schema version {version}, newer than this edgepipe "
+                           f"understands ({LATEST}); upgrade edgepipe to use it")
+
+
+def migrate(db: Dialect, where: str) -> int:
+    """Apply every missing migration; the caller holds a write transaction/lock. Returns the version."""
+    have = current_version(db)
+    check_version(have, where)
+    if have == LATEST and db.table_exists("schema_migrations"):
+        return have
+    db.execute(_VERSIONS)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if have >= 1 and not db.fetchall("SELECT version FROM schema_migrations WHERE version=1"):
+        db.execute("INSERT INTO schema_migrations (version, description, applied) VALUES (?,?,?)",
+                   (1, MIGRATIONS[0].description + " (found)", now))
+    for m in MIGRATIONS:
+        if m.version <= have:
+            continue
+        for sql in (m.sqlite if db.name == "sqlite" else m.postgres):
+            db.execute(sql)
+        if m.fill is not None:
+            m.fill(db)
+        db.execute("INSERT INTO schema_migrations (version, description, applied) VALUES (?,?,?)",
+                   (m.version, m.description, now))
+    return LATEST
+
+
+def where_clause(filters: dict, since: Optional[str], ph: str = "?") -> tuple:
+    """(SQL after WHERE or "", args) for FILTERS; ValueError names an unknown filter."""
+    where, args = [], []
+    for key, value in filters.items():
+        if value is None:
+            continue
+        col = FILTERS.get(key)
+        if col is None:
+            raise ValueError(f"unknown filter {key!r} (known: {', '.join(sorted(FILTERS))})")
+        if col == "device":
+            # Rows stored before device ids existed keep their hostname identity.
+            where.append(f"(device_id = {ph} OR device_name = {ph} OR hostname = {ph})")
+            args += [str(value)] * 3
+        else:
+            where.append(f"{col} = {ph}")
+            args.append(int(value) if col == "threads" else str(value))
+    if since:
+        where.append(f"created >= {ph}")
+        args.append(since)
+    return " AND ".join(where), args
