@@ -12,9 +12,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Optional
 
-from edgepipe.pipeline.store_schema import source_label
-
 from edgepipe.device.report import Report
+from edgepipe.pipeline.store_schema import source_label
 
 REPORTSET = "edgepipe.reportset/1"
 LOAD_PARTS = ("file_read", "interpreter_build", "delegate", "allocate", "first_invoke")
@@ -47,11 +46,20 @@ def row(report) -> dict:
     parts = {k: _num(getattr(load, k, None)) for k in LOAD_PARTS}
     known = [v for v in parts.values() if v is not None]
     agreement = acc.get("agreement")
+    stages = _stages(r.stages_ms)
+    lat_p50 = _num(getattr(lat, "p50", None))
     return {
         "id": r.id,
         "created": r.created,
         "kind": r.kind.value,
-        "device": dev.hostname,
+        "device": dev.name or dev.hostname,
+        "device_id": dev.id,
+        "device_key": dev.id or dev.hostname,
+        "hostname": dev.hostname,
+        "source": source_label({"input": r.input}),
+        "stages": stages,
+        # invoke-only latency: a bench's own p50, a run's invoke stage (its p50 is end to end)
+        "invoke_p50": (stages.get("invoke") or {}).get("p50") if r.kind.value == "run" else lat_p50,
         "board": dev.board,
         "model": model.name,
         "family": family(model.name, model.recipe),
@@ -81,8 +89,9 @@ def _stages(block) -> dict:
         return {}
     out = {}
     for name, st in block.items():
-        if isinstance(st, dict):
-            out[str(name)] = {k: _num(st.get(k)) for k in ("p50", "mean", "p90")}
+        if st is not None:
+            get = st.get if isinstance(st, dict) else lambda k, st=st: getattr(st, k, None)
+            out[str(name)] = {k: _num(get(k)) for k in ("p50", "mean", "p90")}
     return out
 
 
