@@ -308,8 +308,7 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
     cached = load_cache(out_dir, digest)
     points = spec.points()
     results: dict = {}
-    evaluator = _Evaluator(spec)
-    evals: dict = {}
+    study = _Study(spec, device_url, token, say)
     groups: dict = {}
     for p in points:
         groups.setdefault(p.model_key(), []).append(p)
@@ -325,30 +324,42 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
         recipes = tuple(dict.fromkeys(p.recipe for p in todo))
         bundles = convert_point(spec, todo[0], keras_path, out_dir, recipes, say)
         ref_key = mkey if spec.is_factory else "base"
-        ref_keras = keras_path
         for p in todo:
-            t0 = time.perf_counter()
-            bundle, err = bundles.get(p.recipe, (None, "not converted"))
-            res = {"point": p.to_dict(), "label": p.label(), "bundle": str(bundle) if bundle else None}
-            if err or bundle is None:
-                res["error"] = f"convert: {err}"
-            else:
-                try:
-                    if p.bundle_key() not in evals:
-                        say(f"evaluating {p.bundle_key()}")
-                        evals[p.bundle_key()] = evaluator.measure(bundle, ref_key, ref_keras)
-                    res.update(evals[p.bundle_key()])
-                    say(f"timing {p.label()}")
-                    res.update(measure_latency(bundle, p, spec, device_url, token))
-                except AblateError as e:
-                    res["error"] = str(e)
-                except Exception as e:  # noqa: BLE001 - one bad point must not cost the study
-                    res["error"] = f"{type(e).__name__}: {one_line(e)}"
-            res["seconds"] = round(time.perf_counter() - t0, 2)
+            res = study.measure(p, bundles, ref_key, keras_path)
             _append(out_dir, digest, p.key(), res)
             results[p.key()] = res
             tick(res)
     return [results[p.key()] for p in points if p.key() in results]
+
+
+class _Study:
+    """Measures one point: accuracy/agreement once per bundle, latency per threads x delegate."""
+
+    def __init__(self, spec: Spec, device_url: Optional[str], token: Optional[str], say: Callable[[str], None]):
+        self.spec, self.device_url, self.token, self.say = spec, device_url, token, say
+        self.evaluator = _Evaluator(spec)
+        self.evals: dict = {}
+
+    def measure(self, p: Point, bundles: dict, ref_key: str, ref_keras: Path) -> dict:
+        t0 = time.perf_counter()
+        bundle, err = bundles.get(p.recipe, (None, "not converted"))
+        res = {"point": p.to_dict(), "label": p.label(), "bundle": str(bundle) if bundle else None}
+        if err or bundle is None:
+            res["error"] = f"convert: {err}"
+        else:
+            try:
+                if p.bundle_key() not in self.evals:
+                    self.say(f"evaluating {p.bundle_key()}")
+                    self.evals[p.bundle_key()] = self.evaluator.measure(bundle, ref_key, ref_keras)
+                res.update(self.evals[p.bundle_key()])
+                self.say(f"timing {p.label()}")
+                res.update(measure_latency(bundle, p, self.spec, self.device_url, self.token))
+            except AblateError as e:
+                res["error"] = str(e)
+            except Exception as e:  # noqa: BLE001 - one bad point must not cost the study
+                res["error"] = f"{type(e).__name__}: {one_line(e)}"
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        return res
 
 
 def quality_key(results: list) -> str:

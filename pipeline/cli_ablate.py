@@ -47,7 +47,6 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
     if out_dir is None:
         raise click.ClickException("--out: required (the folder receiving results and the resume cache)")
     from edgepipe.pipeline.ablate import AblateError, quality_key, run_ablation
-    from edgepipe.pipeline import pareto
 
     talk = not (quiet or as_json)
     state = {"n": 0}
@@ -78,9 +77,26 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
                    err=True)
         sys.exit(130)
     quality = quality_key(results)
+    cmd = f"edgepipe ablate {spec_path} --out {out_dir}" + (f" --device {device_url}" if device_url else "")
+    headers, rows = _write_outputs(spec, results, quality, out_dir, cmd, say)
+    if as_json:
+        click.echo(json.dumps({"name": spec.name, "quality": quality, "out": str(out_dir),
+                               "results": results}, indent=2))
+    else:
+        from edgepipe.device.tables import format_table
+
+        click.echo(format_table(headers, rows, right=range(1, 7)))
+        click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")
+    if results and all(r.get("error") for r in results):
+        raise click.ClickException("every point failed; see the table above")
+
+
+def _write_outputs(spec, results: list, quality: str, out_dir: Path, cmd: str, say) -> tuple:
+    """results.json, table.md, pareto.png (with matplotlib) and index.html; returns the table."""
+    from edgepipe.pipeline import pareto
+
     headers, rows = pareto.table_rows(results, quality)
     title = f"ablation: {spec.name}"
-    cmd = f"edgepipe ablate {spec_path} --out {out_dir}" + (f" --device {device_url}" if device_url else "")
     (out_dir / "results.json").write_text(json.dumps(
         {"spec": str(spec.path), "name": spec.name, "quality": quality, "results": results},
         indent=2) + "\n", encoding="utf-8")
@@ -93,13 +109,5 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
         say("matplotlib is not installed: no pareto.png (pip install matplotlib)")
     (out_dir / "index.html").write_text(pareto.html_page(title, headers, rows, png, quality, cmd),
                                         encoding="utf-8")
-    if as_json:
-        click.echo(json.dumps({"name": spec.name, "quality": quality, "out": str(out_dir),
-                               "results": results}, indent=2))
-    else:
-        from edgepipe.device.tables import format_table
+    return headers, rows
 
-        click.echo(format_table(headers, rows, right=range(1, 7)))
-        click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")
-    if results and all(r.get("error") for r in results):
-        raise click.ClickException("every point failed; see the table above")

@@ -109,26 +109,15 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
             pass
         results = evaluate_bundles(bundles, data, reference=reference, labels_file=labels_file,
                                    limit=limit, threads=threads, progress=progress)
-        layers = {}
-        if n_layers:
-            from edgepipe.pipeline.layer_error import layer_errors
-
-            for r in results:
-                if r.recipe in ("int8", "int8-io"):
-                    progress(f"per-layer error of {r.bundle}", 0)
-                    layers[r.bundle] = layer_errors(Path(r.path), reference, n_layers)
+        layers = _layers(results, reference, n_layers, progress) if n_layers else {}
     except EvalError as e:
-        bar.close()
         raise click.ClickException(str(e)) from None
     except SampleNotBuiltError as e:
-        bar.close()
         raise click.ClickException(f"--reference: {e}; {not_built_hint(e.name)} "
                                    "(or pass --reference MODEL)") from None
     finally:
         bar.close()
-    stored = None
-    if db_path is not None:
-        stored = _store(results, data, db_path)
+    stored = _store(results, data, db_path) if db_path is not None else None
     if as_json:
         out = {"data": str(data), "results": [r.to_dict() for r in results]}
         if stored is not None:
@@ -137,17 +126,34 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
             out["layers"] = layers
         click.echo(json.dumps(out, indent=2))
     else:
-        click.echo(format_results(results))
-        for name, rows in layers.items():
-            click.echo(f"\nmost sensitive layers of {name} (int8 error in quantization steps; "
-                       "rounding alone is 0.29):")
-            click.echo(format_table(["layer", "op", "rmse/step", "max |d|"], [
-                [x["layer"], x["op"], "inf" if x["rmse_steps"] is None else f"{x['rmse_steps']:.3f}",
-                 f"{x['max_abs']:.3g}"] for x in rows], right=(2, 3)))
-        for note in sorted({n for r in results for n in r.notes}):
-            click.echo(f"note: {note}")
-        if stored is not None:
-            click.echo(f"stored {stored} eval report(s) in {db_path}")
+        _print_results(results, layers, stored, db_path)
+
+
+def _layers(results, reference, n_layers: int, progress) -> dict:
+    """``--layers``: the most sensitive layers of every int8 bundle."""
+    from edgepipe.pipeline.layer_error import layer_errors
+
+    layers = {}
+    for r in results:
+        if r.recipe in ("int8", "int8-io"):
+            progress(f"per-layer error of {r.bundle}", 0)
+            layers[r.bundle] = layer_errors(Path(r.path), reference, n_layers)
+    return layers
+
+
+def _print_results(results, layers: dict, stored, db_path) -> None:
+    """The table, the most sensitive layers per int8 bundle, notes, and what was stored."""
+    click.echo(format_results(results))
+    for name, rows in layers.items():
+        click.echo(f"\nmost sensitive layers of {name} (int8 error in quantization steps; "
+                   "rounding alone is 0.29):")
+        click.echo(format_table(["layer", "op", "rmse/step", "max |d|"], [
+            [x["layer"], x["op"], "inf" if x["rmse_steps"] is None else f"{x['rmse_steps']:.3f}",
+             f"{x['max_abs']:.3g}"] for x in rows], right=(2, 3)))
+    for note in sorted({n for r in results for n in r.notes}):
+        click.echo(f"note: {note}")
+    if stored is not None:
+        click.echo(f"stored {stored} eval report(s) in {db_path}")
 
 
 def _store(results, data, db_path) -> int:

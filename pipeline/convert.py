@@ -164,46 +164,13 @@ def validate(req: ConvertRequest) -> Optional[calibration.CalibrationSet]:
 def convert_model(req: ConvertRequest, progress: Progress = lambda msg: None) -> list:
     """Convert ``req.model`` with every recipe; returns one RecipeResult per recipe."""
     cset = validate(req)
-    digest = modelio.model_digest(req.model)
-    session = _Session(req, cset, progress)
-    store = _cache.ConversionCache(req.cache_dir) if req.cache_dir else None
-    base_name = req.name or req.model.stem
-    compiler_missing_said = False
+    run = _Run(req, cset, modelio.model_digest(req.model), progress)
     results = []
     for i, recipe in enumerate(req.recipes, 1):
         progress(f"[{i}/{len(req.recipes)}] {recipe.name}")
         t0 = time.perf_counter()
-        key = _cache.cache_key({
-            "model": digest, "recipe": recipe.describe(), "io": recipe.io_type,
-            "calibration": cset.digest if (cset and recipe.needs_calibration) else None,
-            "preprocess": req.preprocess.to_dict(), "input_size": req.input_size,
-            "tensorflow": tensorflow_version(), "edgepipe": __version__,
-        })
-        hit = store.get(key) if store else None
         try:
-            if hit:
-                data, meta = hit
-            else:
-                data, meta = _convert_one(session, recipe, req)
-                if store:
-                    store.put(key, data, meta)
-            name = f"{base_name}-{recipe.name}"
-            compile_tpu = recipe.edgetpu and req.edgetpu
-            not_compiled = None
-            if compile_tpu and edgetpu.find_compiler() is None:
-                compile_tpu = False
-                not_compiled = {"compiled": False, "reason": f"{edgetpu.COMPILER} not found on PATH"}
-                if not compiler_missing_said:
-                    progress(f"{edgetpu.COMPILER} not on PATH: {recipe.name} bundles are not compiled "
-                             "for the Edge TPU (install the Edge TPU compiler to compile them)")
-                    compiler_missing_said = True
-            bundle, tpu = write_bundle(
-                req.out_dir, name, data,
-                manifest_for=lambda model_path, tpu_block: _manifest(
-                    req, recipe, name, digest, data, meta, model_path, tpu_block or not_compiled, cset),
-                labels=req.labels, compile_edgetpu=compile_tpu)
-            results.append(RecipeResult(recipe.name, bundle, len(data), time.perf_counter() - t0,
-                                        cache_hit=bool(hit), edgetpu=tpu or not_compiled))
+            results.append(run.recipe(recipe, t0))
         except (ConvertError, BundleWriteError, edgetpu.EdgeTPUError, modelio.ModelError,
                 calibration.CalibrationError, ValueError) as e:
             # A recipe the model cannot take (e.g. an op without int16x8 kernels)
@@ -216,6 +183,58 @@ def convert_model(req: ConvertRequest, progress: Progress = lambda msg: None) ->
     if fp32:
         results = [r if not r.size else _with_ratio(r, r.size / fp32) for r in results]
     return results
+
+
+class _Run:
+    """One ``convert_model`` call: per recipe, serve from the cache or convert, then write the bundle."""
+
+    def __init__(self, req: ConvertRequest, cset: Optional[calibration.CalibrationSet], digest: str,
+                 progress: Progress):
+        self.req, self.cset, self.digest, self.progress = req, cset, digest, progress
+        self.session = _Session(req, cset, progress)
+        self.store = _cache.ConversionCache(req.cache_dir) if req.cache_dir else None
+        self.compiler_missing_said = False
+
+    def _key(self, recipe: Recipe) -> str:
+        req, cset = self.req, self.cset
+        return _cache.cache_key({
+            "model": self.digest, "recipe": recipe.describe(), "io": recipe.io_type,
+            "calibration": cset.digest if (cset and recipe.needs_calibration) else None,
+            "preprocess": req.preprocess.to_dict(), "input_size": req.input_size,
+            "tensorflow": tensorflow_version(), "edgepipe": __version__,
+        })
+
+    def _edgetpu(self, recipe: Recipe) -> tuple:
+        """(compile for the Edge TPU?, the manifest's block when it cannot be)."""
+        if not (recipe.edgetpu and self.req.edgetpu):
+            return False, None
+        if edgetpu.find_compiler() is not None:
+            return True, None
+        if not self.compiler_missing_said:
+            self.progress(f"{edgetpu.COMPILER} not on PATH: {recipe.name} bundles are not compiled "
+                          "for the Edge TPU (install the Edge TPU compiler to compile them)")
+            self.compiler_missing_said = True
+        return False, {"compiled": False, "reason": f"{edgetpu.COMPILER} not found on PATH"}
+
+    def recipe(self, recipe: Recipe, t0: float) -> RecipeResult:
+        req = self.req
+        key = self._key(recipe)
+        hit = self.store.get(key) if self.store else None
+        if hit:
+            data, meta = hit
+        else:
+            data, meta = _convert_one(self.session, recipe, req)
+            if self.store:
+                self.store.put(key, data, meta)
+        name = f"{req.name or req.model.stem}-{recipe.name}"
+        compile_tpu, not_compiled = self._edgetpu(recipe)
+        bundle, tpu = write_bundle(
+            req.out_dir, name, data,
+            manifest_for=lambda model_path, tpu_block: _manifest(
+                req, recipe, name, self.digest, data, meta, model_path, tpu_block or not_compiled, self.cset),
+            labels=req.labels, compile_edgetpu=compile_tpu)
+        return RecipeResult(recipe.name, bundle, len(data), time.perf_counter() - t0,
+                            cache_hit=bool(hit), edgetpu=tpu or not_compiled)
 
 
 def _with_ratio(r: RecipeResult, ratio: float) -> RecipeResult:
