@@ -82,7 +82,4 @@ def build(name, rebuild):
         path = build_sample(name, rebuild=rebuild, progress=progress)
     except SampleDataError as e:
         raise click.ClickException(str(e)) from None
-    except ImportError as e:
-        raise click.ClickException(f"building {name} needs TensorFlow ({e}): "
-                                   "pip install 'edgepipe[host]'") from None
     click.echo(str(path))

