@@ -1,8 +1,11 @@
-"""The results database: reports in SQLite (WAL), idempotent on the report id.
+"""The results database: reports in SQLite (WAL) by default, or PostgreSQL for teams; idempotent on the id.
 
 One row per report: the full JSON plus a few indexed columns the collector
-filters on and the report tables group by. WAL lets the collector, `edgepipe
-bench` and `edgepipe report` use the same file at the same time.
+filters on and the report tables group by (pipeline/store_schema.py: columns
+and versioned migrations, the same for both). WAL lets the collector,
+`edgepipe bench` and `edgepipe report` use the same file at the same time;
+:func:`open_store` picks the PostgreSQL store (pipeline/store_pg.py) for a
+``postgresql://`` URL.
 """
 from __future__ import annotations
 
@@ -10,66 +13,26 @@ import json
 import os
 import sqlite3
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Iterable, Optional
 
-from edgepipe.device.errors import EdgepipeError, one_line
+from edgepipe.device.errors import one_line
 from edgepipe.device.paths import user_dir
+from edgepipe.pipeline.store_pg import PgStore, is_pg_url
+from edgepipe.pipeline.store_schema import (COLUMNS, FILTERS, LATEST, Dialect, ReportConflict, SchemaTooNew,
+                                            StoreError, Unstorable, check_version, columns, current_version,
+                                            migrate, same_report, where_clause)
 
-SCHEMA_VERSION = 1
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS reports (
-    id        TEXT PRIMARY KEY,
-    created   TEXT NOT NULL,
-    received  REAL NOT NULL,
-    kind      TEXT NOT NULL,
-    hostname  TEXT,
-    model     TEXT,
-    recipe    TEXT,
-    sha256    TEXT,
-    delegate  TEXT,
-    threads   INTEGER,
-    body      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS reports_created ON reports(created);
-CREATE INDEX IF NOT EXISTS reports_model ON reports(model, recipe);
-CREATE INDEX IF NOT EXISTS reports_host ON reports(hostname);
-"""
-
-# Query-string filters the collector accepts -> column.
-FILTERS = {
-    "kind": "kind",
-    "device": "hostname",
-    "hostname": "hostname",
-    "model": "model",
-    "recipe": "recipe",
-    "sha256": "sha256",
-    "delegate": "delegate",
-    "threads": "threads",
-}
-
-
-# SQLite INTEGER is a signed 64-bit value.
-_INT64 = range(-(1 << 63), 1 << 63)
-
-
-class StoreError(EdgepipeError):
-    """The results database cannot do what was asked; one line, no traceback."""
+SCHEMA_VERSION = LATEST
+# What the collector's query string may filter on (see store_schema.FILTERS).
+__all__ = ["Store", "open_store", "default_db", "default_db_path", "FILTERS", "StoreError", "NotADatabase",
+           "Unstorable", "ReportConflict", "SchemaTooNew", "report_row"]
+report_row = columns
 
 
 class NotADatabase(StoreError):
     """The file is missing, not SQLite, or not an edgepipe results database."""
-
-
-class Unstorable(StoreError):
-    """A report that is valid JSON but cannot be stored as it is (the sender must change it)."""
-
-
-class ReportConflict(StoreError):
-    """A different report body under an id that is already stored."""
 
 
 def default_db_path() -> Path:
@@ -84,60 +47,38 @@ class _Pending:
         self.row, self.done, self.new, self.error = row, False, None, None
 
 
-def _text(v) -> Optional[str]:
-    return None if v is None else str(v)
+class _SqliteDialect(Dialect):
+    name = "sqlite"
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def execute(self, sql: str, args: tuple = ()) -> None:
+        self.db.execute(sql, args)
+
+    def fetchall(self, sql: str, args: tuple = ()) -> list:
+        return self.db.execute(sql, args).fetchall()
+
+    def table_exists(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() \
+            is not None
 
 
-def _lone_surrogate_path(doc, path: str = "") -> Optional[str]:
-    """Where a string holds a lone UTF-16 surrogate (only called once encoding failed)."""
-    stack = [(path or "(root)", doc)]
-    while stack:
-        where, v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return where
-        elif isinstance(v, dict):
-            for k, x in v.items():
-                stack.append((f"{where}/{k}" if where != "(root)" else str(k), k))
-                stack.append((f"{where}/{k}" if where != "(root)" else str(k), x))
-        elif isinstance(v, (list, tuple)):
-            stack.extend((f"{where}/{i}", x) for i, x in enumerate(v))
-    return None
+def default_db() -> str:
+    """``$EDGEPIPE_DB`` as given (a path or a postgresql:// URL), else the user's SQLite file."""
+    env = os.environ.get("EDGEPIPE_DB", "").strip()
+    return env if is_pg_url(env) else str(default_db_path())
 
 
-def report_row(report: dict) -> tuple:
-    """The row stored for ``report``, or :class:`Unstorable` naming what no database could keep."""
-    rid = report.get("id")
-    if not isinstance(rid, str) or not rid:
-        raise Unstorable("a report needs a string id")
-    rt = report.get("runtime") or {}
-    model = report.get("model") or {}
-    dev = report.get("device") or {}
-    threads = rt.get("threads") if isinstance(rt, dict) else None
-    if threads is not None and (not isinstance(threads, int) or threads not in _INT64):
-        raise Unstorable(f"runtime/threads: {str(threads)[:40]} does not fit a 64-bit integer")
-    try:
-        body = json.dumps(report, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
-        body.encode("utf-8")
-    except ValueError as e:
-        if isinstance(e, UnicodeEncodeError):
-            where = (_lone_surrogate_path(report) or "(root)").encode("utf-8", "backslashreplace").decode()[:120]
-            raise Unstorable(f"{where}: a string holds a lone UTF-16 surrogate; text must be valid Unicode") \
-                from None
-        raise Unstorable("a number is NaN or infinite; JSON has no such values") from None
-    except (TypeError, RecursionError) as e:
-        raise Unstorable(f"not storable as JSON: {one_line(e)}") from None
-    get = lambda d, k: _text(d.get(k)) if isinstance(d, dict) else None  # noqa: E731
-    return (rid, str(report.get("created", "")), time.time(), str(report.get("kind", "")),
-            get(dev, "hostname"), get(model, "name"), get(model, "recipe"), get(model, "sha256"),
-            get(rt, "delegate"), threads, body)
+def open_store(target=None, *, readonly: bool = False):
+    """The results store at ``target``: a postgresql:// URL, else a SQLite file path (default: default_db())."""
+    target = default_db() if target is None else str(target)
+    if is_pg_url(target):
+        return PgStore(target, readonly=readonly)
+    return Store(target, readonly=readonly)
 
 
-def _same_report(stored: str, body: str) -> bool:
-    # Bodies written by older versions were ASCII-escaped: compare the parsed documents.
-    return stored == body or json.loads(stored) == json.loads(body)
+_INSERT = f"INSERT OR IGNORE INTO reports ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
 class Store:
@@ -157,6 +98,12 @@ class Store:
         self._queue: list = []
         if readonly:
             self._db = _open_readonly(self.path)
+            self.schema_version = current_version(_SqliteDialect(self._db))
+            try:
+                check_version(self.schema_version, str(self.path))
+            except SchemaTooNew:
+                self._db.close()
+                raise
             return
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,9 +114,24 @@ class Store:
         # the last commits, and the device re-sends anything unacknowledged.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        try:
+            self.schema_version = self._migrate()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _migrate(self) -> int:
         with self._lock:
-            self._db.executescript(_DDL)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+                version = migrate(_SqliteDialect(self._db), str(self.path))
+                self._db.execute(f"PRAGMA user_version={version}")
+                self._db.execute("COMMIT")
+                return version
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -192,7 +154,7 @@ class Store:
         """
         if self.readonly:
             raise StoreError(f"{self.path} is open read-only")
-        item = _Pending(report_row(report))
+        item = _Pending(columns(report))
         with self._queue_lock:
             self._queue.append(item)
         with self._lock:
@@ -222,13 +184,11 @@ class Store:
 
     def _insert(self, it: _Pending) -> None:
         try:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO reports (id, created, received, kind, hostname, model, recipe,"
-                " sha256, delegate, threads, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)", it.row)
+            cur = self._db.execute(_INSERT, it.row)
             it.new = cur.rowcount == 1
             if not it.new:
                 old = self._db.execute("SELECT body FROM reports WHERE id=?", (it.row[0],)).fetchone()
-                if old is not None and not _same_report(old[0], it.row[-1]):
+                if old is not None and not same_report(old[0], it.row[-1]):
                     it.error = ReportConflict(f"report {it.row[0]} is already stored with a different body")
         except (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError, OverflowError,
                 ValueError) as e:  # this row only: the statement failed, the transaction goes on
@@ -247,6 +207,12 @@ class Store:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
 
+    def revision(self) -> tuple:
+        """(count, newest received time): changes whenever any process stores a report."""
+        with self._lock:
+            n, newest = self._db.execute("SELECT COUNT(*), MAX(received) FROM reports").fetchone()
+        return int(n), float(newest or 0.0)
+
     def query(self, *, since: Optional[str] = None, limit: Optional[int] = None,
               **filters) -> list:
         """Reports matching ``filters`` (see FILTERS), oldest first.
@@ -254,25 +220,11 @@ class Store:
         ``since`` keeps reports created at or after that ISO time; ``limit``
         keeps the newest ``limit`` of them.
         """
-        where, args = [], []
-        for key, value in filters.items():
-            if value is None:
-                continue
-            col = FILTERS.get(key)
-            if col is None:
-                raise ValueError(f"unknown filter {key!r} (known: {', '.join(sorted(FILTERS))})")
-            if col == "threads":
-                value = int(value)
-                if value not in _INT64:  # no stored report can match, and SQLite cannot bind it
-                    return []
-            where.append(f"{col} = ?")
-            args.append(value if col == "threads" else str(value))
-        if since:
-            where.append("created >= ?")
-            args.append(since)
-        sql = "SELECT body FROM reports"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
+        clause = where_clause(filters, since, "?", self.schema_version)
+        if clause is None:
+            return []
+        where, args = clause
+        sql = "SELECT body FROM reports" + (f" WHERE {where}" if where else "")
         sql += " ORDER BY created DESC, received DESC"
         if limit is not None:
             sql += " LIMIT ?"

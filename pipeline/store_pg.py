@@ -14,18 +14,15 @@ import re
 import threading
 from typing import Iterable, Optional
 
-from edgepipe.pipeline.store_schema import (COLUMNS, Dialect, Unstorable, StoreError, check_version, columns,
-                                            current_version, migrate, where_clause)
+from edgepipe.pipeline.store_schema import (COLUMNS, Dialect, ReportConflict, StoreError, Unstorable,
+                                            check_version, columns, current_version, migrate, same_report,
+                                            where_clause)
 
 # Serialises schema migrations across every process that opens the database.
 _MIGRATION_LOCK = 0x65646765  # "edge"
 URL_PREFIXES = ("postgresql://", "postgres://")
 _INSERT = (f"INSERT INTO reports ({', '.join(COLUMNS)}) VALUES ({', '.join(['%s'] * len(COLUMNS))})"
            " ON CONFLICT (id) DO NOTHING RETURNING id")
-
-
-class ReportConflict(StoreError):
-    """A report id that is already stored with a different body."""
 
 
 def is_pg_url(target) -> bool:
@@ -194,7 +191,7 @@ class PgStore:
         if not it.new:
             cur.execute("SELECT body FROM reports WHERE id = %s", (it.row[0],))
             stored = cur.fetchone()
-            if stored is not None and stored[0] != it.row[-1]:
+            if stored is not None and not same_report(stored[0], it.row[-1]):
                 it.error = ReportConflict(f"report {it.row[0]} is already stored with a different body")
 
     def add_many(self, reports: Iterable[dict]) -> int:
@@ -226,7 +223,10 @@ class PgStore:
 
     def query(self, *, since: Optional[str] = None, limit: Optional[int] = None, **filters) -> list:
         """Reports matching ``filters`` (store_schema.FILTERS), oldest first; ``limit`` keeps the newest."""
-        where, args = where_clause(filters, since, "%s")
+        clause = where_clause(filters, since, "%s", self.schema_version)
+        if clause is None:
+            return []
+        where, args = clause
         sql = "SELECT body FROM reports" + (f" WHERE {where}" if where else "")
         sql += " ORDER BY created DESC, received DESC"
         if limit is not None:

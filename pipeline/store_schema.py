@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.errors import EdgepipeError, one_line
 
 # Column order of an INSERT (see columns()).
 COLUMNS = ("id", "created", "received", "kind", "hostname", "model", "recipe", "sha256", "delegate",
@@ -39,7 +39,7 @@ FILTERS = {
 
 
 class StoreError(EdgepipeError):
-    """The results database cannot be opened, read or written."""
+    """The results database cannot do what was asked; one line, no traceback."""
 
 
 class SchemaTooNew(StoreError):
@@ -47,7 +47,11 @@ class SchemaTooNew(StoreError):
 
 
 class Unstorable(StoreError):
-    """A report that is valid JSON but has a value no database column can hold."""
+    """A report that is valid JSON but cannot be stored as it is (the sender must change it)."""
+
+
+class ReportConflict(StoreError):
+    """A different report body under an id that is already stored."""
 
 
 def source_label(report: dict) -> Optional[str]:
@@ -73,43 +77,68 @@ def _text(value) -> Optional[str]:
     if value is None:
         return None
     s = str(value)
-    if "\x00" in s:
+    if "\x00" in s:  # PostgreSQL text cannot hold NUL; refused on SQLite too, so both agree
         raise Unstorable("a text field contains a NUL character")
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise Unstorable("a text field is not valid Unicode (lone surrogate)") from None
     return s
 
 
-def _int(value) -> Optional[int]:
-    if value is None or isinstance(value, bool) or not isinstance(value, int):
-        return None
-    if not INT64[0] <= value <= INT64[1]:
-        raise Unstorable(f"integer {value} does not fit in 64 bits")
-    return value
+def _lone_surrogate_path(doc, path: str = "") -> Optional[str]:
+    """Where a string holds a lone UTF-16 surrogate (only called once encoding failed)."""
+    stack = [(path or "(root)", doc)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack.append((f"{where}/{k}" if where != "(root)" else str(k), k))
+                stack.append((f"{where}/{k}" if where != "(root)" else str(k), x))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{where}/{i}", x) for i, x in enumerate(v))
+    return None
 
 
 def canonical(report: dict) -> str:
-    """The stored body: compact, keys sorted, ASCII (so any string survives any database)."""
-    return json.dumps(report, separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=False)
+    """The stored body: compact, keys sorted, UTF-8; Unstorable for what no database could keep."""
+    try:
+        body = json.dumps(report, separators=(",", ":"), sort_keys=True, ensure_ascii=False, allow_nan=False)
+        body.encode("utf-8")
+    except ValueError as e:
+        if isinstance(e, UnicodeEncodeError):
+            where = (_lone_surrogate_path(report) or "(root)").encode("utf-8", "backslashreplace").decode()[:120]
+            raise Unstorable(f"{where}: a string holds a lone UTF-16 surrogate; text must be valid Unicode") \
+                from None
+        raise Unstorable("a number is NaN or infinite; JSON has no such values") from None
+    except (TypeError, RecursionError) as e:
+        raise Unstorable(f"not storable as JSON: {one_line(e)}") from None
+    return body
+
+
+def same_report(stored: str, body: str) -> bool:
+    """Whether a stored body is the same report (older versions wrote ASCII-escaped bodies)."""
+    return stored == body or json.loads(stored) == json.loads(body)
 
 
 def columns(report: dict, received: Optional[float] = None) -> tuple:
-    """The row for ``report`` in COLUMNS order; Unstorable when a value cannot be stored."""
-    rt = report.get("runtime") or {}
-    model = report.get("model") or {}
-    dev = report.get("device") or {}
-    try:
-        body = canonical(report)
-    except ValueError:
-        raise Unstorable("a number is NaN or infinite") from None
+    """The row for ``report`` in COLUMNS order, or Unstorable naming what no database could keep."""
+    rid = report.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise Unstorable("a report needs a string id")
+    body = canonical(report)  # first: it names a lone surrogate's path
+    rt, model, dev = (d if isinstance(d, dict) else {} for d in
+                      (report.get("runtime"), report.get("model"), report.get("device")))
+    threads = rt.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not INT64[0] <= threads <= INT64[1]):
+        raise Unstorable(f"runtime/threads: {str(threads)[:40]} does not fit a 64-bit integer")
     return (
-        _text(report["id"]), _text(report.get("created", "")), time.time() if received is None else received,
+        _text(rid), str(report.get("created", "")), time.time() if received is None else received,
         _text(report.get("kind", "")), _text(dev.get("hostname")), _text(model.get("name")),
-        _text(model.get("recipe")), _text(model.get("sha256")), _text(rt.get("delegate")),
-        _int(rt.get("threads")), _text(dev.get("id")), _text(dev.get("name")), _text(source_label(report)),
-        body,
+        _text(model.get("recipe")), _text(model.get("sha256")), _text(rt.get("delegate")), threads,
+        _text(dev.get("id")), _text(dev.get("name")), _text(source_label(report)), body,
     )
 
 
@@ -217,8 +246,12 @@ def migrate(db: Dialect, where: str) -> int:
     return LATEST
 
 
-def where_clause(filters: dict, since: Optional[str], ph: str = "?") -> tuple:
-    """(SQL after WHERE or "", args) for FILTERS; ValueError names an unknown filter."""
+def where_clause(filters: dict, since: Optional[str], ph: str = "?", version: int = LATEST) -> Optional[tuple]:
+    """(SQL after WHERE or "", args) for FILTERS, or None when no stored report can match.
+
+    ValueError names an unknown filter. ``version`` < 2 (an old database opened
+    read-only) has only hostnames: ``device`` matches those.
+    """
     where, args = [], []
     for key, value in filters.items():
         if value is None:
@@ -226,13 +259,21 @@ def where_clause(filters: dict, since: Optional[str], ph: str = "?") -> tuple:
         col = FILTERS.get(key)
         if col is None:
             raise ValueError(f"unknown filter {key!r} (known: {', '.join(sorted(FILTERS))})")
+        if col == "threads":
+            value = int(value)
+            if not INT64[0] <= value <= INT64[1]:
+                return None  # no stored report can match, and no database can bind it
+        if version < 2 and col in ("device_id", "source"):
+            return None
+        if version < 2 and col == "device":
+            col = "hostname"
         if col == "device":
             # Rows stored before device ids existed keep their hostname identity.
             where.append(f"(device_id = {ph} OR device_name = {ph} OR hostname = {ph})")
             args += [str(value)] * 3
         else:
             where.append(f"{col} = {ph}")
-            args.append(int(value) if col == "threads" else str(value))
+            args.append(value if col == "threads" else str(value))
     if since:
         where.append(f"created >= {ph}")
         args.append(since)
