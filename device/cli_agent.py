@@ -20,6 +20,20 @@ def default_store_dir() -> Path:
     return user_dir("data", "edgerun", "bundles", env="EDGERUN_STORE")
 
 
+def parse_size(text: str) -> int:
+    """``500M``, ``2G``, ``1.5G``, ``300`` (MiB) -> bytes; click.BadParameter otherwise."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = units.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if mult else t) * (mult or 1 << 20)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 500M or 2G", param_hint="--store-quota") from None
+    if not 1 << 20 <= value <= 1 << 50:
+        raise click.BadParameter("the store quota must be between 1M and 1024T", param_hint="--store-quota")
+    return int(value)
+
+
 def device_info() -> dict:
     """What `GET /v1/info` answers: what `edgerun info --json` prints, plus the version."""
     try:
@@ -49,17 +63,26 @@ Examples:
               help="Bundle store. Default: $EDGERUN_STORE or ~/.local/share/edgerun/bundles.")
 @click.option("--max-bundle-mb", type=click.IntRange(1, 1 << 16), default=512, show_default=True,
               help="Largest bundle upload (tar) and unpacked size.")
+@click.option("--store-quota", default="2G", show_default=True, metavar="SIZE",
+              help="Total size of the bundle store (e.g. 500M, 2G; a plain number is MiB); the least "
+                   "recently used bundles no job needs are evicted to make room.")
+@click.option("--job-timeout", type=click.FloatRange(1, 4 * 3600), default=600, show_default=True,
+              help="Seconds a job may run (plus its min_secs) unless it asks for its own timeout; "
+                   "a job over it is killed with its worker and fails.")
 @click.option("--keep-warm", type=click.IntRange(0, 64), default=2, show_default=True,
               help="Loaded interpreters kept between jobs (0 = always cold).")
 @click.option("--report-to", envvar=REPORT_TO_ENV, default=None, metavar="URL",
               help=f"Also send every job's report to a collector (spooled when away) [env: {REPORT_TO_ENV}].")
 @click.option("--report-token", envvar=TOKEN_ENV, default=None, metavar="TOKEN",
               help=f"Bearer token for --report-to [env: {TOKEN_ENV}].")
-def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, report_token):
+def agent(host, port, token, store_dir, max_bundle_mb, store_quota, job_timeout, keep_warm, report_to,
+          report_token):
     """Serve this device to `edgepipe bench`: receive bundles, run bench/run jobs.
 
-    Jobs run one at a time; interpreters stay warm between jobs for the same
-    bundle and settings. Stop with Ctrl-C or SIGTERM (systemd).
+    Jobs run one at a time in a worker process; interpreters stay warm there
+    between jobs for the same bundle and settings. A model that crashes or
+    hangs the runtime fails its job and the worker is replaced. Stop with
+    Ctrl-C or SIGTERM (systemd).
     """
     from edgepipe.device.agent import Agent, AgentServer
     from edgepipe.device.cliout import start_server
@@ -68,8 +91,9 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
     from edgepipe.device.send import Spool, describe, reports_url, send_report
 
     store_path = Path(store_dir) if store_dir else default_store_dir()
+    quota = parse_size(store_quota)
     try:
-        store = BundleStore(store_path, max_bytes=max_bundle_mb << 20)
+        store = BundleStore(store_path, max_bytes=max_bundle_mb << 20, quota_bytes=quota)
     except OSError as e:
         raise click.ClickException(f"cannot use bundle store {store_path}: {e}") from None
 
@@ -85,10 +109,17 @@ def agent(host, port, token, store_dir, max_bundle_mb, keep_warm, report_to, rep
             res = send_report(rep, url, spool=spool, token=report_token)
             click.echo(describe(res, report_to, spool), err=True)
 
-    worker = Agent(store, keep_warm=keep_warm, on_report=on_report)
-    server = start_server(lambda: AgentServer(worker, host, port, token=token, info=device_info), host, port)
+    try:
+        worker = Agent(store, keep_warm=keep_warm, on_report=on_report, default_timeout=job_timeout)
+    except OSError as e:
+        raise click.ClickException(f"cannot keep job states in {store_path}: {e}") from None
+    try:
+        server = start_server(lambda: AgentServer(worker, host, port, token=token, info=device_info), host, port)
+    except click.ClickException:
+        worker.close()
+        raise
 
-    click.echo(f"agent listening on {server.url}  store={store_path}  "
+    click.echo(f"agent listening on {server.url}  store={store_path} (quota {quota >> 20} MiB)  "
                f"auth={'token' if token else 'none (loopback only)'}")
     serve_until_stopped(server, on_close=worker.close)
     click.echo("agent stopped")
