@@ -69,7 +69,7 @@ def format_results(results) -> str:
               help="Class names one per line, or '<image file> <class>' per line for a flat folder.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N images (evenly spread).")
 @click.option("--threads", type=click.IntRange(min=1), help="Interpreter threads.")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--db", "db_path", type=click.Path(dir_okay=False),
               help="Also store one 'eval' report per bundle in this results database.")
 @click.option("--layers", "n_layers", type=click.IntRange(min=1),
               help="For int8 bundles, also list the N layers with the largest int8 error vs float.")
@@ -158,14 +158,14 @@ def _print_results(results, layers: dict, stored, db_path) -> None:
 
 def _store(results, data, db_path) -> int:
     try:
-        from edgepipe.pipeline.store import Store
+        from edgepipe.pipeline.store import open_store
     except ImportError:
         raise click.ClickException("--db: the results store (edgepipe.pipeline.store) is not available "
                                    "in this installation") from None
     from edgepipe.pipeline.evaluate import eval_report
 
     try:
-        with Store(db_path) as store:
+        with open_store(db_path) as store:  # a SQLite file or a postgresql:// URL
             return sum(1 for r in results if store.add(eval_report(r, data)))
     except Exception as e:  # noqa: BLE001 - sqlite/OS errors become one line
         raise click.ClickException(f"--db: cannot store reports in {db_path} ({e})") from None

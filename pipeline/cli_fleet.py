@@ -64,10 +64,10 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
 
     store = None
     if not no_db:
-        from edgepipe.pipeline.store import Store, default_db_path
-        path = db_path or default_db_path()
+        from edgepipe.pipeline.store import default_db, open_store
+        path = db_path or default_db()
         try:
-            store = Store(path)
+            store = open_store(path)  # a SQLite file or a postgresql:// URL
         except Exception as e:
             raise click.ClickException(f"cannot open results database {path}: {e}") from None
 

@@ -16,10 +16,11 @@ Examples:
   edgepipe report --compare baseline.json --tolerance 0.1   # CI gate: exit 1 on a p50 regression
   edgepipe report --html results.html
 """)
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
-              help="Results database. Default: $EDGEPIPE_DB or ~/.local/share/edgepipe/results.db.")
+@click.option("--db", "db_path", default=None,
+              help="Results database: a SQLite file or a postgresql://user@host/db URL. "
+                   "Default: $EDGEPIPE_DB or ~/.local/share/edgepipe/results.db.")
 @click.option("--kind", type=click.Choice(["bench", "run", "eval"]), default=None, help="Only this kind.")
-@click.option("--device", default=None, help="Only this device (hostname).")
+@click.option("--device", default=None, help="Only this device (its id, name or hostname).")
 @click.option("--model", default=None, help="Only this bundle/model name.")
 @click.option("--recipe", default=None, help="Only this recipe.")
 @click.option("--all", "show_all", is_flag=True, help="Every report, not only the latest per configuration.")
@@ -44,15 +45,17 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     Warns when a quantized recipe is slower than fp32 on the same device.
     """
     from edgepipe.pipeline import reporting as rp
-    from edgepipe.pipeline.store import Store, StoreError, default_db_path
+    from edgepipe.pipeline.store import StoreError, default_db, is_pg_url, open_store
+    from edgepipe.pipeline.store_pg import redact
 
-    path = Path(db_path) if db_path else default_db_path()
-    if not path.exists():
+    target = db_path or default_db()
+    path = redact(target) if is_pg_url(target) else Path(target)  # never print a password
+    if not is_pg_url(target) and not path.exists():
         raise click.ClickException(f"no results database at {path}; collect some with `edgepipe bench` "
                                    "or `edgepipe serve` first, or pass --db")
     # Read-only: a report never creates, migrates or "repairs" the file it reads.
     try:
-        with Store(path, readonly=True) as store:
+        with open_store(target, readonly=True) as store:
             reports = store.query(kind=kind, device=device, model=model, recipe=recipe)
     except StoreError as e:
         raise click.ClickException(f"{e}; pass --db with a database written by `edgepipe serve` "

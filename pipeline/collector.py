@@ -2,7 +2,8 @@
 
 Routes (DESIGN.md): ``POST /v1/reports`` (201 new, 200 same id and body, 409
 same id with another body), ``GET /v1/reports`` with filters,
-``GET /v1/reports/{id}``, ``GET /healthz``. Anything bad gets a 4xx with a
+``GET /v1/reports/{id}``, ``GET /healthz``, and the dashboard at ``/``
+(pipeline/dashboard.py). Anything bad gets a 4xx with a
 one-line reason and stores nothing: malformed, too deeply nested or non-finite
 JSON 400, off-contract or unstorable 422. One bad report never fails another.
 """
@@ -13,6 +14,7 @@ from typing import Callable, Optional
 
 from edgepipe.device.contracts import report_problem
 from edgepipe.device.http import HTTPError_, JSONHandler, Limits, Server, check_bind
+from edgepipe.pipeline.dashboard import Dashboard, DashboardHandlerMixin
 from edgepipe.pipeline.store import FILTERS, ReportConflict, Store, StoreError, Unstorable
 
 DEFAULT_PORT = 8750
@@ -20,9 +22,12 @@ DEFAULT_MAX_BODY = 1 << 20  # a report is a few KB; 1 MiB leaves room for accura
 MAX_LIMIT = 10000
 
 
-class CollectorHandler(JSONHandler):
+class CollectorHandler(DashboardHandlerMixin, JSONHandler):
     def route(self, method, path, query):
         srv: CollectorServer = self.server  # type: ignore[assignment]
+        page = self.dashboard_route(method, path, query)
+        if page is not None:
+            return page
         if path == "/healthz" and method in ("GET", "HEAD"):
             return 200, {"ok": True, "service": "edgepipe-collector"}
         if path == "/v1/reports":
@@ -88,9 +93,11 @@ class CollectorHandler(JSONHandler):
 class CollectorServer(Server):
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                  token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
-                 on_report: Optional[Callable[[dict, bool], None]] = None, limits: Optional[Limits] = None):
+                 on_report: Optional[Callable[[dict, bool], None]] = None, limits: Optional[Limits] = None,
+                 dashboard: Optional[Dashboard] = None):
         check_bind(host, token)
         self.store = store
+        self.dashboard = dashboard or Dashboard(store)
         self.validate = report_problem  # None or a one-line "path: problem"
         self.on_report = on_report
         super().__init__((host, port), CollectorHandler, token=token, max_body=max_body, limits=limits)
