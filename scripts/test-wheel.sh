@@ -79,8 +79,8 @@ check() {
 }
 
 check "artefacts: wheel and sdist carry LICENSE, README, schemas, example specs, systemd unit" \
-    "$host_py" - "$wheel" "$sdist" <<'EOF'
-import sys, tarfile, zipfile
+    "$host_py" - "$wheel" "$sdist" "$root" <<'EOF'
+import os, sys, tarfile, tomllib, zipfile
 z = zipfile.ZipFile(sys.argv[1]); names = set(z.namelist())
 dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
 tops = {n.split("/")[0] for n in names} - {dist_info}
@@ -93,6 +93,18 @@ assert not missing, f"wheel lacks {missing}"
 assert "Apache License" in z.read(f"{dist_info}/licenses/LICENSE").decode()
 assert "## Install" in z.read(f"{dist_info}/METADATA").decode(), "README is not the wheel's description"
 assert not [n for n in names if "__pycache__" in n], "wheel carries __pycache__"
+# Every committed file of every folder mapped into the namespace ships (a subpackage
+# left out of pyproject's explicit package list would silently vanish from the wheel).
+# Committed (git ls-files), so files still being written in the tree do not count.
+import subprocess
+os.chdir(sys.argv[3])
+cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]
+for pkg, folder in cfg["package-dir"].items():
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", folder], capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    lacking = [f for f in tracked if f and os.path.isfile(f) and
+               pkg.replace(".", "/") + "/" + os.path.relpath(f, folder) not in names]
+    assert not lacking, f"wheel lacks {lacking} (pyproject: packages, package-data)"
 t = {n.split("/", 1)[-1] for n in tarfile.open(sys.argv[2]).getnames()}
 need = ["LICENSE", "README.md", "pyproject.toml", "device/schemas/report.schema.json",
         "examples/ablate/mobilenet_v2.toml", "deploy/systemd/edgerun-agent.service"]
