@@ -247,6 +247,7 @@ def test_serve_command_end_to_end(tmp_path):
         line = proc.stdout.readline()
         assert "collector listening on http://127.0.0.1:" in line, line + proc.stderr.read()
         url = line.split()[3]
+        assert proc.stdout.readline().startswith(f"dashboard {url}/")
         r = report()
         assert post_url(url, r) == 201 and post_url(url, r) == 200
         assert "new" in proc.stdout.readline() and "dup" in proc.stdout.readline()
