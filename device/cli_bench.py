@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import click
 
-from edgepipe.device.cliout import fail, save_and_echo
+from edgepipe.device.cliout import fail, isolate_option, preflight, save_and_echo
 from edgepipe.device.cli_report import report_to_option
 
 
@@ -110,9 +110,10 @@ def _str_list(ctx, param, value: str) -> List[str]:
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Write the report JSON here (a JSON list when several settings ran).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON instead of a summary.")
+@isolate_option
 @report_to_option
 def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backend, edgetpu_device, out,
-          as_json) -> None:
+          as_json, isolate) -> None:
     """Benchmark a bundle or a plain .tflite file on this device.
 
     Reports cold start (file read, interpreter build, delegate, allocate,
@@ -125,12 +126,11 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
       edgerun bench out/mobilenet_v2-int8 --delegate cpu,edgetpu --json --out bench.json
       edgerun bench out/mobilenet_v2-fp32 --input sample_data/images
     """
-    from edgepipe.device.bench import BenchError, run_matrix
-    from edgepipe.device.bundle import BundleError
+    from edgepipe.device.bench import run_matrix
+    from edgepipe.device.errors import EdgepipeError
     from edgepipe.device.report import format_comparison, format_summary
-    from edgepipe.device.runtime import RuntimeLoadError
 
-    expected = (BenchError, BundleError, RuntimeLoadError)
+    expected = EdgepipeError  # bundle, load, runtime and crash-probe failures: one line each
     failures: List[str] = []
 
     def on_error(label: str, e: Exception) -> bool:
@@ -148,6 +148,8 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
             click.echo("")
 
     try:
+        preflight(model, isolate=isolate, delegates=delegate, threads=threads[0], backend=backend,
+                  edgetpu_device=edgetpu_device)
         reports = run_matrix(model, threads=threads, delegates=delegate, runs=runs, warmup=warmup,
                              min_secs=min_secs, input=input_, backend=backend, seed=seed,
                              edgetpu_device=edgetpu_device, on_report=on_report, on_error=on_error)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from edgepipe.device.cliout import fail, save_and_echo
+from edgepipe.device.cliout import fail, isolate_option, preflight, save_and_echo
 
 
 def _report_options(f):
@@ -53,9 +53,10 @@ def _report_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report JSON on stdout at the end (needs --out FILE for the predictions).")
 @click.option("--quiet", "-q", is_flag=True, help="No summary on stderr.")
+@isolate_option
 @_report_options
 def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetpu_device, workers, lanes,
-        queue_depth, live, top_k, out, report_path, as_json, quiet) -> None:
+        queue_depth, live, top_k, out, report_path, as_json, quiet, isolate) -> None:
     """Run a bundle over images, a video or a camera; stream predictions as JSON lines.
 
     Predictions go to stdout (or --out), one JSON object per frame in frame
@@ -70,11 +71,9 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
       edgerun run out/mobilenet_v2-int8 --source camera:0 --max-frames 300
       edgerun run model.tflite --source picamera --threads 4
     """
-    from edgepipe.device.bundle import BundleError
+    from edgepipe.device.errors import EdgepipeError
     from edgepipe.device.postprocess import json_line
-    from edgepipe.device.runner import RunError, StopRun, run_source
-    from edgepipe.device.runtime import RuntimeLoadError
-    from edgepipe.device.sources import SourceError
+    from edgepipe.device.runner import StopRun, run_source
 
     to_stdout = out in (None, "-")
     if as_json and to_stdout:
@@ -96,11 +95,13 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
             raise StopRun("the output pipe was closed") from None
 
     try:
+        preflight(bundle, isolate=isolate, delegates=[delegate], threads=threads, backend=backend,
+                  edgetpu_device=edgetpu_device)
         report = run_source(bundle, source, pipeline=pipeline, max_frames=max_frames, threads=threads,
                             delegate=delegate, backend=backend, edgetpu_device=edgetpu_device, workers=workers,
                             lanes=lanes, queue_depth=queue_depth, top_k=top_k, live=live,
                             on_prediction=on_prediction)
-    except (RunError, BundleError, SourceError, RuntimeLoadError) as e:
+    except EdgepipeError as e:  # bundle, source, load, runtime and crash-probe failures: one line each
         raise fail(str(e)) from None
     except KeyboardInterrupt:
         raise fail("interrupted") from None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import click
 
@@ -37,3 +37,34 @@ def save_and_echo(payload: Any, path: Optional[os.PathLike], as_json: bool) -> N
             raise fail(f"cannot write {path}: {e.strerror or e}") from None
     if as_json:
         click.echo(dumps(payload))
+
+
+def isolate_option(f):
+    """`--isolate/--no-isolate` for the commands that load a model (bench, run)."""
+    return click.option(
+        "--isolate/--no-isolate", "isolate", default=None,
+        help="Load the model in a child process first, so a model that crashes the runtime gives a one-line "
+             "error instead of killing edgerun (costs one extra model load). Default: only for models whose "
+             "graph looks malformed.")(f)
+
+
+def preflight(bundle_path: os.PathLike, *, isolate: Optional[bool], delegates: Sequence[str],
+              threads: Optional[int], backend: Optional[str], edgetpu_device: Optional[str]) -> None:
+    """Keep fault dumps on the real stderr, then probe the model(s) in a child as ``isolate`` says.
+
+    Bundle and probe failures are left to the caller's one-line error handling (they are EdgepipeErrors).
+    """
+    from edgepipe.device import isolate as iso
+    from edgepipe.device.bench import model_for
+    from edgepipe.device.bundle import load_bundle
+
+    iso.keep_fault_reports()
+    if isolate is False:
+        return
+    bundle = load_bundle(bundle_path)
+    paths: dict = {}
+    for d in delegates:  # one probe per model file, with the first delegate that uses it
+        paths.setdefault(model_for(bundle, d), d)
+    for path, d in paths.items():
+        iso.preflight(path, isolate=isolate, backend=backend, delegate=d, threads=threads,
+                      edgetpu_device=edgetpu_device)

@@ -12,7 +12,8 @@ MobileNet-sized model.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
 from edgepipe.device.errors import EdgepipeError
 
 _U8, _U16, _I32, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<i"), struct.Struct("<I")
@@ -82,94 +83,111 @@ class _Reader:
 
 def check_tflite(data: bytes) -> None:
     """Raise :class:`FlatbufferError` unless ``data`` is a structurally sound TFLite model."""
-    r = _Reader(data)
-    if r.n < 8 or data[4:8] != b"TFL3":
-        raise FlatbufferError("missing the 'TFL3' file identifier")
-    model = r.table(r.deref(0, "root"), "model")
-    n_buffers = 0
-    if 4 in model:
-        def buffer(pos: int, what: str) -> None:
-            f = r.table(pos, what)
-            if 0 in f:
-                r.vector(f[0], 1, f"{what}.data")
-            if 1 in f and 2 in f:  # > 2 GB models keep data after the flatbuffer
-                r.need(f[1], 16, what)
-                off, size = _U64.unpack_from(data, f[1])[0], _U64.unpack_from(data, f[2])[0]
-                if off > 1 and off + size > r.n:
-                    raise FlatbufferError(f"{what}: external data ({size} bytes at {off}) past the end of the file")
-        n_buffers = r.tables(model[4], "buffers", buffer)
-    n_codes = 0
-    if 1 in model:
-        def opcode(pos: int, what: str) -> None:
-            f = r.table(pos, what)
-            if 1 in f:
-                r.string(f[1], f"{what}.custom_code")
-        n_codes = r.tables(model[1], "operator_codes", opcode)
-    if 2 not in model:
-        raise FlatbufferError("model has no subgraphs")
+    _Checker(data).model()
 
-    def subgraph(pos: int, what: str) -> None:
-        f = r.table(pos, what)
-        n_tensors = 0
+
+class _Checker:
+    """One walk over the model; each method checks one table kind (named as in schema.fbs)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.r = _Reader(data)
+        self.n_buffers = 0
+        self.n_codes = 0
+
+    def model(self) -> None:
+        r = self.r
+        if r.n < 8 or self.data[4:8] != b"TFL3":
+            raise FlatbufferError("missing the 'TFL3' file identifier")
+        model = r.table(r.deref(0, "root"), "model")
+        if 4 in model:
+            self.n_buffers = r.tables(model[4], "buffers", self.buffer)
+        if 1 in model:
+            self.n_codes = r.tables(model[1], "operator_codes", self.opcode)
+        if 2 not in model:
+            raise FlatbufferError("model has no subgraphs")
+        r.tables(model[2], "subgraphs", self.subgraph)
+        if 3 in model:
+            r.string(model[3], "description")
+        if 6 in model:
+            r.tables(model[6], "metadata", self.metadata)
+        if 7 in model:
+            r.tables(model[7], "signature_defs", self.signature)
+
+    def buffer(self, pos: int, what: str) -> None:
+        f = self.r.table(pos, what)
         if 0 in f:
-            def tensor(tpos: int, twhat: str) -> None:
-                t = r.table(tpos, twhat)
-                for fid, name in ((0, "shape"), (7, "shape_signature")):
-                    if fid in t:
-                        r.vector(t[fid], 4, f"{twhat}.{name}")
-                if 2 in t and r.u32(t[2], twhat) >= max(n_buffers, 1):
-                    raise FlatbufferError(f"{twhat}: buffer index out of range")
-                if 3 in t:
-                    r.string(t[3], f"{twhat}.name")
-                if 4 in t:
-                    q = r.table(r.deref(t[4], twhat), f"{twhat}.quantization")
-                    for fid, size in ((0, 4), (1, 4), (2, 4), (3, 8)):
-                        if fid in q:
-                            r.vector(q[fid], size, f"{twhat}.quantization")
-            n_tensors = r.tables(f[0], f"{what}.tensors", tensor)
+            self.r.vector(f[0], 1, f"{what}.data")
+        if 1 in f and 2 in f:  # > 2 GB models keep data after the flatbuffer
+            self.r.need(f[1], 16, what)
+            off, size = _U64.unpack_from(self.data, f[1])[0], _U64.unpack_from(self.data, f[2])[0]
+            if off > 1 and off + size > self.r.n:
+                raise FlatbufferError(f"{what}: external data ({size} bytes at {off}) past the end of the file")
 
-        def in_range(values, where: str) -> None:
-            for v in values:
-                if v < -1 or v >= n_tensors:
-                    raise FlatbufferError(f"{where}: tensor index {v} out of range")
+    def opcode(self, pos: int, what: str) -> None:
+        f = self.r.table(pos, what)
+        if 1 in f:
+            self.r.string(f[1], f"{what}.custom_code")
 
+    def subgraph(self, pos: int, what: str) -> None:
+        r = self.r
+        f = r.table(pos, what)
+        n_tensors = r.tables(f[0], f"{what}.tensors", self.tensor) if 0 in f else 0
         for fid, name in ((1, "inputs"), (2, "outputs")):
             if fid in f:
-                in_range(r.ints(f[fid], f"{what}.{name}"), f"{what}.{name}")
+                _in_range(r.ints(f[fid], f"{what}.{name}"), n_tensors, f"{what}.{name}")
         if 3 in f:
-            def operator(opos: int, owhat: str) -> None:
-                o = r.table(opos, owhat)
-                if 0 in o and r.u32(o[0], owhat) >= n_codes:
-                    raise FlatbufferError(f"{owhat}: opcode index out of range")
-                for fid in (1, 2, 8):
-                    if fid in o:
-                        in_range(r.ints(o[fid], owhat), owhat)
-                if 4 in o:  # builtin options: a table whose layout depends on the op
-                    r.table(r.deref(o[4], owhat), f"{owhat}.builtin_options")
-                if 5 in o:
-                    r.vector(o[5], 1, f"{owhat}.custom_options")
-            r.tables(f[3], f"{what}.operators", operator)
+            r.tables(f[3], f"{what}.operators", lambda p, w: self.operator(p, w, n_tensors))
         if 4 in f:
             r.string(f[4], f"{what}.name")
 
-    r.tables(model[2], "subgraphs", subgraph)
-    if 3 in model:
-        r.string(model[3], "description")
-    if 6 in model:
-        def metadata(pos: int, what: str) -> None:
-            f = r.table(pos, what)
-            if 0 in f:
-                r.string(f[0], f"{what}.name")
-        r.tables(model[6], "metadata", metadata)
-    if 7 in model:
-        def signature(pos: int, what: str) -> None:
-            f = r.table(pos, what)
-            for fid in (0, 1):
-                if fid in f:
-                    r.tables(f[fid], what, lambda p, w: _tensor_map(r, p, w))
-            if 2 in f:
-                r.string(f[2], f"{what}.key")
-        r.tables(model[7], "signature_defs", signature)
+    def tensor(self, pos: int, what: str) -> None:
+        r = self.r
+        t = r.table(pos, what)
+        for fid, name in ((0, "shape"), (7, "shape_signature")):
+            if fid in t:
+                r.vector(t[fid], 4, f"{what}.{name}")
+        if 2 in t and r.u32(t[2], what) >= max(self.n_buffers, 1):
+            raise FlatbufferError(f"{what}: buffer index out of range")
+        if 3 in t:
+            r.string(t[3], f"{what}.name")
+        if 4 in t:
+            q = r.table(r.deref(t[4], what), f"{what}.quantization")
+            for fid, size in ((0, 4), (1, 4), (2, 4), (3, 8)):
+                if fid in q:
+                    r.vector(q[fid], size, f"{what}.quantization")
+
+    def operator(self, pos: int, what: str, n_tensors: int) -> None:
+        r = self.r
+        o = r.table(pos, what)
+        if 0 in o and r.u32(o[0], what) >= self.n_codes:
+            raise FlatbufferError(f"{what}: opcode index out of range")
+        for fid in (1, 2, 8):
+            if fid in o:
+                _in_range(r.ints(o[fid], what), n_tensors, what)
+        if 4 in o:  # builtin options: a table whose layout depends on the op
+            r.table(r.deref(o[4], what), f"{what}.builtin_options")
+        if 5 in o:
+            r.vector(o[5], 1, f"{what}.custom_options")
+
+    def metadata(self, pos: int, what: str) -> None:
+        f = self.r.table(pos, what)
+        if 0 in f:
+            self.r.string(f[0], f"{what}.name")
+
+    def signature(self, pos: int, what: str) -> None:
+        f = self.r.table(pos, what)
+        for fid in (0, 1):
+            if fid in f:
+                self.r.tables(f[fid], what, lambda p, w: _tensor_map(self.r, p, w))
+        if 2 in f:
+            self.r.string(f[2], f"{what}.key")
+
+
+def _in_range(values, n_tensors: int, where: str) -> None:
+    for v in values:
+        if v < -1 or v >= n_tensors:
+            raise FlatbufferError(f"{where}: tensor index {v} out of range")
 
 
 def _tensor_map(r: _Reader, pos: int, what: str) -> None:
@@ -234,6 +252,115 @@ def operators(data: bytes) -> list:
             ins = r.ints(o[1], "inputs") if 1 in o else []
             out.append({"code": code, "custom": custom, "inputs": ins,
                         "input_types": [types[j] if j >= 0 else None for j in ins]})
+    return out
+
+
+# --------------------------------------------------------------------------- graph doubts
+# Structurally sound models can still crash the runtime's native code (not
+# raise): these are the shapes of that we have seen in fuzzing, cheap to spot.
+MAX_SANE_SCALE = 1e10
+
+
+@dataclass
+class _Sub:
+    """One subgraph as the doubt checks see it."""
+
+    tensors: List[dict] = field(default_factory=list)  # {"buffer", "const", "variable", "scales"}
+    ops: List[Tuple[List[int], List[int]]] = field(default_factory=list)  # (inputs, outputs)
+    inputs: List[int] = field(default_factory=list)
+    outputs: List[int] = field(default_factory=list)
+
+
+def _const_buffers(r: _Reader, model: Dict[int, int]) -> List[bool]:
+    out = []
+    if 4 in model:
+        start, count = r.vector(model[4], 4, "buffers")
+        for i in range(count):
+            f = r.table(r.deref(start + 4 * i, "buffers"), "buffer")
+            size = r.u32(r.deref(f[0], "data"), "data") if 0 in f else 0
+            off = _U64.unpack_from(r.data, f[1])[0] if 1 in f else 0
+            out.append(size > 0 or off > 1)
+    return out
+
+
+def _tensor_facts(r: _Reader, pos: int, consts: List[bool]) -> dict:
+    t = r.table(pos, "tensor")
+    buf = r.u32(t[2], "buffer") if 2 in t else 0
+    scales: list = []
+    if 4 in t:
+        q = r.table(r.deref(t[4], "quantization"), "quantization")
+        if 2 in q:
+            start, n = r.vector(q[2], 4, "scale")
+            scales = list(struct.unpack_from(f"<{n}f", r.data, start)) if n else []
+    return {"buffer": buf, "const": buf < len(consts) and consts[buf],
+            "variable": 5 in t and _U8.unpack_from(r.data, t[5])[0] != 0, "scales": scales}
+
+
+def _subgraphs(data: bytes) -> List[_Sub]:
+    r = _Reader(data)
+    model = r.table(r.deref(0, "root"), "model")
+    consts = _const_buffers(r, model)
+    subs = []
+    start, count = r.vector(model[2], 4, "subgraphs")
+    for i in range(count):
+        f = r.table(r.deref(start + 4 * i, "subgraphs"), "subgraph")
+        sub = _Sub(inputs=r.ints(f[1], "inputs") if 1 in f else [], outputs=r.ints(f[2], "outputs") if 2 in f else [])
+        if 0 in f:
+            ts, tn = r.vector(f[0], 4, "tensors")
+            sub.tensors = [_tensor_facts(r, r.deref(ts + 4 * k, "tensors"), consts) for k in range(tn)]
+        if 3 in f:
+            os_, on = r.vector(f[3], 4, "operators")
+            for k in range(on):
+                o = r.table(r.deref(os_ + 4 * k, "operators"), "operator")
+                sub.ops.append((r.ints(o[1], "inputs") if 1 in o else [], r.ints(o[2], "outputs") if 2 in o else []))
+        subs.append(sub)
+    return subs
+
+
+def _io_doubts(s: int, sub: _Sub) -> List[str]:
+    out = []
+    for name, values in (("inputs", sub.inputs), ("outputs", sub.outputs)):
+        if -1 in values:
+            out.append(f"subgraph {s} {name} include index -1")
+        if len(set(values)) != len(values):
+            out.append(f"subgraph {s} {name} repeat a tensor")
+    return out
+
+
+def _op_doubts(s: int, sub: _Sub) -> List[str]:
+    out: List[str] = []
+    written = {t for t in sub.inputs if t >= 0}
+    written |= {k for k, t in enumerate(sub.tensors) if t["const"] or t["variable"]}
+    producer: Dict[int, int] = {}
+    for k, (ins, outs) in enumerate(sub.ops):
+        where = f"subgraph {s} operator {k}"
+        out += [f"{where} has no input {p} (index -1)" for p, t in enumerate(ins[:2]) if t == -1]
+        out += [f"{where} reads tensor {t} before anything writes it" for t in ins if t >= 0 and t not in written]
+        for t in outs:
+            if t < 0:
+                out.append(f"{where} has an output index -1")
+            elif t in producer:
+                out.append(f"{where} writes tensor {t}, already written by operator {producer[t]}")
+            elif t in written:
+                out.append(f"{where} writes tensor {t}, a constant or subgraph input")
+            producer.setdefault(t, k)
+            written.add(t)
+    return out
+
+
+def doubts(data: bytes) -> List[str]:
+    """Reasons to suspect a structurally sound model of crashing the runtime (one line each; [] = none).
+
+    Call only on data that passed :func:`check_tflite`. Cheap (pure Python,
+    one pass); a hint to load the model in a child process first, not a
+    verdict: the runtime may still refuse such a model with a clean error.
+    """
+    out: List[str] = []
+    for s, sub in enumerate(_subgraphs(data)):
+        out += _io_doubts(s, sub) + _op_doubts(s, sub)
+        for k, t in enumerate(sub.tensors):
+            if any(not 0.0 <= x < MAX_SANE_SCALE for x in t["scales"]):  # NaN fails both comparisons
+                out.append(f"subgraph {s} tensor {k} has a quantization scale that is not a finite positive number")
     return out
 
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,3 +102,55 @@ def test_int8_no_bias_model_loads_or_is_refused_never_crashes(int8_no_bias_model
 
     arm_old = backend[0] == "tflite_runtime" and platform.machine().startswith(("aarch64", "arm"))
     assert out.stdout.startswith("refused" if arm_old else "ran (1, 4)"), out.stdout
+
+
+# --------------------------------------------------------------------------- graph doubts
+
+
+def _changed(src, change) -> bytes:
+    mutate = pytest.importorskip("fuzz.mutate")
+    try:
+        model = mutate.read_model(src.read_bytes())
+    except ImportError:
+        pytest.skip("no TFLite schema module in this environment")
+    change(model)
+    return mutate.write_model(model)
+
+
+def test_sound_graphs_raise_no_doubts(models_dir):
+    from edgepipe.device.flatcheck import doubts
+
+    for p in sorted(models_dir.glob("*.tflite")):
+        if p.name not in ("not_a_model.tflite", "truncated.tflite"):
+            assert doubts(p.read_bytes()) == [], p.name
+
+
+def _set(path: str, value):
+    def change(m):
+        *head, last = path.split(".")
+        obj = m
+        for part in head:
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        if last.isdigit():
+            obj[int(last)] = value
+        else:
+            setattr(obj, last, value)
+    return change
+
+
+@pytest.mark.parametrize("path, value, expect", [
+    ("subgraphs.0.outputs", [-1], "outputs include index -1"),
+    ("subgraphs.0.inputs", [0, 0], "inputs repeat a tensor"),
+    ("subgraphs.0.operators.1.inputs.1", -1, "operator 1 has no input 1"),
+    ("subgraphs.0.operators.0.outputs.0", 11, "writes tensor 11, already written by operator"),
+    ("subgraphs.0.operators.0.outputs.0", 0, "a constant or subgraph input"),
+    ("subgraphs.0.operators.2.inputs.0", 10, "reads tensor 10 before anything writes it"),
+    ("subgraphs.0.tensors.8.quantization.scale", [float("nan")], "scale that is not a finite positive number"),
+])
+def test_crash_prone_graphs_are_doubted(models_dir, path, value, expect):
+    from edgepipe.device.flatcheck import doubts, problem
+
+    data = _changed(models_dir / "uint8_io.tflite", _set(path, value))
+    assert problem(data) is None  # structurally sound: only the graph is wrong
+    found = doubts(data)
+    assert any(expect in d for d in found), found
