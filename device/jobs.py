@@ -212,8 +212,12 @@ class JobCore:
         self._thread.start()
 
     # -- the API front ends use ------------------------------------------
-    def submit(self, spec: JobSpec) -> Job:
-        """Queue a job; raises :class:`JobRefused` (409 no bundle, 422 refused bundle, 429 queue full)."""
+    def submit(self, spec: JobSpec, job_id: Optional[str] = None) -> Job:
+        """Queue a job; raises :class:`JobRefused` (409 no bundle, 422 refused bundle, 429 queue full).
+
+        ``job_id`` lets a front end pick the id (the broker's host does, so a
+        job delivered twice is recognised); a known id is refused with 409.
+        """
         refusal = self.store.refusal(spec.bundle)
         if refusal:
             raise JobRefused(422, f"bundle {spec.bundle[:12]} is refused on this device: {refusal} "
@@ -222,10 +226,13 @@ class JobCore:
             raise JobRefused(409, f"bundle {spec.bundle[:12]} is not on this device; "
                                   f"PUT /v1/bundles/{spec.bundle} first")
         timeout = spec.timeout or self.default_timeout + float(spec.params.get("min_secs") or 0)
-        job = Job(id=str(uuid.uuid4()), kind=spec.kind, bundle=spec.bundle, params=spec.params, timeout=timeout)
+        job = Job(id=job_id or str(uuid.uuid4()), kind=spec.kind, bundle=spec.bundle, params=spec.params,
+                  timeout=timeout)
         with self._cv:
             if self._closed:
                 raise JobRefused(503, "the agent is stopping")
+            if job.id in self._jobs:
+                raise JobRefused(409, f"job {job.id} already exists")
             if len(self._queue) >= MAX_QUEUED:
                 raise JobRefused(429, f"{MAX_QUEUED} jobs are already queued; retry later")
             self._jobs[job.id] = job
