@@ -27,8 +27,14 @@ def info(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
+    for k, v in _info_rows(data) + _delegate_rows(data):
+        if v is not None:  # missing sources are simply absent
+            click.echo(f"{k:<16} {v}")
+
+
+def _info_rows(data: dict) -> List[tuple]:
     mem = data["memory_mb"]
-    rows = [
+    return [
         ("host", data["hostname"]),
         ("board", data["board"]),
         ("cpu", f"{data['cpu'] or '?'} ({data['machine']}, {data['cores']} cores)"),
@@ -43,11 +49,14 @@ def info(as_json: bool) -> None:
         ("backends", ", ".join(f"{b['name']} {b['version'] or ''}".strip() for b in data["backends"])
          or "none installed (pip install ai-edge-litert, or tflite-runtime)"),
     ]
+
+
+def _delegate_rows(data: dict) -> List[tuple]:
+    rows = []
     for name, d in data["delegates"].items():
         if name == "cpu":
             rows.append(("delegate cpu", d["note"]))
-            continue
-        if d["available"]:
+        elif d["available"]:
             extra = f" devices: {', '.join(d['devices'])}" if d.get("devices") else ""
             if name == "edgetpu" and not d.get("devices"):
                 extra = " (no device visible)"
@@ -59,9 +68,7 @@ def info(as_json: bool) -> None:
             rows.append((f"delegate {name}", "not found"))
     if data["emulated"]:
         rows.append(("note", "running under CPU emulation"))
-    for k, v in rows:
-        if v is not None:  # missing sources are simply absent
-            click.echo(f"{k:<16} {v}")
+    return rows
 
 
 def _int_list(ctx, param, value: Optional[str]) -> List[Optional[int]]:

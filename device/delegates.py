@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -134,11 +135,7 @@ def parse_delegate(spec: Optional[str], *, edgetpu_device: Optional[str] = None,
     if low in ("cpu", "xnnpack"):
         return DelegatePlan("cpu", low, options=opts)
     if low == "edgetpu" or low.startswith("edgetpu:"):
-        dev = edgetpu_device or (s.split(":", 1)[1] if ":" in s else None)
-        if dev:
-            if not re.fullmatch(r"(usb|pci)?(:\d+)?|:?\d+", dev):
-                raise RuntimeLoadError(f"bad Edge TPU device {dev!r}; use usb, pci, usb:N, pci:N or :N")
-            opts.setdefault("device", dev if not dev.isdigit() else f":{dev}")
+        _edgetpu_device(edgetpu_device or (s.split(":", 1)[1] if ":" in s else None), opts)
         names = EDGETPU_LIBS.get(_platform_key(), ())
         return DelegatePlan("edgetpu", "edgetpu", find_library(names), names, opts)
     if low == "gpu":
@@ -148,6 +145,13 @@ def parse_delegate(spec: Optional[str], *, edgetpu_device: Optional[str] = None,
         return DelegatePlan("external", s, s, (s,), opts)
     raise RuntimeLoadError(f"unknown delegate {spec!r}; use cpu, xnnpack, edgetpu, gpu or a path to a "
                            "delegate library (.so/.dylib/.dll)")
+
+
+def _edgetpu_device(dev: Optional[str], opts: dict) -> None:
+    if dev:
+        if not re.fullmatch(r"(usb|pci)?(:\d+)?|:?\d+", dev):
+            raise RuntimeLoadError(f"bad Edge TPU device {dev!r}; use usb, pci, usb:N, pci:N or :N")
+        opts.setdefault("device", dev if not dev.isdigit() else f":{dev}")
 
 
 class _Captured:
@@ -330,6 +334,16 @@ def cpu_fallback(ops: Optional[List[dict]], plan: DelegatePlan, data: bytes) -> 
     if ops is None:
         return CpuFallback(plan.label, 0, 0, 0, note="op details not available from this runtime")
     original = [i for i, o in enumerate(ops) if o.get("op_name") != "DELEGATE"]
+    on_accel = _accelerated(ops, original)
+    cpu = dict(Counter(str(ops[i].get("op_name")) for i in original if i not in on_accel))
+    note = None
+    if plan.kind == "edgetpu" and EDGETPU_CUSTOM_OP not in data:
+        note = "model is not compiled for the Edge TPU: every op runs on the CPU (run edgetpu_compiler first)"
+    return CpuFallback(plan.label, len(original), len(on_accel), sum(cpu.values()), cpu, note)
+
+
+def _accelerated(ops: List[dict], original: List[int]) -> set:
+    """Indices of the original ops a delegate (or the Edge TPU's compiled custom op) took."""
     producers = {int(t): i for i in original for t in ops[i].get("outputs", ())}
     on_accel: set = set()
     for o in ops:
@@ -337,16 +351,7 @@ def cpu_fallback(ops: Optional[List[dict]], plan: DelegatePlan, data: bytes) -> 
             on_accel |= _partition(o, producers, ops)
     # The Edge TPU compiler bakes its partitions into custom ops that only the TPU runs.
     tpu_op = EDGETPU_CUSTOM_OP.decode()
-    on_accel |= {i for i in original if ops[i].get("op_name") == tpu_op}
-    cpu: Dict[str, int] = {}
-    for i in original:
-        if i not in on_accel:
-            name = str(ops[i].get("op_name"))
-            cpu[name] = cpu.get(name, 0) + 1
-    note = None
-    if plan.kind == "edgetpu" and EDGETPU_CUSTOM_OP not in data:
-        note = "model is not compiled for the Edge TPU: every op runs on the CPU (run edgetpu_compiler first)"
-    return CpuFallback(plan.label, len(original), len(on_accel), sum(cpu.values()), cpu, note)
+    return on_accel | {i for i in original if ops[i].get("op_name") == tpu_op}
 
 
 def op_details(interp: Any) -> Optional[List[dict]]:

@@ -141,7 +141,8 @@ def needs_probe(model_path: os.PathLike) -> Optional[str]:
     cleanly); one it passes but whose graph looks wrong (see
     :func:`edgepipe.device.flatcheck.doubts`) does.
     """
-    from edgepipe.device.flatcheck import doubts, problem
+    from edgepipe.device.flatcheck import problem
+    from edgepipe.device.graphcheck import doubts
 
     try:
         with open(model_path, "rb") as f:

@@ -118,7 +118,7 @@ def _changed(src, change) -> bytes:
 
 
 def test_sound_graphs_raise_no_doubts(models_dir):
-    from edgepipe.device.flatcheck import doubts
+    from edgepipe.device.graphcheck import doubts
 
     for p in sorted(models_dir.glob("*.tflite")):
         if p.name not in ("not_a_model.tflite", "truncated.tflite"):
@@ -148,7 +148,8 @@ def _set(path: str, value):
     ("subgraphs.0.tensors.8.quantization.scale", [float("nan")], "scale that is not a finite positive number"),
 ])
 def test_crash_prone_graphs_are_doubted(models_dir, path, value, expect):
-    from edgepipe.device.flatcheck import doubts, problem
+    from edgepipe.device.flatcheck import problem
+    from edgepipe.device.graphcheck import doubts
 
     data = _changed(models_dir / "uint8_io.tflite", _set(path, value))
     assert problem(data) is None  # structurally sound: only the graph is wrong

@@ -87,7 +87,7 @@ def test_probe_reports_a_refusal_with_its_stage(no_inputs_model):
 
 
 def test_a_crashing_model_is_contained_and_named(nan_scale_model):
-    from edgepipe.device.flatcheck import doubts
+    from edgepipe.device.graphcheck import doubts
     from edgepipe.device.isolate import ModelCrashError, needs_probe, preflight, probe_model
 
     assert doubts(nan_scale_model.read_bytes()) and needs_probe(nan_scale_model)
