@@ -38,9 +38,10 @@ def template(name: str) -> str:
 
 
 def render_page(content: str, *, title: str = "edgepipe results", status: str = "", nav: str = "",
-                live: bool = False, poll_ms: int = 2000) -> str:
-    """A whole HTML page around ``content``; ``live`` adds the polling script."""
-    script = f"<script>\n{template('dashboard.js')}\n</script>" if live else ""
+                live: bool = False, poll_ms: int = 2000, script: Optional[bool] = None) -> str:
+    """A whole HTML page around ``content``; ``live`` polls for new reports; ``script`` (default: live)
+    includes the page script, which the sign-in page needs for ``#token=`` addresses."""
+    script = f"<script>\n{template('dashboard.js')}\n</script>" if (live if script is None else script) else ""
     return string.Template(template("page.html")).substitute(
         title=views.esc(title), css=template("dashboard.css"), status=views.esc(status), nav=nav,
         content=content, script=script, live="1" if live else "0", poll=str(int(poll_ms)))
@@ -85,7 +86,12 @@ class Dashboard:
         return (p / (1 + self.tolerance), p, p * (1 + self.tolerance))
 
     def content(self, query: dict) -> str:
-        """The main part of the page for ``query`` (device=, model=, history=)."""
+        """The main part of the page for ``query`` (device=, model=, history=), with its navigation
+        (inside, so devices that appear while the page is open get their links too)."""
+        rows = self.rows()
+        return views.nav(rows) + self._view(query, rows)
+
+    def _view(self, query: dict, rows: list) -> str:
         if query.get("history"):
             rep = self.store.get(query["history"])
             if rep is None:
@@ -95,7 +101,6 @@ class Dashboard:
             cand = self.store.query(kind=base["kind"], model=base["model"], limit=MAX_REPORTS)
             rows = [r for r in (rp.row(c) for c in cand) if rp.key_of(r) == key]
             return views.history(rows, self.band(key))
-        rows = self.rows()
         if query.get("device"):
             rows = [r for r in rows if query["device"] in (r["device_key"], r["device"], r.get("hostname"))]
             return f"<h2>Device {views.esc(query['device'])}</h2>" + views.overview(rows, link)
@@ -182,10 +187,8 @@ def route(handler, dash: Dashboard, method: str, path: str, query: str):
     if path == "/":
         if not ok:
             page = string.Template(template("login.html")).substitute(error="")
-            return 200, _html(200, render_page(page, title=dash.title, status="sign in"))
-        q = _query(query)
-        rows_nav = views.nav(dash.rows())
-        return 200, _html(200, render_page(dash.content(q), title=dash.title, status=dash.status(), nav=rows_nav,
+            return 200, _html(200, render_page(page, title=dash.title, status="sign in", script=True))
+        return 200, _html(200, render_page(dash.content(_query(query)), title=dash.title, status=dash.status(),
                                            live=True, poll_ms=dash.poll_ms))
     if not ok:
         raise HTTPError_(401, "sign in first (token)")

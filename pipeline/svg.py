@@ -168,15 +168,17 @@ def stacked(items: Sequence[dict], parts: Sequence[str], axis: str, width: int =
 
 
 def history(points: Sequence[dict], title: str, band: Optional[tuple] = None, width: int = 900) -> str:
-    """p50 over time (``{"t": epoch s, "p50", "p90"}``), with the baseline ``(lo, base, hi)`` band."""
+    """p50 over time (``{"t": epoch s, "p50", "p90", "when"}``), with the baseline ``(lo, base, hi)`` band."""
     pts = [p for p in points if p.get("p50") is not None]
     if not pts:
         return ""
     left, right, top, bottom, height = 60, 20, 10, 44, 240
     ys = [p["p50"] for p in pts] + [p.get("p90") for p in pts if p.get("p90")] + (list(band) if band else [])
     sy = Scale.for_values(ys, height - bottom, top)
-    t0, t1 = min(p["t"] for p in pts), max(p["t"] for p in pts)
-    sx = Scale(t0, t1 if t1 > t0 else t0 + 1, left + 10, width - right - 10, False)
+    # Evenly spaced in order of time: bursts of runs and week-long gaps both stay readable.
+    pts = sorted(pts, key=lambda p: p["t"])
+    pts = [dict(p, t=i) for i, p in enumerate(pts)]
+    sx = Scale(0, max(1, len(pts) - 1), left + 10, width - right - 10, False)
     body = []
     for t in sy.ticks():
         y = sy(t)

@@ -5,6 +5,8 @@ contract, so the collector accepts them; p50s span 1.7..166 ms like the demo.
 """
 from __future__ import annotations
 
+import datetime as _dt
+
 from edgepipe.device.report import new_report
 
 P50 = {"fp32": 11.0, "fp16": 11.2, "dynamic": 9.5, "int8": 1.7, "int8-io": 1.8, "int16x8": 166.0}
@@ -58,12 +60,19 @@ def run(device: dict, source_kind: str, source: str, e2e: float) -> dict:
                       input={"kind": source_kind, "source": source, "live": False})
 
 
+def at(report: dict, days_ago: float) -> dict:
+    when = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=days_ago)
+    report["created"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return report
+
+
 def demo_reports() -> list:
     """Every report of a demo-like session, oldest first."""
     out = []
     for dev, scale in zip(DEVICES, SCALE):
         for recipe, p50 in P50.items():
-            out.append(bench(dev, recipe, round(p50 * scale * 1.2, 3)))  # an older, slower result...
+            for days, slower in ((3, 1.25), (2, 1.2), (1, 1.02)):  # older, slower results...
+                out.append(at(bench(dev, recipe, round(p50 * scale * slower, 3)), days))
             out.append(bench(dev, recipe, round(p50 * scale, 3)))        # ...and the latest
     out += [evaluation(recipe) for recipe in P50]
     out.append(run(DEVICES[0], "video", "sample_data/video/vtest_short.avi", 9.0))
