@@ -15,6 +15,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup-env.sh all
+scripts/setup-services.sh  # mosquitto, postgresql, chromium + driver when missing (tests skip with a reason otherwise)
 
 echo "==> [1/4] full suite (host + device)"
 .venv/bin/python -P -m pytest -q "$@"
