@@ -35,10 +35,13 @@ Examples:
               help="Seeded random tensors (default) or a folder of images ON THE DEVICE.")
 @click.option("--seed", type=int, default=None, help="Seed of the random input.")
 @click.option("--timeout", "job_timeout", type=click.FloatRange(1, 86400), default=1800, show_default=True,
-              help="Seconds to wait for one job.")
+              help="Seconds to wait for one job; a job still going then is cancelled on the device.")
+@click.option("--force", is_flag=True,
+              help="Upload every bundle again, even when the device has it; lifts the device's refusal "
+                   "of a bundle that crashed its runtime.")
 @click.option("--json", "as_json", is_flag=True, help="Print outcomes and reports as JSON.")
 def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, runs, warmup, min_secs,
-          input_, seed, job_timeout, as_json):
+          input_, seed, job_timeout, force, as_json):
     """Bench BUNDLE(s) on every --device at once and store the reports.
 
     Uploads only what a device lacks (bundles are keyed by sha256), runs the
@@ -80,7 +83,7 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     settings = expand_settings(params, threads=thread_list, delegates=delegate_list)
     try:
         result = bench_fleet(packed, list(devices), settings=settings, token=token, store=store,
-                             job_timeout=job_timeout, on_event=progress)
+                             job_timeout=job_timeout, force=force, on_event=progress)
     finally:
         if store is not None:
             store.close()
@@ -91,7 +94,7 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
             "ok": result.ok,
             "outcomes": [{"device": o.device, "bundle": o.bundle, "recipe": o.recipe, "setting": o.setting,
                           "status": o.status,
-                          "error": o.error, "uploaded": o.uploaded, "stored": o.stored,
+                          "error": o.error, "crash": o.crash, "uploaded": o.uploaded, "stored": o.stored,
                           "report": o.report} for o in result.outcomes],
             "warnings": quantized_slower(ok_rows)}, indent=2))
     else:
@@ -100,7 +103,10 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
         for w in quantized_slower(ok_rows):
             click.echo(f"warning: {w}")
         for o in result.failed():
-            click.echo(f"FAILED  {o.device}  {o.bundle}: {o.error}")
+            click.echo(f"{o.status.upper():<8}{o.device}  {o.bundle}: {o.error}")
+        if not force and any(o.status == "refused" for o in result.outcomes):
+            click.echo("hint: a bundle that crashed a device's runtime is refused there until it is sent "
+                       "again with --force")
         n_ok = sum(o.status == "ok" for o in result.outcomes)
         where = "not stored" if store is None else f"stored in {store.path}"
         click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {len(devices)} device(s); reports {where}")

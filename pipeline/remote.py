@@ -55,6 +55,14 @@ def pack_bundle(path: os.PathLike) -> PackedBundle:
                         sha256=hashlib.sha256(data).hexdigest())
 
 
+class WaitTimeout(ClientError):
+    """The job was still queued or running when the host stopped waiting (the device answered)."""
+
+
+# Final job states (`cancelled`: DELETE /v1/jobs/{id}).
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
 class AgentClient:
     """One agent at ``url`` (e.g. ``http://pi.local:8751``)."""
 
@@ -72,6 +80,14 @@ class AgentClient:
     def info(self) -> dict:
         return self._call("GET", "/v1/info")
 
+    def alive(self) -> bool:
+        """Whether the agent answers at all (``/healthz``, no token needed)."""
+        try:
+            self._call("GET", "/healthz", timeout=min(self.timeout, 10.0))
+            return True
+        except ClientError:
+            return False
+
     def has_bundle(self, sha: str) -> bool:
         try:
             self._call("GET", f"/v1/bundles/{sha}")
@@ -81,11 +97,15 @@ class AgentClient:
                 return False
             raise
 
-    def upload(self, packed: PackedBundle) -> bool:
-        """PUT the bundle unless the device has it; True when bytes were sent."""
-        if self.has_bundle(packed.sha256):
+    def upload(self, packed: PackedBundle, *, force: bool = False) -> bool:
+        """PUT the bundle unless the device has it; True when bytes were sent.
+
+        ``force`` sends it anyway and lifts the device's refusal of a bundle
+        that crashed its runtime.
+        """
+        if not force and self.has_bundle(packed.sha256):
             return False
-        self._call("PUT", f"/v1/bundles/{packed.sha256}", data=packed.data,
+        self._call("PUT", f"/v1/bundles/{packed.sha256}{'?force=1' if force else ''}", data=packed.data,
                    content_type="application/x-tar", timeout=max(self.timeout, 300.0))
         return True
 
@@ -97,18 +117,26 @@ class AgentClient:
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a queued or running job (DELETE /v1/jobs/{id}); returns its final state."""
+        return self._call("DELETE", f"/v1/jobs/{job_id}", timeout=max(self.timeout, 60.0))
+
     def wait(self, job_id: str, *, timeout: float = 1800.0, poll: float = 0.1,
              on_poll: Optional[Callable[[dict], None]] = None) -> dict:
-        """Poll a job until it is done or failed; returns its final state."""
+        """Poll a job until it is done, failed or cancelled; returns its final state.
+
+        Raises :class:`WaitTimeout` when it is still going after ``timeout`` s.
+        """
         deadline = time.monotonic() + timeout
         delay = poll
         while True:
             state = self.job(job_id)
             if on_poll is not None:
                 on_poll(state)
-            if state.get("status") in ("done", "failed"):
+            if state.get("status") in FINAL_STATES:
                 return state
             if time.monotonic() > deadline:
-                raise ClientError(f"job {job_id} on {self.url} did not finish within {timeout:.0f} s")
+                raise WaitTimeout(f"job {job_id} on {self.url} did not finish within {timeout:.0f} s",
+                                  payload=state)
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)

@@ -6,8 +6,12 @@ bundle store and the real bench; a third URL has nothing listening.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ from click.testing import CliRunner
 from edgepipe.device.agent import Agent, AgentServer
 from edgepipe.device.bundle_store import BundleStore
 from bundle_factory import make_bundle
+from edgepipe.device.http import ClientError
 from edgepipe.pipeline.cli import main as edgepipe
 from edgepipe.pipeline.remote import AgentClient, pack_bundle
 from edgepipe.pipeline.store import Store
@@ -125,3 +130,82 @@ def test_thread_matrix_uploads_once_per_bundle(agents, bundles, tmp_path):
     assert [o["report"]["runtime"]["threads"] for o in outs] == [1, 2, 1, 2]
     res = bench(*bundles, "--device", agents[0].url, "--no-db", "--threads", "1,x")
     assert res.exit_code == 2 and "not a number" in res.output
+
+
+# --------------------------------------------------------------------------- refusals and crashes are rows, not a dead device
+
+
+def _agent(store_dir, **store_kw):
+    worker = Agent(BundleStore(store_dir, **store_kw))
+    srv = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
+    srv.start_background()
+    return srv
+
+
+def _stop(srv):
+    srv.shutdown()
+    srv.server_close()
+    srv.agent.close()
+
+
+def test_a_bundle_too_large_for_a_device_is_refused_and_the_device_carries_on(bundles, tmp_path):
+    big = make_bundle(tmp_path / "big", "float.tflite", "tiny-big", "fp32")
+    (big / "extra.bin").write_bytes(os.urandom(300 << 10))
+    srv = _agent(tmp_path / "store", max_bytes=100 << 10)
+    try:
+        res = bench(big, *bundles, "--device", srv.url, "--token", TOKEN, "--no-db", "--runs", 3)
+        assert res.exit_code == 1
+        label = srv.url.split("//")[1]
+        assert f"REFUSED {label}  tiny-big: bundle too large for this device" in res.stdout, res.output
+        assert "2/3 jobs succeeded" in res.stdout and "stopped answering" not in res.output
+        assert "Traceback" not in res.output
+
+        # The device's own answer (413 with a JSON reason) for a client that does not look first.
+        with pytest.raises(ClientError) as e:
+            AgentClient(srv.url, token=TOKEN).upload(pack_bundle(big))
+        assert e.value.status == 413 and "exceeds" in e.value.payload["error"]
+        assert AgentClient(srv.url, token=TOKEN).alive()
+    finally:
+        _stop(srv)
+
+
+def test_a_crashed_worker_is_a_failed_row_and_the_bundle_is_refused_until_forced(agents, bundles):
+    srv = agents[0]
+    label = srv.url.split("//")[1]
+
+    def kill_first_job():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(j.stage == "running the benchmark" for j in srv.agent.list()):
+                os.kill(srv.agent.worker.pid, signal.SIGSEGV)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_first_job, daemon=True)
+    killer.start()
+    res = bench(*bundles, "--device", srv.url, "--token", TOKEN, "--no-db", "--runs", 3, "--min-secs", 2, "--json")
+    killer.join()
+    assert res.exit_code == 1
+    outs = json.loads(res.stdout)["outcomes"]
+    assert [o["status"] for o in outs] == ["failed", "ok"], outs
+    assert outs[0]["error"].startswith("crashed with SIGSEGV while running the benchmark"), outs[0]["error"]
+    assert outs[0]["crash"]["signal"] == "SIGSEGV"
+
+    # Next time the device refuses that bundle at once, says why, and still runs the other one.
+    res = bench(*bundles, "--device", srv.url, "--token", TOKEN, "--no-db", "--runs", 3)
+    assert res.exit_code == 1
+    assert f"REFUSED {label}  tiny-fp32: bundle refused by the device: " in res.stdout
+    assert "crashed with SIGSEGV" in res.stdout and "--force" in res.stdout and "1/2 jobs" in res.stdout
+    res = bench(*bundles, "--device", srv.url, "--token", TOKEN, "--no-db", "--runs", 3, "--force")
+    assert res.exit_code == 0, res.output
+
+
+def test_a_job_over_the_host_timeout_is_cancelled_on_the_device(agents, bundles):
+    srv = agents[0]
+    res = bench(*bundles, "--device", srv.url, "--token", TOKEN, "--no-db", "--runs", 3, "--min-secs", 60,
+                "--timeout", 2, "--json")
+    assert res.exit_code == 1
+    outs = json.loads(res.stdout)["outcomes"]
+    assert all(o["status"] == "failed" and "did not finish within 2 s (cancelled on the device)" in o["error"]
+               for o in outs), outs
+    assert [j.status.value for j in srv.agent.list()] == ["cancelled", "cancelled"]
