@@ -29,6 +29,7 @@ class BundleError(EdgepipeError):
 class Task(str, Enum):
     CLASSIFICATION = "classification"
     DETECTION = "detection"
+    SEGMENTATION = "segmentation"
     OTHER = "other"
 
 
@@ -44,6 +45,9 @@ class ResizeMode(str, Enum):
     # Crop the centre `crop_fraction` of the shorter side's square, then resize
     # (the classic ImageNet eval transform: 224/256 = 0.875).
     CENTER_CROP = "center-crop"
+    # Scale the whole frame to fit, keep the aspect ratio, centre it and pad
+    # the rest with LETTERBOX_FILL (the YOLO convention).
+    LETTERBOX = "letterbox"
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,9 @@ class Manifest:
     calibration: Optional[Calibration] = None
     edgetpu: Optional[dict] = None  # parsed edgetpu_compiler log, see edgepipe.pipeline.edgetpu
     extra: dict = field(default_factory=dict)  # recipe details, selective quantization, ...
+    # Detection/segmentation decoder parameters (edgepipe.device.decode.DecoderSpec.from_dict
+    # checks them when a run starts); None: inferred from the outputs, with the assumption said.
+    decoder: Optional[dict] = None
     schema: str = SCHEMA
     model_file: str = MODEL  # relative to the bundle directory
 
@@ -204,6 +211,7 @@ class Manifest:
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "edgetpu": self.edgetpu,
             "extra": dict(self.extra),
+            **({"decoder": dict(self.decoder)} if self.decoder is not None else {}),
         }
 
     @classmethod
@@ -240,6 +248,7 @@ class Manifest:
                 calibration=Calibration.from_dict(d.get("calibration")),
                 edgetpu=d.get("edgetpu"),
                 extra=dict(d.get("extra") or {}),
+                decoder=dict(d["decoder"]) if d.get("decoder") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"invalid manifest: {type(e).__name__}: {e}") from None

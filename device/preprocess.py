@@ -14,8 +14,8 @@ Definition of the numerics (``load_image`` and ``reference_preprocess`` agree on
    pipelines' decoders, so device inputs match what the model was trained on.
 2. Colour. Pixels become 8-bit RGB (PIL ``convert``), or 8-bit gray with PIL's
    ITU-R 601-2 integer formula ``(19595 R + 38470 G + 7471 B + 32768) >> 16``.
-3. Region. ``stretch``: the whole image. ``center-crop``: the largest centred
-   box with the model's aspect ratio, scaled by ``crop_fraction``. Box corners
+3. Region. ``stretch`` and ``letterbox``: the whole image. ``center-crop``: the
+   largest centred box with the model's aspect ratio, scaled by ``crop_fraction``. Box corners
    are float32 numbers in original-image pixels, divided by s after decoding.
 4. Resize. One separable resample of the box to ``height`` x ``width`` with
    PIL's filters (bilinear = triangle widened by the downscale factor, so it
@@ -24,6 +24,8 @@ Definition of the numerics (``load_image`` and ``reference_preprocess`` agree on
    rounded and clipped to 8 bits -- exactly ``Image.resize`` on 8-bit images,
    what most training pipelines (Keras, PIL-based loaders) feed a model.
    (Nearest: the pixel under each sample centre, ``floor(x0 + (i + .5) * scale)``.)
+   ``letterbox`` resizes to the largest size that fits with the aspect ratio kept
+   (:func:`letterbox_layout`, whole pixels), centred on a ``LETTERBOX_FILL`` canvas.
 5. Normalize. Channels in ``color`` order; ``(pixel - mean) / std`` in float64,
    returned as float32 (H, W, C) (a 256-entry table per channel).
 
@@ -117,6 +119,21 @@ def crop_box(width: int, height: int, spec: Preprocess) -> Tuple[float, float, f
     # PIL parses a resize box as C floats; fixing float32 here keeps the
     # reference and the fast path on exactly the same coordinates.
     return tuple(float(np.float32(v)) for v in box)
+
+
+LETTERBOX_FILL = 114  # padding grey of letterboxed inputs, on 0..255 pixels (the YOLO convention)
+
+
+def letterbox_layout(region_w: float, region_h: float, width: int, height: int) -> Tuple[int, int, int, int]:
+    """Letterbox placement: (new_w, new_h, left, top) of the region scaled to fit ``width`` x ``height``.
+
+    Integer pixels, centred (odd padding puts the extra pixel right/bottom);
+    the decoders map boxes back through this same placement.
+    """
+    scale = min(width / region_w, height / region_h)
+    nw = min(width, max(1, int(round(region_w * scale))))
+    nh = min(height, max(1, int(round(region_h * scale))))
+    return nw, nh, (width - nw) // 2, (height - nh) // 2
 
 
 def nearest_index(in0: float, in1: float, out_size: int, n: int) -> np.ndarray:
@@ -218,14 +235,7 @@ def load_image(x: ImageInput, spec: Preprocess, *, order: Union[str, ColorOrder]
     img, box = _open(x, spec, order)
     channels = spec.channels
     mean, std = _mean_std(spec, channels)
-    if resample == Image.Resampling.NEAREST:
-        # PIL's nearest rounds exact .5 sample positions its own way; index
-        # by the definition instead (it is only a gather).
-        a = np.asarray(img)
-        a = a[np.ix_(nearest_index(box[1], box[3], spec.height, img.height),
-                     nearest_index(box[0], box[2], spec.width, img.width))]
-    else:
-        a = np.asarray(img.resize((spec.width, spec.height), resample, box=box))
+    a = _resized(img, box, spec, resample)
     if a.ndim == 2:
         a = a[:, :, None]
     elif spec.color == ColorOrder.BGR:
@@ -233,6 +243,26 @@ def load_image(x: ImageInput, spec: Preprocess, *, order: Union[str, ColorOrder]
     table, offsets = _table(tuple(mean), tuple(std))
     # One gather over the whole image: channel c reads table entries [256 c, 256 c + 255].
     return np.take(table, a if offsets is None else a + offsets)
+
+
+def _resized(img: Image.Image, box: Tuple[float, ...], spec: Preprocess, resample) -> np.ndarray:
+    """The box resized to the model size (letterbox: to fit, centred on LETTERBOX_FILL), uint8."""
+    width, height = spec.width, spec.height
+    if spec.resize == ResizeMode.LETTERBOX:
+        width, height, left, top = letterbox_layout(box[2] - box[0], box[3] - box[1], spec.width, spec.height)
+    if resample == Image.Resampling.NEAREST:
+        # PIL's nearest rounds exact .5 sample positions its own way; index
+        # by the definition instead (it is only a gather).
+        a = np.asarray(img)
+        a = a[np.ix_(nearest_index(box[1], box[3], height, img.height),
+                     nearest_index(box[0], box[2], width, img.width))]
+    else:
+        a = np.asarray(img.resize((width, height), resample, box=box))
+    if spec.resize != ResizeMode.LETTERBOX:
+        return a
+    canvas = np.full((spec.height, spec.width) + a.shape[2:], LETTERBOX_FILL, dtype=np.uint8)
+    canvas[top:top + height, left:left + width] = a
+    return canvas
 
 
 @lru_cache(maxsize=32)
@@ -371,11 +401,18 @@ def reference_preprocess(x: ImageInput, spec: Preprocess, *,
     x0, y0, x1, y1 = (float(np.float32(v / scale)) for v in crop_box(w0, h0, spec))
     name = spec.interpolation.lower()
     h = a
+    tw, th = spec.width, spec.height
+    if spec.resize == ResizeMode.LETTERBOX:
+        tw, th, left, top = letterbox_layout(x1 - x0, y1 - y0, spec.width, spec.height)
     # PIL skips a pass whose axis neither changes size nor moves (same condition here).
-    if not (spec.width == h.shape[1] and (x0, x1) == (0.0, h.shape[1])) or name == "nearest":
-        h = _ref_resample_axis(h, x0, x1, spec.width, name)           # rows x W' x C
-    if not (spec.height == h.shape[0] and (y0, y1) == (0.0, h.shape[0])) or name == "nearest":
-        h = _ref_resample_axis(h.transpose(1, 0, 2), y0, y1, spec.height, name).transpose(1, 0, 2)
+    if not (tw == h.shape[1] and (x0, x1) == (0.0, h.shape[1])) or name == "nearest":
+        h = _ref_resample_axis(h, x0, x1, tw, name)           # rows x W' x C
+    if not (th == h.shape[0] and (y0, y1) == (0.0, h.shape[0])) or name == "nearest":
+        h = _ref_resample_axis(h.transpose(1, 0, 2), y0, y1, th, name).transpose(1, 0, 2)
+    if spec.resize == ResizeMode.LETTERBOX:
+        canvas = np.full((spec.height, spec.width, h.shape[2]), LETTERBOX_FILL, dtype=np.int64)
+        canvas[top:top + th, left:left + tw] = h
+        h = canvas
     if spec.color == ColorOrder.BGR:
         h = h[:, :, ::-1]
     mean, std = _mean_std(spec, h.shape[2])

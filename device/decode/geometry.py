@@ -47,11 +47,15 @@ def stretch(src_w: int, src_h: int) -> PreprocessGeometry:
 
 
 def letterbox(src_w: int, src_h: int, model_w: int, model_h: int) -> PreprocessGeometry:
-    """The whole image scaled to fit, centred, padded to the input size (aspect ratio kept)."""
-    scale = min(model_w / src_w, model_h / src_h)
-    cw, ch = src_w * scale / model_w, src_h * scale / model_h
+    """The whole image scaled to fit, centred, padded to the input size (aspect ratio kept).
+
+    The placement is preprocessing's own (whole pixels), so boxes map back exactly.
+    """
+    from edgepipe.device.preprocess import letterbox_layout
+
+    nw, nh, left, top = letterbox_layout(float(src_w), float(src_h), model_w, model_h)
     return PreprocessGeometry(src_w, src_h, (0.0, 0.0, float(src_w), float(src_h)),
-                              ((1.0 - cw) / 2, (1.0 - ch) / 2, (1.0 + cw) / 2, (1.0 + ch) / 2))
+                              (left / model_w, top / model_h, (left + nw) / model_w, (top + nh) / model_h))
 
 
 def geometry_for(preprocess: Any, src_w: int, src_h: int) -> PreprocessGeometry:
