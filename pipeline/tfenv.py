@@ -59,7 +59,8 @@ def captured_output(log_path: Optional[Path] = None) -> Iterator[Path]:
 
     The log is kept when the block raises (at ``log_path`` or a temp file), so a
     failure can point at it instead of dumping converter internals on the
-    terminal; a temp log of a block that succeeded is deleted.
+    terminal; a temp log is deleted when the block succeeded, or raised
+    without writing anything.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -70,11 +71,22 @@ def captured_output(log_path: Optional[Path] = None) -> Iterator[Path]:
         log_path = Path(name)
     else:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-    with _fds_to(log_path):
-        yield log_path
-    # Reached only when the block succeeded: an exception skips this line.
+    try:
+        with _fds_to(log_path):
+            yield log_path
+    except BaseException:
+        if own_log and _is_empty(log_path):  # nothing to point at
+            log_path.unlink(missing_ok=True)
+        raise
     if own_log:
         log_path.unlink(missing_ok=True)
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -208,3 +208,7 @@ def test_a_failing_block_keeps_its_tensorflow_log(tmp_path, monkeypatch):
             raise RuntimeError("boom")
     assert [p.name for p in tmp.iterdir()] == [bad_log.name]
     assert "the converter gave up" in bad_log.read_text()
+    with pytest.raises(ValueError):
+        with captured_output():
+            raise ValueError("failed before TensorFlow said anything")
+    assert [p.name for p in tmp.iterdir()] == [bad_log.name]  # an empty log points at nothing
