@@ -89,7 +89,8 @@ def _throttle_warnings(start: dict, end: dict) -> List[str]:
 def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delegate: str = "cpu",
               runs: int = 50, warmup: int = 5, min_secs: float = 0.0, input: str = "random",
               backend: Optional[str] = None, seed: int = 0, loaded=None, edgetpu_device: Optional[str] = None,
-              max_secs: Optional[float] = None, progress: Optional[Callable[[int], None]] = None) -> dict:
+              max_secs: Optional[float] = None, progress: Optional[Callable[[int], None]] = None,
+              profile_ops: bool = False) -> dict:
     """Benchmark one bundle or ``.tflite`` with one setting; returns a ``bench`` report.
 
     Runs at least ``runs`` timed invokes and keeps going until ``min_secs``
@@ -97,7 +98,8 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
     loaded model (the agent keeps them warm): its cold-start figures are then
     not re-measured and ``runtime.load`` says ``warm``. Raises BenchError,
     BundleError, edgepipe.device.runtime.RuntimeLoadError or ModelRunError
-    with one-line messages.
+    with one-line messages. ``profile_ops`` adds a per-op ``profile`` block,
+    measured after the timed loop, so the latency figures never carry it.
     """
     from edgepipe.device import sysinfo
     from edgepipe.device.runtime import load_model
@@ -124,6 +126,10 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
                 "cpu_fallback": loaded.cpu_fallback.to_dict() if loaded.cpu_fallback else None}
     report = _bench_report(bundle, model_path, loaded, cold, device, samples_ns, inputs, settings)
     report["warnings"].extend(resource_warnings(start, end, loaded, inputs))
+    if profile_ops:
+        from edgepipe.device.profiler import profile_block
+
+        report["profile"] = profile_block(loaded, inputs.sets[0], runs)
     return report
 
 

@@ -147,17 +147,17 @@ def test_report_from_real_run_is_typed_and_round_trips(real_report):
 
 
 def test_unknown_optional_blocks_are_kept_in_extra():
-    doc = skeleton(profile={"ops": [{"op": "CONV_2D", "ms": 1.0}]},
+    doc = skeleton(power={"watts": [{"rail": "core", "w": 1.0}]},
                    device={"hostname": "h", "soc": "bcm2712", "tags": ["a"]},
                    stages_ms={"invoke": dict(STATS, n=1, mean=1.0), "decode": None},
                    failure={"reason": "crashed", "signal": "SIGSEGV", "stage": "allocate", "pid": 7})
     r = Report.from_dict(doc)
-    assert r.extra == {"profile": doc["profile"]} and r.device.extra == {"soc": "bcm2712"}
+    assert r.extra == {"power": doc["power"]} and r.device.extra == {"soc": "bcm2712"}
     assert r.device == Device(hostname="h", tags=("a",), extra={"soc": "bcm2712"})
     assert r.failure == Failure(reason="crashed", signal="SIGSEGV", stage="allocate", extra={"pid": 7})
     assert r.stages_ms["invoke"].mean == 1.0 and r.stages_ms["decode"] is None
     back = r.to_dict()
-    assert back["profile"] == doc["profile"] and back["device"]["soc"] == "bcm2712"
+    assert back["power"] == doc["power"] and back["device"]["soc"] == "bcm2712"
     assert back["failure"]["pid"] == 7 and back["stages_ms"]["decode"] is None
 
 
