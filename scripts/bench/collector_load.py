@@ -2,7 +2,8 @@
 """Collector ingest rate: 50 concurrent senders -> `edgepipe serve` on loopback.
 
 Starts the real collector (`python -m edgepipe.pipeline.cli serve`) as a separate
-process with a fresh SQLite DB, then N sender threads in this process each
+process with a fresh results store -- SQLite, then PostgreSQL (a private server on
+loopback, default durability) -- then N sender threads in this process each
 POST reports; then the same burst again the way a device delivers (spool on
 disk, POST, remove on ack). Prints reports/s ingested and how many were lost
 (ids sent minus ids stored). Target: >= 1000 reports/s, 0 lost.
@@ -13,6 +14,7 @@ must get 422 while every good one gets 201; and authorized POST latency while
 200 connections idle or trickle one byte every 0.5 s (target: median < 1 s).
 
     .venv/bin/python scripts/bench/collector_load.py [--senders 50] [--per-sender 40] [--slow-clients 200]
+        [--db sqlite|postgresql|both]
 """
 from __future__ import annotations
 
@@ -198,44 +200,84 @@ def run_slow_clients(url: str, n: int, seconds: float = 6.0) -> float:
     return med
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--senders", type=int, default=50)
-    ap.add_argument("--per-sender", type=int, default=40)
-    ap.add_argument("--slow-clients", type=int, default=200, help="idle/trickling connections (0 skips)")
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-load-"))
-    db = tmp / "results.db"
+def serve(db: str, tmp: Path):
+    """`edgepipe serve` on a free loopback port for ``db``; returns (process, url) or (process, None)."""
     env = dict(os.environ, EDGEPIPE_TOKEN=TOKEN, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "edgepipe.pipeline.cli", "serve", "--port", "0", "--db", str(db),
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe.pipeline.cli", "serve", "--port", "0", "--db", db,
                              "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        print(f"collector did not start: {line!r}", file=sys.stderr)
+        return proc, None
+    return proc, line.split()[3]
+
+
+def stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
     try:
-        line = proc.stdout.readline()
-        if "listening on" not in line:
-            print(f"collector did not start: {line!r}", file=sys.stderr)
-            return 1
-        url = line.split()[3]
-        print(f"collector_load: `edgepipe serve` on loopback, fresh SQLite DB "
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def bench_backend(label: str, db: str, tmp: Path, args, slow_clients: int) -> tuple:
+    """Every phase against one results store; returns (rate, lost, wrong, slow median)."""
+    proc, url = serve(db, tmp)
+    if url is None:
+        stop(proc)
+        return 0.0, -1, -1, float("inf")
+    try:
+        print(f"\n== {label}: `edgepipe serve` on loopback, fresh database "
               f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; figures are noisy)")
         rate, lost = run("post", url, proc, tmp, args.senders, args.per_sender)
         # Same burst through edgepipe.device.send: on one box the senders' spool fsyncs
         # compete with the collector; on real devices each has its own disk.
         _, lost2 = run("send", url, proc, tmp, args.senders, args.per_sender)
         wrong = run_mixed(url, min(args.senders, 20), 30)
-        slow = run_slow_clients(url, args.slow_clients) if args.slow_clients else 0.0
-        ok = rate >= 1000 and lost == 0 and lost2 == 0
-        print(f"target: >= 1000 reports/s ingested, 0 lost -> {'OK' if ok else 'MISSED'} "
-              f"({rate:.0f} reports/s, {lost + lost2} lost)")
-        print(f"target: 0 wrong answers with bad reports mixed in, slow-client median < 1 s -> "
-              f"{'OK' if wrong == 0 and slow < 1.0 else 'MISSED'} ({wrong} wrong, {slow * 1000:.1f} ms)")
-        return 0 if lost + lost2 + wrong == 0 and slow < 1.0 else 1
+        slow = run_slow_clients(url, slow_clients) if slow_clients else 0.0
+        return rate, lost + lost2, wrong, slow
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--senders", type=int, default=50)
+    ap.add_argument("--per-sender", type=int, default=40)
+    ap.add_argument("--slow-clients", type=int, default=200, help="idle/trickling connections (0 skips)")
+    ap.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both",
+                    help="results store(s) to load; postgresql starts a private server on loopback")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-load-"))
+    results, cluster = {}, None
+    try:
+        if args.db in ("sqlite", "both"):
+            results["sqlite"] = bench_backend("SQLite", str(tmp / "results.db"), tmp, args, args.slow_clients)
+        if args.db in ("postgresql", "both"):
+            sys.path.insert(0, str(REPO / "tests"))
+            from pgcluster import PgCluster, missing_reason
+
+            why = missing_reason()
+            if why:
+                print(f"\n== PostgreSQL skipped: {why}")
+            else:
+                # Default durability (fsync, synchronous commit): the figure a team's server gives.
+                cluster = PgCluster(fast=False).start()
+                results["postgresql"] = bench_backend("PostgreSQL", cluster.url, tmp, args,
+                                                      0 if "sqlite" in results else args.slow_clients)
+        print()
+        bad = 0
+        for name, (rate, lost, wrong, slow) in results.items():
+            ok = rate >= 1000 and lost == 0 and wrong == 0 and slow < 1.0
+            print(f"{name:<10} {rate:6.0f} reports/s ingested, lost {lost}, wrong answers {wrong}"
+                  + (f", slow-client median {slow * 1000:.1f} ms" if slow else "")
+                  + f" -> {'OK' if ok else 'MISSED'} (target >= 1000 reports/s, 0 lost, 0 wrong)")
+            bad += (lost != 0) + (wrong != 0) + (slow >= 1.0)
+        return 0 if bad == 0 and results else 1
+    finally:
+        if cluster is not None:
+            cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
