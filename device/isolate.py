@@ -117,14 +117,18 @@ def probe_model(model_path: os.PathLike, *, backend: Optional[str] = None, deleg
     model on a desktop CPU).
     """
     t0 = time.monotonic()
-    args = {"path": os.fspath(model_path), "backend": backend, "delegate": delegate, "threads": threads,
+    if "/" in delegate or os.sep in delegate:  # a delegate library given by (maybe relative) path
+        delegate = os.path.abspath(delegate)
+    args = {"path": os.path.abspath(model_path), "backend": backend, "delegate": delegate, "threads": threads,
             "edgetpu_device": edgetpu_device}
     read_fd, write_fd = os.pipe()
-    with tempfile.TemporaryFile() as err:
+    # An empty working directory: `python -m` puts it first on sys.path, where a
+    # user's own `edgepipe/` folder would otherwise shadow the installed package.
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryDirectory(prefix="edgerun-probe-") as cwd:
         try:
             proc = subprocess.Popen([sys.executable, "-m", "edgepipe.device.isolate", str(write_fd),
                                      json.dumps(args)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err, pass_fds=(write_fd,), env=_child_env())
+                                    stderr=err, pass_fds=(write_fd,), env=_child_env(), cwd=cwd)
         finally:
             os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:

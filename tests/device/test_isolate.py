@@ -123,3 +123,24 @@ def test_cli_run_contains_the_crash_too(nan_scale_model, tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "crashed the runtime with SIGSEGV while allocating tensors" in lines[0]
+
+
+def test_crash_reason_wording():
+    from edgepipe.device.isolate import ProbeResult, crash_reason
+
+    seg = ProbeResult(False, stage="allocating tensors", signal="SIGSEGV", backend="ai_edge_litert",
+                      version="2.3.0", exit_status=-11)
+    assert crash_reason(seg) == ("crashed the runtime with SIGSEGV while allocating tensors: the model is "
+                                 "malformed or unsupported by ai_edge_litert 2.3.0")
+    assert seg.crashed
+    quiet_exit = ProbeResult(False, stage="building the interpreter", exit_status=134)
+    assert crash_reason(quiet_exit) == ("made the runtime exit with status 134 while building the interpreter: "
+                                        "the model is malformed or unsupported by this runtime")
+
+
+def test_a_probe_that_overruns_its_deadline_is_killed(float_model):
+    from edgepipe.device.isolate import probe_model
+
+    r = probe_model(float_model, timeout_s=0.01)
+    assert not r.ok and r.crashed and "did not finish within 0.01 s" in r.reason
+    assert r.exit_status is not None and r.exit_status < 0  # killed, and reaped
