@@ -7,13 +7,21 @@ that escapes is a bug, and the agent and CLIs tell the two apart by class.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 
 class EdgepipeError(Exception):
     """An expected failure: bad input, a missing runtime, an unreachable peer.
 
     ``str(err)`` is one line; newlines in the message are folded so a log line
-    or an HTTP reason never spans several lines.
+    or an HTTP reason never spans several lines. ``param`` names the library
+    parameter at fault (``"data"``, ``"runs"``): a CLI turns it into its own
+    flag (``--data: ...``) with :func:`cli_hint`; the library never names flags.
     """
+
+    def __init__(self, *args: object, param: Optional[str] = None):
+        super().__init__(*args)
+        self.param = param
 
     def __str__(self) -> str:
         text = super().__str__()
@@ -24,3 +32,15 @@ def one_line(exc: BaseException) -> str:
     """``str(exc)`` folded to one line, falling back to the class name when empty."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def cli_hint(exc: BaseException, flag_for: Callable[[str], Optional[str]]) -> str:
+    """One line for a CLI: ``--flag: message`` when the error names a parameter the command has.
+
+    ``flag_for`` maps a parameter name to the command's flag (or ``None``);
+    click commands pass a lookup over their own parameters.
+    """
+    text = one_line(exc)
+    param = getattr(exc, "param", None)
+    flag = flag_for(param) if param else None
+    return f"{flag}: {text}" if flag else text
