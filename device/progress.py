@@ -10,12 +10,15 @@ bench (the host may import the device package, never the other way round).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Optional, Sequence, TextIO
 
 ENV = "EDGEPIPE_PROGRESS"
 FORMAT = "{desc}: {percentage:3.0f}%|{bar:24}| {n_fmt}/{total_fmt} [{elapsed}, ETA {remaining}]{postfix}"
 FORMAT_OPEN = "{desc}: {n_fmt} {unit} [{elapsed}, {rate_fmt}]{postfix}"
+# "[3/6] int8 ..." : the step lines convert and ablate already print.
+_STEP = re.compile(r"^\[(\d+)/(\d+)\]\s*(.*)$")
 
 
 def _tqdm():
@@ -61,6 +64,31 @@ class Bar:
     @property
     def active(self) -> bool:
         return self._bar is not None
+
+    @property
+    def count(self) -> int:
+        return int(self._bar.n) if self._bar is not None else 0
+
+    def message(self, msg: str, *, at_start: bool = True) -> None:
+        """Drive the bar from a progress line: ``[i/N] what`` moves it, anything else prints above it.
+
+        ``at_start``: the line announces step i (i-1 done), else it reports step i finished.
+        """
+        m = _STEP.match(msg)
+        if m is None or self._bar is None:
+            self.write(msg)
+            return
+        i, n = int(m.group(1)), int(m.group(2))
+        if self._bar.total != n:
+            self._bar.total = n
+            self._bar.bar_format = FORMAT
+        self.to(i - 1 if at_start else i)
+        self.note(m.group(3))
+
+    def finish(self) -> None:
+        """All steps done (the last ``[N/N]`` line announced a start)."""
+        if self._bar is not None and self._bar.total:
+            self.to(int(self._bar.total))
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:

@@ -48,12 +48,16 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
         raise click.ClickException("--out: required (the folder receiving results and the resume cache)")
     from edgepipe.pipeline.ablate import AblateError, quality_key, run_ablation
 
+    from edgepipe.device import progress as pg
+
     talk = not (quiet or as_json)
     state = {"n": 0}
+    # On a terminal: one bar with ETA over the points; otherwise the plain "[n/N]" lines.
+    bar = pg.Bar(len(points), "ablate", unit="point", on=talk and pg.enabled())
 
     def say(msg: str) -> None:
         if talk:
-            click.echo(f"edgepipe: {msg}", err=True)
+            bar.write(f"edgepipe: {msg}") if bar.active else click.echo(f"edgepipe: {msg}", err=True)
 
     def tick(res: dict) -> None:
         state["n"] += 1
@@ -61,13 +65,15 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
             tag = "cached" if res.get("cached") else ("FAILED" if res.get("error") else "done")
             p50 = res.get("p50_ms")
             detail = res.get("error") or (f"p50 {p50:.3f} ms" if p50 is not None else "")
-            click.echo(f"[{state['n']}/{len(points)}] {res.get('label')}: {tag} {detail}", err=True)
+            line = f"[{state['n']}/{len(points)}] {res.get('label')}: {tag} {detail}"
+            bar.message(line, at_start=False) if bar.active else click.echo(line, err=True)
 
     from edgepipe.pipeline.cli_samples import not_built_hint
     from edgepipe.pipeline.samples import SampleDataError, SampleNotBuiltError
 
     try:
-        results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick)
+        with bar:
+            results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick)
     except SampleNotBuiltError as e:
         raise click.ClickException(f"model.source: {e}; {not_built_hint(e.name)}") from None
     except (AblateError, SampleDataError) as e:

@@ -110,13 +110,23 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
         edgetpu=not no_edgetpu,
     )
 
+    from edgepipe.device import progress as pg
+
+    # A bar with ETA over the recipes on a terminal (the "[i/N] recipe" lines drive it); plain lines otherwise.
+    bar = pg.Bar(len(chosen), "convert", unit="recipe", on=pg.enabled(as_json=as_json))
+
     def progress(msg: str) -> None:
-        click.echo(f"edgepipe: {msg}", err=True)
+        if bar.active:
+            bar.message(msg)
+        else:
+            click.echo(f"edgepipe: {msg}", err=True)
 
     if target_agreement is not None and not any(r.name == "int8" for r in chosen):
         raise click.ClickException("--target-agreement: needs the int8 recipe in --recipes")
     try:
-        results = convert_model(req, progress=progress)
+        with bar:
+            results = convert_model(req, progress=progress)
+            bar.finish()
     except (ConvertError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     if target_agreement is not None:

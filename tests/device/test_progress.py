@@ -61,3 +61,18 @@ def test_works_without_tqdm():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"EDGEPIPE_PROGRESS": "1", "PATH": "/usr/bin"})
     assert res.stdout.strip() == "ok", res.stderr
+
+
+def test_step_lines_drive_the_bar(monkeypatch):
+    pytest.importorskip("tqdm")
+    out = TTY()
+    with progress.Bar(None, "convert", stream=out, unit="recipe") as bar:
+        bar.message("loading TensorFlow")           # not a step: printed above the bar
+        bar.message("[1/3] fp32")
+        bar.message("[2/3] int8")
+        assert bar.count == 1
+        bar.message("[3/3] int16x8")
+        bar.finish()
+        assert bar.count == 3
+    text = out.getvalue()
+    assert "loading TensorFlow" in text and "3/3" in text and "ETA" in text
