@@ -71,13 +71,18 @@ def _delegate_rows(data: dict) -> List[tuple]:
     return rows
 
 
-def _int_list(ctx, param, value: Optional[str]) -> List[Optional[int]]:
-    if value is None or value.strip() in ("", "default", "auto"):
+AUTO = "auto"  # --threads auto: sweep 1..cores (edgepipe.device.sweep)
+
+
+def _int_list(ctx, param, value: Optional[str]) -> list:
+    if value is not None and value.strip() == AUTO:
+        return [AUTO]
+    if value is None or value.strip() in ("", "default"):
         return [None]
     out: List[Optional[int]] = []
     for part in value.split(","):
         part = part.strip()
-        if part in ("default", "auto"):
+        if part == "default":
             out.append(None)
             continue
         try:
@@ -99,9 +104,9 @@ def _str_list(ctx, param, value: str) -> List[str]:
 
 @click.command()
 @click.argument("model", metavar="BUNDLE|MODEL", type=click.Path(dir_okay=True, file_okay=True))
-@click.option("--threads", default=None, callback=_int_list, metavar="N[,N...]",
-              help="CPU threads; a list (1,2,4) runs one bench per value. Default: the runtime's "
-                   "(1 with ai-edge-litert).")
+@click.option("--threads", default=None, callback=_int_list, metavar="N[,N...]|auto",
+              help="CPU threads; a list (1,2,4) runs one bench per value; auto tries 1..cores and says which is "
+                   "fastest (p50 and inferences/s). Default: the runtime's (1 with ai-edge-litert).")
 @click.option("--delegate", default="cpu", show_default=True, callback=_str_list, metavar="NAME[,NAME...]",
               help="cpu, xnnpack, edgetpu[:usb|:pci|:N], gpu or /path/to/delegate.so; a list compares them.")
 @click.option("--runs", default=50, show_default=True, type=click.IntRange(min=1), help="Minimum timed runs.")
@@ -117,10 +122,17 @@ def _str_list(ctx, param, value: str) -> List[str]:
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False),
               help="Write the report JSON here (a JSON list when several settings ran).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report JSON instead of a summary.")
+@click.option("--mode", default="latency", show_default=True, type=click.Choice(["latency", "throughput"]),
+              help="latency: one request at a time; throughput: --streams interpreters in parallel, "
+                   "inferences/s as the figure.")
+@click.option("--streams", default=None, type=click.IntRange(1, 64),
+              help="Parallel interpreters in throughput mode. Default: cores / threads (fewer if memory is short).")
+@click.option("--profile-ops", is_flag=True,
+              help="Add a per-op profile: time per node, op type, delegate or CPU (after the timed runs).")
 @isolate_option
 @report_to_option
 def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backend, edgetpu_device, out,
-          as_json, isolate) -> None:
+          as_json, mode, streams, profile_ops, isolate) -> None:
     """Benchmark a bundle or a plain .tflite file on this device.
 
     Reports cold start (file read, interpreter build, delegate, allocate,
@@ -132,8 +144,10 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
       edgerun bench model.tflite --threads 1,2,4 --runs 100
       edgerun bench out/mobilenet_v2-int8 --delegate cpu,edgetpu --json --out bench.json
       edgerun bench out/mobilenet_v2-fp32 --input sample_data/images
+      edgerun bench out/mobilenet_v2-int8 --profile-ops
+      edgerun bench out/mobilenet_v2-int8 --mode throughput --streams 2
+      edgerun bench out/mobilenet_v2-int8 --threads auto
     """
-    from edgepipe.device.bench import run_matrix
     from edgepipe.device.errors import EdgepipeError
     from edgepipe.device.report import format_comparison, format_summary
 
@@ -152,14 +166,20 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
     def on_report(r: dict) -> None:
         if not as_json:
             click.echo(format_summary(r))
+            if r.get("profile"):
+                from edgepipe.device.profiler import format_profile
+
+                click.echo(format_profile(r["profile"]))
             click.echo("")
 
+    _check_mode(mode, streams, profile_ops, threads)
+
     try:
-        preflight(model, isolate=isolate, delegates=delegate, threads=threads[0], backend=backend,
-                  edgetpu_device=edgetpu_device)
-        reports = run_matrix(model, threads=threads, delegates=delegate, runs=runs, warmup=warmup,
-                             min_secs=min_secs, input=input_, backend=backend, seed=seed,
-                             edgetpu_device=edgetpu_device, on_report=on_report, on_error=on_error)
+        preflight(model, isolate=isolate, delegates=delegate, threads=None if threads == [AUTO] else threads[0],
+                  backend=backend, edgetpu_device=edgetpu_device)
+        reports = _measure(model, threads, delegate, mode=mode, streams=streams, profile_ops=profile_ops,
+                           on_report=on_report, on_error=on_error, runs=runs, warmup=warmup, min_secs=min_secs,
+                           input=input_, backend=backend, seed=seed, edgetpu_device=edgetpu_device)
     except expected as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
@@ -167,8 +187,48 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
     emit(reports, out=out, as_json=as_json)
     if len(reports) > 1 and not as_json:
         click.echo(format_comparison(reports))
+    sweep = (reports[0].get("settings") or {}).get("thread_sweep") if reports else None
+    if sweep and not as_json:
+        from edgepipe.device.sweep import format_sweep
+
+        click.echo(format_sweep(sweep))
     if failures:
         raise fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
+
+
+def _check_mode(mode: str, streams: Optional[int], profile_ops: bool, threads: list) -> None:
+    if streams is not None and mode != "throughput":
+        raise click.UsageError("--streams needs --mode throughput")
+    if profile_ops and (mode == "throughput" or threads == [AUTO]):
+        raise click.UsageError("--profile-ops profiles one request at a time: use it with --mode latency "
+                               "and a fixed --threads")
+
+
+def _measure(model, threads: list, delegates: List[str], *, mode: str, streams: Optional[int], profile_ops: bool,
+             on_report, on_error, **kw) -> List[dict]:
+    """The benches the flags ask for: a thread sweep, throughput runs, or the latency matrix."""
+    from edgepipe.device.bench import run_matrix
+
+    if threads == [AUTO]:
+        from edgepipe.device.sweep import run_sweep
+
+        return [r for d in delegates for r in run_sweep(model, delegate=d, on_report=on_report, **kw)]
+    if mode == "throughput":
+        from edgepipe.device.throughput import run_throughput
+
+        reports = []
+        for d in delegates:
+            for t in threads:
+                try:
+                    reports.append(run_throughput(model, streams=streams, threads=t, delegate=d, **kw))
+                except Exception as e:  # noqa: BLE001 - the same per-setting policy as run_matrix
+                    if on_error(f"delegate {d}, threads {t or 1}, throughput", e):
+                        continue
+                    raise
+                on_report(reports[-1])
+        return reports
+    return run_matrix(model, threads=threads, delegates=delegates, on_report=on_report, on_error=on_error,
+                      profile_ops=profile_ops, **kw)
 
 
 def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:

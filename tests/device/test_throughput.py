@@ -62,3 +62,45 @@ def test_sweep_counts_and_summary_of_nothing():
     s = summarize([])
     assert s["best_latency"] is None and s["best_throughput"] is None
     assert "thread sweep" in format_sweep(s)
+
+
+# --------------------------------------------------------------------------- edgerun bench flags
+
+
+def _bench(*args):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgepipe.device.cli import main
+
+    res = CliRunner().invoke(main, ["bench", *map(str, args), "--warmup", "1", "--runs", "5", "--min-secs", "0",
+                                    "--no-isolate"])
+    out = json.loads(res.stdout) if res.exit_code == 0 and "--json" in args else None
+    return res, out
+
+
+def test_cli_throughput_mode_json(float_model):
+    res, r = _bench(float_model, "--mode", "throughput", "--streams", "2", "--json")
+    assert res.exit_code == 0, res.output
+    assert r["throughput"]["mode"] == "throughput" and r["throughput"]["streams"] == 2
+
+
+def test_cli_thread_auto_prints_the_answer(float_model):
+    res, _ = _bench(float_model, "--threads", "auto")
+    assert res.exit_code == 0, res.output
+    assert "thread sweep" in res.stdout and "fastest single request:" in res.stdout
+
+
+def test_cli_profile_ops_prints_the_table(models_dir):
+    res, _ = _bench(models_dir / "conv_stack_int8.tflite", "--profile-ops")
+    assert res.exit_code == 0, res.output
+    assert "per-op" in res.stdout and ("by op type" in res.stdout or "no per-op profiler" in res.stdout)
+
+
+@pytest.mark.parametrize("args, msg", [(["--streams", "2"], "--streams needs --mode throughput"),
+                                       (["--mode", "throughput", "--profile-ops"], "--profile-ops profiles one"),
+                                       (["--threads", "auto", "--profile-ops"], "--profile-ops profiles one")])
+def test_cli_flag_conflicts_are_one_line(float_model, args, msg):
+    res, _ = _bench(float_model, *args)
+    assert res.exit_code == 2 and msg in res.stderr and "Traceback" not in res.output
