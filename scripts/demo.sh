@@ -69,6 +69,10 @@ echo "== 4. bench every bundle through the agent"
 EDGERUN_TOKEN="$token" $edgepipe bench "$out"/bundles/mobilenet_v2-* --device "http://127.0.0.1:$aport" \
     --db "$out/results.db" --runs 30 --warmup 3
 
+echo "== 4b. accuracy: agreement of every recipe with the float model on the photos, stored next to latency"
+$edgepipe evaluate "$out"/bundles/mobilenet_v2-* --data sample_data/images --reference "$model" \
+    --db "$out/results.db" --quiet
+
 echo "== 5. run the int8 bundle on real frames, report sent to the collector"
 $edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/video/vtest_short.avi --max-frames 60 \
     --out "$out/predictions-video.jsonl" --report-to "http://127.0.0.1:$cport" --report-token "$token"
@@ -81,3 +85,8 @@ echo "== 6. comparison and HTML report"
 $edgepipe report --db "$out/results.db" --html "$out/report.html"
 echo
 echo "demo done: bundles in $out/bundles, results in $out/results.db, report at $out/report.html"
+echo "dashboard: http://127.0.0.1:$cport/#token=$token  (live; Ctrl-C stops the collector)"
+if [ -t 0 ] && [ "${EDGEPIPE_DEMO_KEEP:-1}" = "1" ]; then
+    # Keep the collector up so the printed dashboard URL works; non-interactive runs (CI) end here.
+    wait "${pids[0]}" 2>/dev/null || true
+fi
