@@ -46,6 +46,18 @@ def _report_options(f):
               help="Play a video file in real time like a camera (latest-frame policy, drops counted).")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Classes per prediction for classifiers.")
+@click.option("--task", type=click.Choice(["classification", "detection", "segmentation", "other"]), default=None,
+              help="What the outputs mean (default: the manifest's; a plain model's outputs are decoded when "
+                   "they fit a known detection/segmentation convention, and the assumption is printed).")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Detections below this score are dropped (default: the manifest's decoder, else 0.5).")
+@click.option("--iou-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Non-maximum suppression IoU threshold (default: the manifest's decoder, else 0.5).")
+@click.option("--max-detections", type=click.IntRange(1, 10000), default=None,
+              help="Most detections kept per frame (default: the manifest's decoder, else 100).")
+@click.option("--annotate", "annotate", default=None, type=click.Path(path_type=str), metavar="OUT",
+              help="Draw boxes/labels/scores (or masks) on the frames: a folder of JPEGs for image sources, "
+                   "an .mp4 for video and cameras (needs OpenCV). Drawn in a worker, off the inference path.")
 @click.option("--out", "out", default=None, type=click.Path(dir_okay=False, allow_dash=True),
               help="Write predictions (JSON lines) here instead of stdout.")
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False),
@@ -56,7 +68,8 @@ def _report_options(f):
 @isolate_option
 @_report_options
 def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetpu_device, workers, lanes,
-        queue_depth, live, top_k, out, report_path, as_json, quiet, isolate) -> None:
+        queue_depth, live, top_k, task, score_threshold, iou_threshold, max_detections, annotate, out, report_path,
+        as_json, quiet, isolate) -> None:
     """Run a bundle over images, a video or a camera; stream predictions as JSON lines.
 
     Predictions go to stdout (or --out), one JSON object per frame in frame
@@ -70,9 +83,12 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
       edgerun run out/mobilenet_v2-int8 --source sample_data/images --sequential --max-frames 10
       edgerun run out/mobilenet_v2-int8 --source camera:0 --max-frames 300
       edgerun run model.tflite --source picamera --threads 4
+      edgerun run out/ssdlite_person-int8 --source sample_data/video/vtest_short.avi --annotate annotated.mp4
+      edgerun run detector.tflite --source photos/ --task detection --score-threshold 0.4 --annotate boxes/
     """
     from edgepipe.device.errors import EdgepipeError
     from edgepipe.device.postprocess import json_line
+    from edgepipe.device.decode_stage import Thresholds
     from edgepipe.device.runner import StopRun, run_source
 
     to_stdout = out in (None, "-")
@@ -100,7 +116,8 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
         report = run_source(bundle, source, pipeline=pipeline, max_frames=max_frames, threads=threads,
                             delegate=delegate, backend=backend, edgetpu_device=edgetpu_device, workers=workers,
                             lanes=lanes, queue_depth=queue_depth, top_k=top_k, live=live,
-                            on_prediction=on_prediction)
+                            on_prediction=on_prediction, task=task, annotate=annotate,
+                            thresholds=Thresholds(score_threshold, iou_threshold, max_detections))
     except EdgepipeError as e:  # bundle, source, load, runtime and crash-probe failures: one line each
         raise fail(str(e)) from None
     except KeyboardInterrupt:
@@ -148,4 +165,26 @@ def summary(report: dict, format_summary) -> str:
         mode += f" ({s.get('workers')} workers, {s.get('lanes')} lane(s), queue {s.get('queue_depth')})"
     lines.append(f"frames {tp.get('frames')}  skipped {tp.get('frames_skipped')}  dropped {tp.get('frames_dropped')}"
                  f"  mode {mode}")
+    lines += _decoded_lines(report.get("detections"))
     return "\n".join(lines)
+
+
+def _decoded_lines(block: Optional[dict]) -> list:
+    """The decoder, what it assumed, and what it found (detection/segmentation runs)."""
+    if not block:
+        return []
+    dec = block.get("decoder") or {}
+    lines = [f"decoder {dec.get('kind')}: " + "; ".join(block.get("assumed") or [])]
+    if block.get("task") == "segmentation":
+        found = ", ".join(f"{k} {v:.1%}" for k, v in list((block.get("classes") or {}).items())[:6])
+        lines.append(f"mean class areas  {found or 'none'}")
+    else:
+        per = block.get("boxes_per_frame") or {}
+        found = ", ".join(f"{k} {v}" for k, v in list((block.get("classes") or {}).items())[:6])
+        lines.append(f"detections {block.get('boxes')} ({per.get('mean', 0):.2f}/frame, max {per.get('max')})"
+                     f"  classes {found or 'none'}")
+    ann = block.get("annotated")
+    if ann:
+        lines.append(f"annotated {ann.get('frames')} frame(s) -> {ann.get('path')}"
+                     + (f"  ERROR {ann['error']}" if ann.get("error") else ""))
+    return lines

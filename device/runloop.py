@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class _Prepared:
     x: Optional[np.ndarray]
     ms: float
     error: Optional[str] = None
+    size: Optional[Tuple[int, int]] = None  # the frame's own (w, h), for decoders that map boxes back
 
 
 @dataclass
@@ -58,8 +59,13 @@ class LoopStats:
         self.t_last: Optional[int] = None
 
 
-def make_prep(pre, tensor) -> Callable[[Frame], _Prepared]:
-    """Frame -> model input (timed); an unreadable frame becomes an error record, not an exception."""
+def make_prep(pre, tensor, sizes: bool = False) -> Callable[[Frame], _Prepared]:
+    """Frame -> model input (timed); an unreadable frame becomes an error record, not an exception.
+
+    ``sizes``: also read each frame's own size (decoders map boxes back to it).
+    """
+    from edgepipe.device.decode_stage import source_size
+
     def prep(frame: Frame) -> _Prepared:
         if frame.error:
             return _Prepared(None, 0.0, frame.error)
@@ -67,10 +73,11 @@ def make_prep(pre, tensor) -> Callable[[Frame], _Prepared]:
         data = io.BytesIO(frame.data) if isinstance(frame.data, (bytes, bytearray)) else frame.data
         try:
             x = to_model_input(load_image(data, pre, order=frame.order), pre, tensor)
-        except ImageError as e:
+            size = source_size(frame.data) if sizes else None
+        except (ImageError, OSError) as e:
             msg = str(e)
             return _Prepared(None, ns_to_ms(now_ns() - t0), msg if frame.name in msg else f"{frame.name}: {msg}")
-        return _Prepared(x, ns_to_ms(now_ns() - t0))
+        return _Prepared(x, ns_to_ms(now_ns() - t0), size=size)
     return prep
 
 
@@ -83,12 +90,17 @@ def _infer(model, x: np.ndarray) -> List[np.ndarray]:
 class FrameLoop:
     """Runs frames through prep -> a free interpreter lane -> postprocess -> emit, in frame order."""
 
-    def __init__(self, models: "queue.Queue", prep, post: Postprocessor, emit: Callable[[dict], None]):
+    def __init__(self, models: "queue.Queue", prep, post: Postprocessor, emit: Callable[[dict], None],
+                 decode: Any = None):
+        """``decode``: a :class:`edgepipe.device.decode_stage.DecodeStage` for detection/segmentation."""
         self.models = models
         self.prep = prep
         self.post = post
         self.emit = emit
+        self.decode = decode
         self.st = LoopStats()
+        if decode is not None:
+            self.st.samples["decode"] = []
 
     def infer(self, p: _Prepared) -> _Result:
         if p.x is None:
@@ -112,10 +124,18 @@ class FrameLoop:
             return
         t0 = now_ns()
         record = {"frame": frame.index, "source": frame.name}
-        record.update(self.post(res.raw))
+        t_post = t0
+        if self.decode is not None:
+            result = self.decode.decode(res.raw, res.prep.size)
+            t_post = now_ns()
+            st.samples["decode"].append(ns_to_ms(t_post - t0))
+            record.update(self.decode.record(frame, result))
+        else:
+            record.update(self.post(res.raw))
         self.emit(record)
         t1 = now_ns()
-        for stage, ms in zip(STAGES, (frame.capture_ms, res.prep.ms, res.invoke_ms, ns_to_ms(t1 - t0))):
+        # With a decoder, postprocess is what follows decoding (summary, annotation hand-off, output).
+        for stage, ms in zip(STAGES, (frame.capture_ms, res.prep.ms, res.invoke_ms, ns_to_ms(t1 - t_post))):
             st.samples[stage].append(ms)
         st.latency.append(ns_to_ms(t1 - frame.t0_ns))
         st.frames += 1

@@ -73,6 +73,7 @@ class _Model:
     post: Postprocessor
     assumed: List[str]
     zeros: np.ndarray
+    decode: Any = None  # DecodeStage for detection/segmentation runs
 
 
 @dataclass
@@ -92,7 +93,8 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
                on_prediction: Optional[Callable[[dict], None]] = None, loaded=None,
                backend: Optional[str] = None, edgetpu_device: Optional[str] = None,
                workers: Optional[int] = None, lanes: Optional[int] = None, queue_depth: Optional[int] = None,
-               top_k: int = 5, live: bool = False) -> dict:
+               top_k: int = 5, live: bool = False, task: Optional[str] = None, thresholds: Any = None,
+               annotate: Optional[os.PathLike] = None) -> dict:
     """Run a bundle (or ``.tflite``) over a source; returns a ``run`` report.
 
     ``source`` is a :class:`edgepipe.device.sources.Source` or a spec for
@@ -101,9 +103,13 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     cameras, sequential for one image. ``workers`` preprocessing threads and
     ``lanes`` interpreter copies (CPU delegate only) default to the core
     count; ``loaded`` reuses a warm model (the agent's). ``on_prediction``
-    gets each record in frame order. Raises RunError, BundleError,
-    SourceError, edgepipe.device.runtime.RuntimeLoadError or ModelRunError
-    before the first frame.
+    gets each record in frame order. ``task`` (detection, segmentation, ...)
+    overrides the manifest's; ``thresholds`` (a decode_stage.Thresholds)
+    override the decoder's; ``annotate`` writes annotated frames there (a
+    JPEG folder for images, an MP4 for video/cameras). Raises RunError,
+    BundleError, SourceError, DecodeError, AnnotateError,
+    edgepipe.device.runtime.RuntimeLoadError or ModelRunError before the
+    first frame.
     """
     from edgepipe.device import sysinfo
     from edgepipe.device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
@@ -118,9 +124,13 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     src = open_source(source, live=live) if isinstance(source, (str, os.PathLike)) else source
     owned = src is not source
     try:
-        model = _prepare_model(bundle, model_path, loaded, load, top_k)
+        model = _prepare_model(bundle, model_path, loaded, load, top_k, task, thresholds)
         plan = _plan(src, model, pipeline, workers, lanes, queue_depth, threads)
-        runner, plan, out = _drive(src, model, plan, model_path, load, max_frames, lanes, on_prediction)
+        annotated = _start_annotating(model, annotate, src)
+        try:
+            runner, plan, out = _drive(src, model, plan, model_path, load, max_frames, lanes, on_prediction)
+        finally:
+            annotated = _finish_annotating(model, annotated)
         info, dropped = src.info(), src.dropped
     finally:
         if owned:
@@ -131,13 +141,20 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     settings = {"threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
                 "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path)}
     report = _run_report(bundle, model_path, model, plan, runner.st, out, device, info, dropped, settings)
+    if model.decode is not None:
+        report["detections"] = model.decode.report_block(annotated)
+        out.errors.extend([annotated["error"]] if annotated and annotated.get("error") else [])
     report["warnings"].extend(_warnings(start, end, model.loaded, runner.st, dropped, src) + out.warnings)
     report["errors"].extend(out.errors)
     return report
 
 
-def _prepare_model(bundle, model_path, loaded, load: dict, top_k: int) -> _Model:
+def _prepare_model(bundle, model_path, loaded, load: dict, top_k: int, task: Optional[str] = None,
+                   thresholds: Any = None) -> _Model:
     """Load (unless warm), pick pre/postprocessing from the manifest or infer them, and warm up once."""
+    from edgepipe.device.bundle import Task
+    from edgepipe.device.decode_stage import DecodeStage, Thresholds, decoder_for
+
     from edgepipe.device.inputs import assumed_preprocess
     from edgepipe.device.runtime import Stage, load_model, model_stage
 
@@ -151,12 +168,28 @@ def _prepare_model(bundle, model_path, loaded, load: dict, top_k: int) -> _Model
     if pre is None:
         pre, notes = assumed_preprocess(tensor)
         assumed += notes
+    asked = Task(task) if task else None
     if manifest is not None:
-        task, labels = manifest.task, bundle.labels
+        labels = bundle.labels
+        kind = asked or manifest.task
     else:
-        task, notes = infer_task(loaded.outputs)
-        labels, assumed = (), assumed + notes
-    post = Postprocessor(loaded.outputs, task, labels, top_k=top_k)
+        kind, notes = infer_task(loaded.outputs)
+        labels = ()
+        if asked is None and kind == Task.OTHER:
+            kind = None  # a plain model: decoded when its outputs fit a known convention
+        else:
+            assumed += notes if asked is None else []
+            kind = asked or kind
+    decode = None
+    if kind != Task.CLASSIFICATION:
+        spec, notes = decoder_for(manifest, kind, loaded.outputs, thresholds or Thresholds())
+        if spec is not None:
+            decode = DecodeStage(spec, loaded.outputs, labels, pre, notes)
+            kind = decode.task
+            assumed += notes
+        elif manifest is None and kind is None:
+            assumed += infer_task(loaded.outputs)[1]
+    post = Postprocessor(loaded.outputs, kind or Task.OTHER, labels, top_k=top_k)
     # Warm-up outside the timed window: the first invoke pays one-off costs.
     zeros = np.zeros(tensor.shape, dtype=np.dtype(tensor.dtype))
     with model_stage(loaded.path, Stage.SET_INPUTS):
@@ -166,7 +199,7 @@ def _prepare_model(bundle, model_path, loaded, load: dict, top_k: int) -> _Model
     else:
         with model_stage(loaded.path, Stage.WARMUP):
             loaded.invoke()
-    return _Model(loaded, cold, tensor, pre, post, assumed, zeros)
+    return _Model(loaded, cold, tensor, pre, post, assumed, zeros, decode)
 
 
 def _plan(src: Source, model: _Model, pipeline: Optional[bool], workers: Optional[int], lanes: Optional[int],
@@ -204,7 +237,7 @@ def _drive(src: Source, model: _Model, plan: _Plan, model_path, load: dict, max_
            lanes: Optional[int], on_prediction) -> Tuple[FrameLoop, _Plan, _Outcome]:
     """Probe lanes, load the extra copies, then run the frame loop; errors after frame 0 are recorded."""
     out = _Outcome()
-    prep = make_prep(model.pre, model.tensor)
+    prep = make_prep(model.pre, model.tensor, sizes=model.decode is not None)
     frames = islice(iter(src), max_frames) if max_frames else iter(src)
     if plan.pipelined and not lanes and plan.lanes > 1:
         try:
@@ -222,7 +255,7 @@ def _drive(src: Source, model: _Model, plan: _Plan, model_path, load: dict, max_
         if on_prediction is not None:
             on_prediction(rec)
 
-    runner = FrameLoop(models, prep, model.post, emit)
+    runner = FrameLoop(models, prep, model.post, emit, model.decode)
     _load_lanes(models, plan.lanes, model_path, load, model.zeros, out)
     if out.probe is not None:
         out.probe["first"].t0_ns = now_ns()  # frame 0 waited for the lane setup: its clock starts now
@@ -263,9 +296,38 @@ def _loop(runner: FrameLoop, frames, plan: _Plan, out: _Outcome) -> None:
         out.warnings.append(f"stopped after {runner.st.frames} frame(s): {e or 'by the consumer'}")
     except SourceError as e:
         out.errors.append(str(e))
-    except (RuntimeError, ValueError, OSError) as e:
+    except (RuntimeError, ValueError, OSError, EdgepipeError) as e:
         out.errors.append(f"run failed after {runner.st.frames} frame(s): {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
+
+
+def _start_annotating(model: _Model, annotate: Optional[os.PathLike], src: Source) -> Optional[dict]:
+    """Open the annotator (a worker thread) for a decoding run; None when not asked."""
+    if annotate is None:
+        return None
+    if model.decode is None:
+        raise RunError("annotated output needs a detection or segmentation model (this one runs as "
+                       f"{model.post.task.value})")
+    from edgepipe.device.decode_stage import open_annotator
+
+    info = src.info()
+    model.decode.annotator = open_annotator(annotate, src.kind, info.get("fps"), str(info.get("source") or ""))
+    return {"path": os.fspath(model.decode.annotator.out), "kind": model.decode.annotator.kind}
+
+
+def _finish_annotating(model: _Model, annotated: Optional[dict]) -> Optional[dict]:
+    """Drain the annotation queue and close the output; its failure is recorded, not raised."""
+    if annotated is None or model.decode is None or model.decode.annotator is None:
+        return annotated
+    from edgepipe.device.annotate import AnnotateError
+
+    try:
+        annotated["frames"] = model.decode.annotator.close()
+    except AnnotateError as e:
+        annotated["error"] = str(e)
+        annotated["frames"] = model.decode.annotator.written
+    model.decode.annotator = None
+    return annotated
 
 
 def _run_report(bundle, model_path, model: _Model, plan: _Plan, st: LoopStats, out: _Outcome, device: dict,
