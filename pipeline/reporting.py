@@ -302,6 +302,13 @@ def results_table(rows: list) -> str:
             + ([r.get("top1"), r.get("agreement")] if with_acc else []) + [short_warnings(r["warnings"])]
             for r in timing]
     out = format_table(headers, body) if timing else ""
+    runs = [r for r in timing if r.get("kind") == "run" and r.get("stages")]
+    if runs:  # where a run's frame time goes; invoke here is what a bench measures
+        table = format_table(["run", "input"] + [f"{s} p50" for s in STAGES] + ["end-to-end p50", "FPS"],
+                             [[f"{r['device']} {r['family']} {r['recipe']}", r.get("source") or "-"]
+                              + [(r["stages"].get(s) or {}).get("p50") for s in STAGES] + [r["p50"], r["fps"]]
+                              for r in runs])
+        out = (out + "\n\n" if out else "") + table
     evals = [r for r in rows if r.get("kind") == "eval"]
     if evals:
         table = format_table(["host", "model", "recipe", "top-1", "agreement vs float", "MB"],

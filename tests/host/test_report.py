@@ -159,3 +159,15 @@ def test_report_reads_the_database_read_only_and_refuses_what_is_not_one(tmp_pat
     before = db.read_bytes()  # a real database: read, byte for byte unchanged
     assert run("--db", db).exit_code == 0
     assert db.read_bytes() == before
+
+
+def test_video_and_photo_runs_are_two_configurations_with_stage_timings(tmp_path):
+    from results_factory import demo_reports
+
+    db = tmp_path / "r.db"
+    with Store(db) as s:
+        s.add_many(demo_reports())
+    res = run("--db", db, "--kind", "run")
+    assert res.exit_code == 0, res.output
+    assert "video:vtest_short.avi" in res.output and "images:images" in res.output
+    assert re.search(r"video:vtest_short\.avi +2\.70 +1\.35 +4\.05 +0\.900 +9\.00", res.output), res.output
