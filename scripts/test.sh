@@ -15,6 +15,9 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/setup-env.sh all
+# Built samples (MobileNetV2, the detector) live in the checkout's cache, shared with the demo and
+# the benchmarks: built once, then reused by every step below.
+export EDGEPIPE_CACHE="${EDGEPIPE_CACHE:-$root/.cache/edgepipe}"
 scripts/setup-services.sh  # mosquitto, postgresql, chromium + driver when missing (tests skip with a reason otherwise)
 
 echo "==> [1/4] full suite (host + device)"
