@@ -229,8 +229,10 @@ def default_context():
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["edgepipe.device.worker", "edgepipe.device.bench",
-                                    "edgepipe.device.runner", "edgepipe.device.runtime"])
+        # Missing modules are skipped: only the runtime installed here gets imported.
+        ctx.set_forkserver_preload(["edgepipe.device.worker", "edgepipe.device.bench", "edgepipe.device.runner",
+                                    "edgepipe.device.runtime", "ai_edge_litert.interpreter",
+                                    "tflite_runtime.interpreter"])
     return ctx
 
 
