@@ -99,7 +99,7 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
             if pivot:
                 click.echo("\n" + pivot)
             click.echo("")
-            for line in doc["fastest"]:
+            for line in doc["fastest"] + doc["threads"]:
                 click.echo(line)
             for w in doc["warnings"]:
                 click.echo(f"warning: {w}")

@@ -23,7 +23,8 @@ SLOWER_MARGIN = 0.05
 # The configuration a p50 belongs to; compare and "latest" use it. ``device_key`` is the
 # stable device id (the hostname for reports made before ids existed); ``source`` is what
 # a run read (None for a bench on random inputs), so a video run and a photo run differ.
-KEY = ("device_key", "model", "recipe", "backend", "delegate", "threads", "kind", "source")
+# ``mode`` is "throughput" for a throughput-mode bench (None otherwise, so older rows and baselines still match).
+KEY = ("device_key", "model", "recipe", "backend", "delegate", "threads", "kind", "source", "mode")
 STAGES = ("capture", "preprocess", "invoke", "postprocess")
 
 
@@ -71,6 +72,7 @@ def row(report) -> dict:
         "n": lat.n if lat else None,
         **{k: _num(getattr(lat, k, None)) for k in ("mean", "p50", "p90", "p99", "min", "max")},
         "fps": _num(getattr(r.throughput, "fps", None)),
+        **_throughput_mode(r),
         "load_ms": round(sum(known), 3) if known else None,
         "load_parts": parts,
         "size": model.size,
@@ -81,6 +83,16 @@ def row(report) -> dict:
         "warnings": list(r.warnings),
         "errors": list(r.errors),
     }
+
+
+def _throughput_mode(r) -> dict:
+    """``mode``/``streams`` of a throughput-mode bench and the ``sweep`` summary of a --threads auto bench."""
+    tp = r.throughput
+    throughput = getattr(tp, "mode", None) == "throughput"
+    sweep = (r.settings or {}).get("thread_sweep")
+    return {"mode": "throughput" if throughput else None,
+            "streams": (getattr(tp, "extra", None) or {}).get("streams") if throughput else None,
+            "sweep": sweep if isinstance(sweep, dict) else None}
 
 
 def _stages(block) -> dict:
@@ -123,8 +135,9 @@ def key_of(r: dict, legacy: bool = False) -> tuple:
 def key_str(r: dict) -> str:
     thr = r.get("threads")
     src = f" {r['source']}" if r.get("source") else ""
+    mode = f" throughput x{r.get('streams') or '?'}" if r.get("mode") else ""
     return (f"{r.get('device')} {r.get('model')} {r.get('backend')}/{r.get('delegate')}"
-            f" t={thr if thr is not None else 'auto'} {r.get('kind')}{src}")
+            f" t={thr if thr is not None else 'auto'} {r.get('kind')}{mode}{src}")
 
 
 def latest(rows: Iterable[dict]) -> list:
@@ -147,10 +160,10 @@ def quantized_slower(rows: Iterable[dict], margin: float = SLOWER_MARGIN) -> lis
     for r in rows:
         if r.get("p50") is None:
             continue
-        g = (r["device"], r["family"], r["backend"], r["delegate"], r["threads"], r["kind"])
+        g = (r["device"], r["family"], r["backend"], r["delegate"], r["threads"], r["kind"], r.get("mode"))
         groups.setdefault(g, {})[r["recipe"]] = r
     out = []
-    for (dev, fam, _b, dlg, thr, _k), recipes in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (dev, fam, _b, dlg, thr, _k, _m), recipes in sorted(groups.items(), key=lambda kv: str(kv[0])):
         base = recipes.get("fp32")
         if base is None:
             continue
@@ -167,13 +180,32 @@ def fastest(rows: Iterable[dict]) -> list:
     """Per device and model: the recipe with the lowest p50 (what to deploy there)."""
     best: dict = {}
     for r in rows:
-        if r.get("p50") is None or r.get("kind") != "bench":
-            continue
+        if r.get("p50") is None or r.get("kind") != "bench" or r.get("mode"):
+            continue  # a throughput-mode p50 is per request under contention, not the single-request latency
         g = (r["device"], r["family"])
         if g not in best or r["p50"] < best[g]["p50"]:
             best[g] = r
     return [f"{d}: fastest {fam} is {r['recipe']} ({r['delegate']}, t={r['threads'] or 'auto'}) "
             f"at {fmt(r['p50'])} ms p50" for (d, fam), r in sorted(best.items(), key=lambda kv: str(kv[0]))]
+
+
+def thread_advice(rows: Iterable[dict]) -> list:
+    """Per device and model: what the newest ``--threads auto`` sweep found fastest there."""
+    newest: dict = {}
+    for r in rows:
+        if r.get("sweep"):
+            newest[(r["device"], r["model"])] = r  # rows come oldest first
+    out = []
+    for (dev, model), r in sorted(newest.items(), key=lambda kv: str(kv[0])):
+        bl, bt = r["sweep"].get("best_latency") or {}, r["sweep"].get("best_throughput") or {}
+        text = f"{dev}: {model} threads (tried {', '.join(map(str, r['sweep'].get('tried') or []))})"
+        if bl.get("threads"):
+            text += f": fastest request with {bl['threads']} ({fmt(bl.get('p50_ms'))} ms p50)"
+        if bt.get("threads"):
+            text += (f"; most inferences/s with {bt.get('streams') or 1} stream(s) x {bt['threads']} thread(s) "
+                     f"({fmt(bt.get('fps'), 1)}/s)")
+        out.append(text)
+    return out
 
 
 # -- comparison against a saved set ------------------------------------------
@@ -211,7 +243,8 @@ def compare(current: Iterable[dict], baseline: Iterable[dict], tolerance: float)
 
 
 def to_reportset(rows: list, reports: Optional[list] = None) -> dict:
-    d = {"schema": REPORTSET, "rows": rows, "warnings": quantized_slower(rows), "fastest": fastest(rows)}
+    d = {"schema": REPORTSET, "rows": rows, "warnings": quantized_slower(rows), "fastest": fastest(rows),
+         "threads": thread_advice(rows)}
     if reports is not None:
         d["reports"] = reports
     return d
@@ -285,6 +318,10 @@ def short_warnings(ws: list, width: int = 48) -> str:
     return first + (f" (+{len(ws) - 1})" if len(ws) > 1 else "")
 
 
+def _kind(r: dict) -> str:
+    return f"{r['kind']} tput x{r.get('streams') or '?'}" if r.get("mode") == "throughput" else r["kind"]
+
+
 def results_table(rows: list) -> str:
     """Device x recipe table: p50, p90, p99, FPS, load ms, size, warnings (+ accuracy when known)."""
     timing = [r for r in rows if r.get("kind") != "eval"]
@@ -296,7 +333,7 @@ def results_table(rows: list) -> str:
                                                     "load ms", "MB"]
                + (["top-1", "agree"] if with_acc else []) + ["warnings"])
     body = [[r["device"]] + ([short_id(r.get("device_id"))] if with_id else [])
-            + [r["family"], r["recipe"], r["kind"]] + ([r.get("source") or "-"] if with_src else [])
+            + [r["family"], r["recipe"], _kind(r)] + ([r.get("source") or "-"] if with_src else [])
             + [r["delegate"], r["threads"], r["p50"], r["p90"],
                r["p99"], r["fps"], (r["load_ms"] if r.get("load") != "warm" else "warm"), size_mb(r["size"])]
             + ([r.get("top1"), r.get("agreement")] if with_acc else []) + [short_warnings(r["warnings"])]
