@@ -344,7 +344,8 @@ class JobCore:
             state, error = JobState.FAILED, "the agent stopped while the job was running"
         if out.crash is not None:
             self.crashes += 1
-            self.store.mark_refused(job.bundle, f"job {job.id} {error}")
+            if out.crash.by_the_model:  # refused until a forced upload; an OOM kill may not recur
+                self.store.mark_refused(job.bundle, f"job {job.id} {error}")
             print(f"agent: job {job.id} (bundle {job.bundle[:12]}) {error}; worker restarted", file=sys.stderr)
         elif out.traceback:  # a bug in edgepipe, not a bad model: keep the evidence
             print(f"agent: job {job.id} failed: {error}\n{out.traceback}", file=sys.stderr, end="")

@@ -56,6 +56,10 @@ class Result(str, Enum):
     CANCELLED = "cancelled"
 
 
+# Signals a process raises on itself when native code goes wrong (others come from outside).
+NATIVE_CRASH_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGSYS", "SIGTRAP")
+
+
 @dataclass(frozen=True)
 class Crash:
     """How the worker died during a job."""
@@ -64,6 +68,11 @@ class Crash:
     exit_status: Optional[int]
     stage: str
     where: Optional[str] = None  # "runtime.py:385 load_model" from the fault dump
+
+    @property
+    def by_the_model(self) -> bool:
+        """The runtime crashed or exited on its own (not killed from outside, e.g. by the OOM killer)."""
+        return self.signal is None or self.signal in NATIVE_CRASH_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -170,8 +179,10 @@ def worker_main(conn, alive, keep_warm: int, fault_path: str) -> None:
     dies, even while a job keeps this process busy, and then the worker exits
     rather than finishing a job nobody will ask about.
     """
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides.
+    # Ctrl-C in a terminal and systemd's SIGTERM reach the whole process group
+    # or cgroup; the agent decides when its worker stops (and its job with it).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_agent, args=(alive,), name="agent-watch", daemon=True).start()
     fault = open(fault_path, "w")  # kept open for the life of the process
     faulthandler.enable(file=fault, all_threads=False)
@@ -349,14 +360,13 @@ class WorkerHandle:
 
 
 def crash_reason(crash: Crash, backend=None) -> str:
-    """One line: how the worker died, where, and what it most likely means."""
-    how = f"crashed with {crash.signal}" if crash.signal else f"the worker exited with status {crash.exit_status}"
+    """One line: how the worker died, in which stage, and what it most likely means."""
     runtime = " ".join(str(x) for x in backend if x) if backend else "the runtime"
-    if crash.signal == "SIGKILL":
-        why = "killed from outside (out of memory? the kernel's OOM killer sends SIGKILL)"
-    else:
-        why = f"the model is malformed or unsupported by {runtime}"
-    return f"{how} while {crash.stage}: {why}"
+    if not crash.by_the_model:
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if crash.signal == "SIGKILL" else ""
+        return f"the worker was killed by {crash.signal} while {crash.stage}{hint}"
+    how = f"crashed with {crash.signal}" if crash.signal else f"the worker exited with status {crash.exit_status}"
+    return f"{how} while {crash.stage}: the model is malformed or unsupported by {runtime}"
 
 
 def _signal_name(num: int) -> str:
@@ -379,5 +389,5 @@ def _fault_frame(path: Path) -> Optional[str]:
     return None
 
 
-__all__ = ["Crash", "JobRequest", "Outcome", "Result", "WarmCache", "WorkerHandle", "crash_reason",
+__all__ = ["NATIVE_CRASH_SIGNALS", "Crash", "JobRequest", "Outcome", "Result", "WarmCache", "WorkerHandle", "crash_reason",
            "default_context", "execute_job", "load_for", "run_request", "worker_main"]

@@ -403,6 +403,20 @@ def test_a_worker_killed_mid_job_is_named_and_replaced(agent, tmp_path):
                                   runs=3))["status"] == "done"
 
 
+def test_a_worker_killed_from_outside_does_not_condemn_the_bundle(agent, tmp_path):
+    import signal
+
+    sha = good_bundle(agent, tmp_path)
+    job = submit(agent, sha, runs=1, min_secs=60)
+    wait_status(agent, job, "running")
+    os.kill(agent.agent.worker.pid, signal.SIGKILL)  # what the OOM killer does
+    state = wait_job(agent, job)
+    assert state["status"] == "failed" and state["crash"]["signal"] == "SIGKILL"
+    assert state["error"].startswith("the worker was killed by SIGKILL while "), state["error"]
+    assert "OOM" in state["error"] and agent.agent.store.refusal(sha) is None
+    assert wait_job(agent, submit(agent, sha, runs=3))["status"] == "done"
+
+
 def test_job_timeout_kills_the_worker_and_the_agent_goes_on(agent, tmp_path):
     sha = good_bundle(agent, tmp_path)
     state = wait_job(agent, submit(agent, sha, runs=1, min_secs=120, timeout=2))
