@@ -51,6 +51,8 @@ Examples:
   edgepipe convert mobilenet_v2.keras --preprocess imagenet --labels labels.txt \\
       --recipes fp32,int8,int8-io --calib sample_data/images --out bundles/
   edgepipe convert saved_model_dir --recipes fp16 --out bundles/ --json
+  edgepipe convert detector.tflite --preprocess mobilenet --labels labels.txt --decoder decoder.json \\
+      --recipes fp32,int8 --calib photos/ --out bundles/
 """
 
 
@@ -71,14 +73,18 @@ Examples:
 @click.option("--mean", callback=_floats, help="Per-channel mean on 0..255 pixels, e.g. 127.5 or 123.7,116.3,103.5.")
 @click.option("--std", callback=_floats, help="Per-channel std on 0..255 pixels, e.g. 127.5.")
 @click.option("--color", type=click.Choice(["rgb", "bgr"]), help="Channel order the model expects.")
-@click.option("--resize", type=click.Choice(["stretch", "center-crop"]), help="How frames are fitted to the input.")
+@click.option("--resize", type=click.Choice(["stretch", "center-crop", "letterbox"]),
+              help="How frames are fitted to the input (letterbox: aspect kept, padded).")
 @click.option("--crop-fraction", type=float, help="Centre-crop fraction with --resize center-crop (e.g. 0.875).")
 @click.option("--input-size", callback=_size, help="Fix or change a Keras model's input size, HxW.")
 @click.option("--io-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
               help="Integer input/output type of the int8-io recipe.")
 @click.option("--labels", type=click.Path(path_type=Path), help="Class names, one per line, stored in the bundle.")
-@click.option("--task", type=click.Choice(["classification", "detection", "other"]),
+@click.option("--task", type=click.Choice(["classification", "detection", "segmentation", "other"]),
               help="What the outputs mean (default: inferred).")
+@click.option("--decoder", "decoder_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON file with the detection/segmentation decoder parameters recorded in the manifest "
+                   "(an object with 'kind', or such objects keyed by model file name).")
 @click.option("--name", help="Bundle name prefix (default: the model file's stem).")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
               help="Conversion cache (default: $EDGEPIPE_CACHE or ~/.cache/edgepipe).")
@@ -91,9 +97,13 @@ Examples:
 @click.option("--list-recipes", is_flag=True, is_eager=True, expose_value=False, callback=_list_recipes,
               help="Show what each recipe does and exit.")
 def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean, std, color, resize,
-            crop_fraction, input_size, io_type, labels, task, name, cache_dir, no_cache, no_edgetpu, as_json,
-            target_agreement):
-    """Convert MODEL (.keras, .h5 or a SavedModel directory) into TFLite bundles, one per recipe."""
+            crop_fraction, input_size, io_type, labels, task, decoder_file, name, cache_dir, no_cache, no_edgetpu,
+            as_json, target_agreement):
+    """Convert MODEL (.keras, .h5, a SavedModel directory or a float .tflite) into TFLite bundles, one per recipe.
+
+    A .tflite is quantized with the LiteRT quantizer (ai-edge-quantizer); the
+    manifest's converter block says which tool made each variant.
+    """
     from edgepipe.pipeline.convert import ConvertError, ConvertRequest, convert_model
 
     try:
@@ -107,7 +117,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
                                      crop_fraction=crop_fraction),
         input_size=input_size, labels=labels, task=task, name=name,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
-        edgetpu=not no_edgetpu,
+        edgetpu=not no_edgetpu, decoder=_decoder(decoder_file, model),
     )
 
     from edgepipe.device import progress as pg
@@ -123,6 +133,8 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
 
     if target_agreement is not None and not any(r.name == "int8" for r in chosen):
         raise click.ClickException("--target-agreement: needs the int8 recipe in --recipes")
+    if target_agreement is not None and model.suffix.lower() == ".tflite":
+        raise click.ClickException("--target-agreement: needs a Keras or SavedModel source, not a .tflite")
     try:
         with bar:
             results = convert_model(req, progress=progress)
@@ -132,6 +144,26 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     if target_agreement is not None:
         results = [_selective(r, results, model, target_agreement, progress) for r in results]
     _report(results, model, out_dir, as_json)
+
+
+def _decoder(path, model):
+    """``--decoder FILE``: the decoder block (a ``kind`` object, or one keyed by the model's file name)."""
+    if path is None:
+        return None
+    from edgepipe.device.decode import DecodeError, DecoderSpec
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise click.ClickException(f"--decoder {path}: unreadable JSON ({e})") from None
+    if isinstance(data, dict) and "kind" not in data:
+        data = data.get(Path(model).name)
+        if data is None:
+            raise click.ClickException(f"--decoder {path}: no 'kind' and no entry for {Path(model).name}")
+    try:
+        return DecoderSpec.from_dict(data).to_dict()
+    except DecodeError as e:
+        raise click.ClickException(f"--decoder {path}: {e}") from None
 
 
 def _report(results, model, out_dir, as_json: bool) -> None:

@@ -46,6 +46,7 @@ class ConvertRequest:
     name: Optional[str] = None
     cache_dir: Optional[Path] = None  # None: no cache
     edgetpu: bool = True  # compile int8-io when edgetpu_compiler is on PATH
+    decoder: Optional[dict] = None  # detection/segmentation decoder parameters for the manifest
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,11 @@ class _Session:
     def source(self) -> modelio.LoadedSource:
         if self._source is None:
             self.progress(f"loading {self.req.model.name}")
+            if modelio.model_kind(self.req.model) == modelio.ModelKind.TFLITE:
+                from edgepipe.pipeline.convert_tflite import load_tflite  # no TensorFlow needed
+
+                self._source = load_tflite(self.req.model)
+                return self._source
             tf = self.tf
             with captured_output():
                 self._source = modelio.load_source(tf, self.req.model)
@@ -134,6 +140,8 @@ class _Session:
 def _infer_task(req: ConvertRequest, outputs: tuple) -> Task:
     if req.task:
         return Task(req.task)
+    if req.decoder is not None:
+        return Task.SEGMENTATION if req.decoder.get("kind") == "segmentation" else Task.DETECTION
     if req.labels is not None:
         return Task.CLASSIFICATION
     if len(outputs) == 1 and len(outputs[0]["shape"]) == 2 and outputs[0]["shape"][1] > 1:
@@ -156,6 +164,10 @@ def validate(req: ConvertRequest) -> Optional[calibration.CalibrationSet]:
     if needs_calib and req.calib_dir is None:
         names = ", ".join(r.name for r in req.recipes if r.needs_calibration)
         raise ConvertError(f"recipes {names} need calibration images: pass --calib DIR")
+    if req.decoder is not None:
+        from edgepipe.device.decode import DecoderSpec
+
+        DecoderSpec.from_dict(req.decoder)  # DecodeError (one line) before any slow work
     if req.calib_dir is not None and needs_calib:
         return calibration.select(req.calib_dir, req.calib_count, req.calib_seed)
     return None
@@ -197,7 +209,13 @@ class _Run:
 
     def _key(self, recipe: Recipe) -> str:
         req, cset = self.req, self.cset
-        return _cache.cache_key({
+        if modelio.model_kind(req.model) == modelio.ModelKind.TFLITE:
+            from edgepipe.pipeline.convert_tflite import quantizer_version
+
+            extra = {"quantizer": quantizer_version()}
+        else:
+            extra = {}
+        return _cache.cache_key({**extra,
             "model": self.digest, "recipe": recipe.describe(), "io": recipe.io_type,
             "calibration": cset.digest if (cset and recipe.needs_calibration) else None,
             "preprocess": req.preprocess.to_dict(), "input_size": req.input_size,
@@ -245,6 +263,8 @@ def _with_ratio(r: RecipeResult, ratio: float) -> RecipeResult:
 
 def _convert_one(session: _Session, recipe: Recipe, req: ConvertRequest) -> tuple:
     """Run the TFLite converter for one recipe; returns (bytes, meta for cache/manifest)."""
+    if session.source.kind == modelio.ModelKind.TFLITE:
+        return _quantize_tflite(session, recipe)
     tf = session.tf
     source = session.source
     spec = session.spec
@@ -275,6 +295,19 @@ def _convert_one(session: _Session, recipe: Recipe, req: ConvertRequest) -> tupl
     return bytes(data), meta
 
 
+def _quantize_tflite(session: _Session, recipe: Recipe) -> tuple:
+    """A float .tflite through the LiteRT quantizer (edgepipe.pipeline.convert_tflite)."""
+    from edgepipe.pipeline.convert_tflite import quantize
+
+    spec = session.spec
+    arrays = session.arrays() if recipe.needs_calibration else None
+    with captured_output():
+        data, converter = quantize(session.source, recipe, arrays)
+    return data, {"preprocess": spec.to_dict() if spec else None, "source_kind": session.source.kind.value,
+                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "converter": converter}
+
+
 def _manifest(req: ConvertRequest, recipe: Recipe, name: str, digest: str, data: bytes, meta: dict,
               model_path: Path, tpu_block: Optional[dict],
               cset: Optional[calibration.CalibrationSet]) -> Manifest:
@@ -292,7 +325,7 @@ def _manifest(req: ConvertRequest, recipe: Recipe, name: str, digest: str, data:
         source_model={"name": req.model.name, "sha256": digest, "format": meta.get("source_kind")},
         model_sha256=hashlib.sha256(data).hexdigest(),
         model_size=len(data),
-        converter={"tensorflow": tensorflow_version(), "edgepipe": __version__},
+        converter=meta.get("converter") or {"tensorflow": tensorflow_version(), "edgepipe": __version__},
         inputs=inputs,
         outputs=outputs,
         preprocess=Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else None,
@@ -301,4 +334,5 @@ def _manifest(req: ConvertRequest, recipe: Recipe, name: str, digest: str, data:
         calibration=cset.record() if (cset and recipe.needs_calibration) else None,
         edgetpu=tpu_block,
         extra={"recipe": recipe.describe(), "input_size": list(req.input_size) if req.input_size else None},
+        decoder=dict(req.decoder) if req.decoder is not None else None,
     )

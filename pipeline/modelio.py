@@ -22,6 +22,7 @@ class ModelKind(str, Enum):
     KERAS = "keras"
     H5 = "h5"
     SAVED_MODEL = "savedmodel"
+    TFLITE = "tflite"  # a float .tflite, quantized by edgepipe.pipeline.convert_tflite
 
 
 def model_kind(path: Path) -> ModelKind:
@@ -39,8 +40,10 @@ def model_kind(path: Path) -> ModelKind:
         return ModelKind.KERAS
     if suffix in (".h5", ".hdf5"):
         return ModelKind.H5
+    if suffix == ".tflite":
+        return ModelKind.TFLITE
     raise ModelError(f"{path}: unsupported model format {suffix or '(no extension)'!r}; "
-                     "expected .keras, .h5 or a SavedModel directory")
+                     "expected .keras, .h5, .tflite or a SavedModel directory")
 
 
 def model_digest(path: Path) -> str:
