@@ -112,9 +112,11 @@ def quantize(source: TfliteSource, recipe: Recipe, arrays: Optional[np.ndarray])
     return data, {"tool": TOOL, "version": quantizer_version(), "edgepipe": __version__}
 
 
-def _run_quantizer(quantizer, model: bytes, rules: list, sig: str, input_name: str, arrays, recipe: Recipe) -> bytes:
+def _run_quantizer(quantizer, model: bytes, rules: list, sig: str, input_name: str, arrays,
+                   recipe: Recipe) -> bytes:
+    """Calibrate (when the rules need it) and quantize; the quantized model bytes."""
     q = quantizer.Quantizer(bytearray(model), rules)
-        calib = None
+    calib = None
     if q.need_calibration:
         if arrays is None:  # pragma: no cover - validate() asks for --calib first
             raise ConvertError(f"{recipe.name}: needs calibration images")
