@@ -13,6 +13,7 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import sys
 import threading
 import uuid
@@ -44,6 +45,7 @@ BENCH_PARAMS = {**_COMMON, "runs": (_INT, (1, 100_000)), "warmup": (_INT, (0, 10
 RUN_PARAMS = {**_COMMON, "source": ((str,), None), "pipeline": ((bool,), None),
               "max_frames": (_INT, (1, 1_000_000))}
 MAX_STR = 4096
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class JobState(str, Enum):
@@ -218,6 +220,8 @@ class JobCore:
         ``job_id`` lets a front end pick the id (the broker's host does, so a
         job delivered twice is recognised); a known id is refused with 409.
         """
+        if job_id is not None and not JOB_ID_RE.match(job_id):  # it names a file in the journal
+            raise JobRefused(400, "job id must be 1-64 letters, digits, '-' or '_'")
         refusal = self.store.refusal(spec.bundle)
         if refusal:
             raise JobRefused(422, f"bundle {spec.bundle[:12]} is refused on this device: {refusal} "
