@@ -41,7 +41,8 @@ _INT, _NUM = (int,), (int, float)
 _COMMON = {"threads": (_INT, (1, 256)), "delegate": ((str,), None), "backend": ((str,), None),
            "timeout": (_NUM, (1, MAX_TIMEOUT))}
 BENCH_PARAMS = {**_COMMON, "runs": (_INT, (1, 100_000)), "warmup": (_INT, (0, 10_000)),
-                "min_secs": (_NUM, (0, 3600)), "input": ((str,), None), "seed": (_INT, (0, 2**32 - 1))}
+                "min_secs": (_NUM, (0, 3600)), "input": ((str,), None), "seed": (_INT, (0, 2**32 - 1)),
+                "mode": ((str,), None), "streams": (_INT, (1, 64)), "profile_ops": ((bool,), None)}
 RUN_PARAMS = {**_COMMON, "source": ((str,), None), "pipeline": ((bool,), None),
               "max_frames": (_INT, (1, 1_000_000))}
 MAX_STR = 4096

@@ -200,4 +200,27 @@ def _report(bundle, model_path, loaded, device: dict, m: dict, n: int, inputs, s
     )
 
 
-__all__ = ["ThroughputError", "cores", "default_streams", "measure", "run_throughput"]
+__all__ = ["BENCH_MODES", "ThroughputError", "bench_job", "cores", "default_streams", "measure", "run_throughput"]
+
+
+BENCH_MODES = ("latency", "throughput")
+
+
+def bench_job(bundle_dir: os.PathLike, params: dict, loaded) -> dict:
+    """An agent ``bench`` job: latency (reusing the agent's warm ``loaded`` model, optional per-op profile)
+    or throughput (its own ``streams`` interpreters); ``params`` as bounded by the job core."""
+    from edgepipe.device.bench import BenchError, run_bench
+
+    mode = params.get("mode") or "latency"
+    if mode not in BENCH_MODES:
+        raise BenchError(f"unknown bench mode {mode!r}; use latency or throughput")
+    kw = {k: params[k] for k in ("runs", "warmup", "min_secs", "input", "seed") if k in params}
+    common = dict(threads=params.get("threads"), delegate=params.get("delegate") or "cpu",
+                  backend=params.get("backend"), **kw)
+    if mode == "throughput":
+        if params.get("profile_ops"):
+            raise BenchError("a per-op profile needs the latency mode (one request at a time)")
+        return run_throughput(bundle_dir, streams=params.get("streams"), **common)
+    if params.get("streams") is not None:
+        raise BenchError("streams needs the throughput mode")
+    return run_bench(bundle_dir, loaded=loaded, profile_ops=bool(params.get("profile_ops")), **common)

@@ -131,11 +131,9 @@ def load_for(bundle_dir: Path, params: dict, stage: Callable[[str], None], tell_
 
 def execute_job(kind: str, bundle_dir: Path, params: dict, loaded) -> dict:
     """Run one job with an already-loaded model; returns the report."""
-    if kind == "bench":
-        from edgepipe.device.bench import run_bench
-        kw = {k: params[k] for k in ("runs", "warmup", "min_secs", "input", "seed") if k in params}
-        return run_bench(bundle_dir, threads=params.get("threads"), delegate=params.get("delegate") or "cpu",
-                         backend=params.get("backend"), loaded=loaded, **kw)
+    if kind == "bench":  # latency (warm model, optional per-op profile) or throughput (its own streams)
+        from edgepipe.device.throughput import bench_job
+        return bench_job(bundle_dir, params, loaded)
     from edgepipe.device.runner import run_source
     kw = {k: params[k] for k in ("pipeline", "max_frames") if k in params}
     return run_source(bundle_dir, params["source"], threads=params.get("threads"),

@@ -20,7 +20,8 @@ from edgepipe.pipeline.remote import AgentClient, PackedBundle, WaitTimeout
 from edgepipe.pipeline.reporting import fmt
 
 # What `edgepipe bench` forwards to every bench job (None = agent default).
-JOB_PARAMS = ("threads", "delegate", "runs", "warmup", "min_secs", "input", "backend", "seed")
+JOB_PARAMS = ("threads", "delegate", "runs", "warmup", "min_secs", "input", "backend", "seed", "mode", "streams",
+              "profile_ops")
 
 
 class Status(str, Enum):

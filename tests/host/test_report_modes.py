@@ -62,3 +62,43 @@ def test_edgepipe_report_shows_throughput_and_threads(db):
     doc = json.loads(CliRunner().invoke(edgepipe, ["report", "--db", str(db), "--json"]).output)
     assert len(doc["threads"]) == 1
     assert {r["mode"] for r in doc["rows"]} == {None, "throughput"}
+
+
+# --------------------------------------------------------------------------- through the agent
+
+
+@pytest.fixture
+def agent(tmp_path):
+    from edgepipe.device.agent import Agent, AgentServer
+    from edgepipe.device.bundle_store import BundleStore
+
+    srv = AgentServer(Agent(BundleStore(tmp_path / "store")), "127.0.0.1", 0, token="t0k")
+    srv.start_background()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    srv.agent.close()
+
+
+def test_throughput_and_profile_jobs_go_through_the_agent_into_the_report(agent, tmp_path):
+    from bundle_factory import make_bundle
+    from edgepipe.pipeline.fleet import bench_fleet, expand_settings
+    from edgepipe.pipeline.remote import pack_bundle
+
+    bundle = pack_bundle(make_bundle(tmp_path / "b", "conv_stack_int8.tflite", "convs-int8", "int8"))
+    base = dict(runs=10, warmup=1, min_secs=0.05)
+    settings = (expand_settings(dict(base, mode="throughput", streams=2))
+                + expand_settings(dict(base, profile_ops=True))
+                + expand_settings(dict(base, mode="sideways")))
+    db = tmp_path / "results.db"
+    with Store(db) as store:
+        result = bench_fleet([bundle], [agent.url], settings=settings, token="t0k", store=store, job_timeout=120)
+    tput, prof, bad = result.outcomes
+    assert tput.status == "ok" and tput.report["throughput"]["mode"] == "throughput"
+    assert tput.report["throughput"]["streams"] == 2 and tput.report["throughput"]["frames"] >= 10
+    assert prof.status == "ok" and prof.report["profile"]["available"] in (True, False)
+    if prof.report["profile"]["available"]:
+        assert 0.9 <= prof.report["profile"]["ops_vs_invoke"] <= 1.1
+    assert bad.status != "ok" and "unknown bench mode 'sideways'" in bad.error
+    res = CliRunner().invoke(edgepipe, ["report", "--db", str(db)])
+    assert res.exit_code == 0 and "bench tput x2" in res.output, res.output
