@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
-from edgepipe.device.bundle import ColorOrder
+from edgepipe.device.bundle import ColorOrder, Preprocess
 from edgepipe.device.preprocess import IMAGE_EXTENSIONS, list_images
 from edgepipe.device.timing import now_ns, ns_to_ms
 from edgepipe.device.errors import EdgepipeError
@@ -54,6 +54,7 @@ class Frame:
     capture_ms: float = 0.0
     t0_ns: int = 0  # when capture started: end-to-end latency is measured from here
     error: Optional[str] = None
+    display: Any = None  # full-size BGR frame to annotate when ``data`` is an ISP-scaled model-size frame
 
 
 class Source:
@@ -239,10 +240,11 @@ class LiveSource(Source):
     first_frame_timeout = 10.0
 
     def __init__(self, spec: str, kind: str, grab: Callable, order: ColorOrder, closer: Callable[[], None],
-                 extra: Optional[dict] = None):
+                 extra: Optional[dict] = None, paired: bool = False):
         super().__init__(spec)
         self.kind = kind
         self.order = order
+        self._paired = paired  # grab() returns (model frame, display frame) pairs
         self._closer = closer
         self._extra = dict(extra or {})
         self._grabber = LatestFrame(grab, name=f"{kind}-grabber")
@@ -264,7 +266,8 @@ class LiveSource(Source):
                     raise SourceError(f"{self.spec}: no frames arrived")
                 return
             seq, img, ms, t0 = item
-            yield Frame(seq, f"frame {seq}", img, self.order, ms, t0)
+            img, display = img if self._paired else (img, None)
+            yield Frame(seq, f"frame {seq}", img, self.order, ms, t0, display=display)
             n += 1
 
     def close(self) -> None:
@@ -300,33 +303,34 @@ def open_camera(spec: str, index: int, size: Tuple[int, int] = CAMERA_SIZE) -> L
     return LiveSource(spec, "camera", grab, ColorOrder.BGR, cap.release, {"index": index})
 
 
-def open_picamera(spec: str, index: int = 0, size: Tuple[int, int] = CAMERA_SIZE) -> LiveSource:
-    """Raspberry Pi camera via picamera2 (frames arrive as BGR: libcamera's RGB888)."""
+def open_picamera(spec: str, index: int = 0, model: Optional[Preprocess] = None,
+                  display: bool = False) -> LiveSource:
+    """Pi camera via picamera2; with ``model`` its ISP scales frames to the model (:mod:`edgepipe.device.picam`).
+
+    ``display`` adds a 640x480 frame of the same instant to annotate.
+    """
     try:
         from picamera2 import Picamera2  # noqa: PLC0415
     except ImportError as e:
         raise SourceError(f"picamera needs the picamera2 package ({e}); {PICAMERA_HINT}") from None
+    from edgepipe.device.picam import start_picamera  # noqa: PLC0415
     try:
-        cam = Picamera2(index)
-        cam.configure(cam.create_video_configuration(main={"size": size, "format": "RGB888"}))
-        cam.start()
+        cam = start_picamera(Picamera2, index, model, display)
     except Exception as e:  # noqa: BLE001 - libcamera raises many types; one line for the user
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"no usable Raspberry Pi camera {index} ({msg}); check the ribbon cable and "
                           "'rpicam-hello --list-cameras'") from None
+    order = ColorOrder.BGR if cam.plan.display is None else ColorOrder.RGB
 
     def grab():
         t0 = now_ns()
-        img = cam.capture_array("main")
-        return img, ns_to_ms(now_ns() - t0), t0
+        img, _order, shown = cam.grab()
+        return (img, shown), ns_to_ms(now_ns() - t0), t0
 
-    def close():
-        try:
-            cam.stop()
-        finally:
-            cam.close()
-
-    return LiveSource(spec, "picamera", grab, ColorOrder.BGR, close, {"index": index})
+    streams = {"model_stream": list(cam.plan.model)}
+    if cam.plan.display:
+        streams["display_stream"] = list(cam.plan.display)
+    return LiveSource(spec, "picamera", grab, order, cam.close, {"index": index, **streams}, paired=True)
 
 
 def replay_live(spec: str, video: VideoSource, speed: float = 1.0) -> LiveSource:
@@ -354,17 +358,20 @@ def replay_live(spec: str, video: VideoSource, speed: float = 1.0) -> LiveSource
 _CAMERA = re.compile(r"^(camera|picamera)(?::(\d+))?$", re.IGNORECASE)
 
 
-def open_source(spec: str, *, live: bool = False) -> Source:
+def open_source(spec: str, *, live: bool = False, model: Optional[Preprocess] = None,
+                display: bool = False) -> Source:
     """Open ``spec``: ``camera``, ``camera:N``, ``picamera``, ``picamera:N``, a folder, an image or a video.
 
     ``live`` replays a video file in real time with the latest-frame policy.
+    ``model`` (the model's preprocessing) lets the Pi camera scale frames in
+    its ISP; ``display`` asks it for a full-size frame to annotate as well.
     Raises SourceError (one line) for anything that cannot be opened.
     """
     spec = str(spec)
     m = _CAMERA.match(spec.strip())
     if m and not Path(spec).exists():
         kind, idx = m.group(1).lower(), int(m.group(2) or 0)
-        return open_camera(spec, idx) if kind == "camera" else open_picamera(spec, idx)
+        return open_camera(spec, idx) if kind == "camera" else open_picamera(spec, idx, model, display)
     p = Path(spec)
     if not p.exists():
         raise SourceError(f"{spec}: no such file or directory (sources: DIR, image, video, camera[:N], "
