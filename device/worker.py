@@ -305,8 +305,9 @@ class WorkerHandle:
         stage, backend = STARTING, None
         deadline = time.monotonic() + timeout
         while True:
-            if cancelled():
-                self._replace()
+            if cancelled():  # the next job starts a new worker (none at all when the agent is stopping)
+                self.kill()
+                self.restarts += 1
                 return Outcome(Result.CANCELLED, error=f"cancelled while {stage}")
             left = deadline - time.monotonic()
             if left <= 0:
