@@ -87,7 +87,23 @@ def main(argv=None) -> int:
     for s in SIDES:
         ratio = statistics.median(a / b for a, b in zip(got[s], got["compiled"]))
         print(f"{s:<15} {statistics.median(got[s]):>14.3f} {ratio:>25.3f}")
+    bench_pair(model, args.threads, max(3, args.rounds // 3))
     return 0
+
+
+def bench_pair(model: Path, threads: int, rounds: int) -> None:
+    """What a user sees: `edgerun bench` p50 without and with --profile-ops, alternating in one process."""
+    from edgepipe.device.bench import run_bench
+
+    off, on = [], []
+    for _ in range(rounds):
+        off.append(run_bench(model, threads=threads, runs=30, warmup=5)["latency_ms"]["p50"])
+        r = run_bench(model, threads=threads, runs=30, warmup=5, profile_ops=True)
+        on.append(r["latency_ms"]["p50"])
+    paired = statistics.median(b / a for a, b in zip(off, on))
+    print(f"edgerun bench p50, {rounds} alternating rounds: without --profile-ops {statistics.median(off):.3f} ms, "
+          f"with {statistics.median(on):.3f} ms (paired ratio {paired:.3f}; profiled runs: "
+          f"{r['profile']['runs']}, sum of ops {100 * (r['profile']['ops_vs_invoke'] or 0):.0f}% of invoke)")
 
 
 if __name__ == "__main__":
