@@ -6,11 +6,15 @@ then ``(np.asarray(img, float32) - mean) / std``. Fast = JPEG DCT-scaled
 decode to >= the needed size, one 8-bit resize, a normalization table lookup.
 
 The real photos of sample_data/images are upscaled (bicubic) and re-encoded as
-JPEG q90 at each size in a temp dir. Each round times one method over all
-photos, then the other (alternating which goes first), so background load
-hits both alike; the figure per size is the ratio of the median per-image
-times over the rounds, all within this one run. Targets: >= 2x at
+JPEG q90 at each size in a temp dir. Each round sends every
+photo through both methods back to back (alternating which goes first), so
+background load hits both alike; the "speed-up" per size is the median of
+those paired ratios, all within this one run. Targets: >= 2x at
 1280x720, >= 3x at 1920x1080. No assertion: this prints what it measured.
+The "best" column sums each photo's fastest time per method over the rounds:
+on a shared CPU noise only ever slows a call down, and it inflates the short
+fast-path calls more than the long naive ones, so the median ratio is the
+pessimistic figure and "best" what an idle board sees.
 
 Also printed: how far the two outputs are apart, in 0..255 pixel levels (the
 naive path rounds to 8 bits after a full-size decode; the fast path decodes
@@ -59,6 +63,29 @@ def make_frames(src: list, w: int, h: int, out: Path) -> list:
     return paths
 
 
+def time_pairs(paths: list, spec: Preprocess, rounds: int):
+    """Each image through both methods back to back (order alternating), every round.
+
+    Returns the per-call times of both (in pairs) and each image's fastest
+    time per method over the rounds. Pairing keeps both calls of a pair under
+    the same background load.
+    """
+    t_naive, t_fast = [], []
+    best_naive, best_fast = [float("inf")] * len(paths), [float("inf")] * len(paths)
+    for r in range(rounds):
+        for i, p in enumerate(paths):
+            pair = {}
+            for fn in ((naive, load_image) if (r + i) % 2 == 0 else (load_image, naive)):
+                t0 = time.perf_counter_ns()
+                fn(p, spec)
+                pair[fn] = time.perf_counter_ns() - t0
+            t_naive.append(pair[naive])
+            t_fast.append(pair[load_image])
+            best_naive[i] = min(best_naive[i], pair[naive])
+            best_fast[i] = min(best_fast[i], pair[load_image])
+    return t_naive, t_fast, best_naive, best_fast
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="take the preprocessing from this bundle's manifest "
@@ -84,7 +111,7 @@ def main() -> int:
         return 2
     print(f"preprocess: {spec.width}x{spec.height} {spec.color.value} {spec.resize.value} "
           f"(crop {spec.crop_fraction}) {spec.interpolation}; {len(src)} real photos; {args.rounds} rounds")
-    print(f"{'size':>10} {'naive ms':>9} {'fast ms':>8} {'speed-up':>8} {'target':>6}  "
+    print(f"{'size':>10} {'naive ms':>9} {'fast ms':>8} {'speed-up':>8} {'best':>6} {'target':>6}  "
           f"{'|fast-naive| mean/p99/max (levels)':>36}  {'fast vs reference':>17}")
     ok = True
     with tempfile.TemporaryDirectory(prefix="edgepipe-pp-") as tmp:
@@ -92,25 +119,18 @@ def main() -> int:
             paths = make_frames(src, w, h, Path(tmp))
             for p in paths:  # warm the page cache and both code paths
                 naive(p, spec), load_image(p, spec)
-            # Each round runs one method over the whole folder, then the other (order alternating), like
-            # a real run over frames; the per-image mean of each block is one sample.
-            t_naive, t_fast = [], []
-            for r in range(args.rounds):
-                order = ((naive, t_naive), (load_image, t_fast)) if r % 2 == 0 else \
-                    ((load_image, t_fast), (naive, t_naive))
-                for fn, store in order:
-                    t0 = time.perf_counter_ns()
-                    for p in paths:
-                        fn(p, spec)
-                    store.append((time.perf_counter_ns() - t0) / len(paths))
+            t_naive, t_fast, best_naive, best_fast = time_pairs(paths, spec, args.rounds)
             med_naive = statistics.median(t_naive) / 1e6
             med_fast = statistics.median(t_fast) / 1e6
-            ratio = med_naive / med_fast
+            ratio = statistics.median(n / f for n, f in zip(t_naive, t_fast))
+            best = sum(best_naive) / sum(best_fast)
+            print(f"  best per photo, ms: naive {sum(best_naive) / len(paths) / 1e6:.2f}, "
+                  f"fast {sum(best_fast) / len(paths) / 1e6:.2f}")
             std = np.asarray(spec.std, np.float64)
             diffs = np.concatenate([(np.abs(load_image(p, spec) - naive(p, spec)) * std).ravel() for p in paths])
             ref = max(float(np.abs(load_image(p, spec) - reference_preprocess(p, spec)).max()) for p in paths[:3])
             ok &= ratio >= target
-            print(f"{w:>5}x{h:<4} {med_naive:>9.2f} {med_fast:>8.2f} {ratio:>7.2f}x {target:>5.1f}x  "
+            print(f"{w:>5}x{h:<4} {med_naive:>9.2f} {med_fast:>8.2f} {ratio:>7.2f}x {best:>5.2f}x {target:>5.1f}x  "
                   f"{diffs.mean():>14.2f} / {np.percentile(diffs, 99):>5.2f} / {diffs.max():>6.2f}  "
                   f"{'max |d| ' + format(ref, '.1e'):>17}")
     print("result: " + ("targets met" if ok else "below target in this run (shared/noisy CPU?)"))
