@@ -135,9 +135,10 @@ def run_bench(bundle_path: os.PathLike, *, threads: Optional[int] = None, delega
 
 def _check_counts(runs: int, warmup: int, min_secs: float) -> None:
     if runs < 1:
-        raise BenchError("--runs must be at least 1")
+        raise BenchError("the number of timed runs must be at least 1", param="runs")
     if warmup < 0 or min_secs < 0:
-        raise BenchError("--warmup and --min-secs must not be negative")
+        raise BenchError("warm-up runs and the minimum duration must not be negative",
+                         param="warmup" if warmup < 0 else "min_secs")
 
 
 def _bench_inputs(bundle: Bundle, model_path: Path, loaded, input: Optional[str], seed: int):

@@ -181,7 +181,7 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
                            on_report=on_report, on_error=on_error, runs=runs, warmup=warmup, min_secs=min_secs,
                            input=input_, backend=backend, seed=seed, edgetpu_device=edgetpu_device)
     except expected as e:
-        raise fail(str(e)) from None
+        raise fail(e) from None
     except KeyboardInterrupt:
         raise fail("interrupted") from None
     emit(reports, out=out, as_json=as_json)

@@ -119,7 +119,7 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
                             on_prediction=on_prediction, task=task, annotate=annotate,
                             thresholds=Thresholds(score_threshold, iou_threshold, max_detections))
     except EdgepipeError as e:  # bundle, source, load, runtime and crash-probe failures: one line each
-        raise fail(str(e)) from None
+        raise fail(e) from None
     except KeyboardInterrupt:
         raise fail("interrupted") from None
     finally:

@@ -7,9 +7,33 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 import click
 
 
-def fail(msg: str) -> click.ClickException:
-    """A one-line error for the user (newlines from lower layers folded into spaces)."""
+def fail(msg, command: Optional[click.Command] = None) -> click.ClickException:
+    """A one-line error for the user (newlines from lower layers folded into spaces).
+
+    ``msg`` may be an exception: when it names the library parameter at fault
+    (``EdgepipeError.param``), the running command's own flag for it is put
+    in front (``--data: ...``); the library itself never names flags.
+    """
+    if isinstance(msg, BaseException):
+        from edgepipe.device.errors import cli_hint
+
+        return click.ClickException(cli_hint(msg, lambda p: flag_for(p, command)))
     return click.ClickException(" ".join(str(msg).split()))
+
+
+def flag_for(param: str, command: Optional[click.Command] = None):
+    """The flag for parameter ``param`` (``--min-secs``) of ``command`` or the running commands, else ``None``."""
+    ctx = click.get_current_context(silent=True)
+    commands = [command] if command is not None else []
+    while ctx is not None:
+        commands.append(ctx.command)
+        ctx = ctx.parent
+    for cmd in commands:
+        for p in cmd.params:
+            if p.name == param and isinstance(p, click.Option):
+                longs = [o for o in p.opts if o.startswith("--")]
+                return (longs or p.opts)[0]
+    return None
 
 
 S = TypeVar("S")

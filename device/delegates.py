@@ -290,7 +290,7 @@ def explain_build_error(path: str, plan: DelegatePlan, data: bytes, err: Excepti
         op = m.group(1).rstrip(".")
         if op == EDGETPU_CUSTOM_OP.decode():
             return RuntimeLoadError(f"{path}: model is compiled for the Edge TPU (op {op}); run it with "
-                                    "--delegate edgetpu, or use the bundle's CPU model.tflite")
+                                    "the edgetpu delegate, or use the bundle's CPU model.tflite")
         return RuntimeLoadError(f"{path}: model needs custom op {op!r}, which this runtime does not provide; "
                                 "re-convert without custom ops or use a runtime/delegate that registers it")
     m = _MISSING_BUILTIN.search(text)

@@ -84,7 +84,8 @@ def image_inputs(folder: os.PathLike, specs: Sequence, preprocess: Optional[Prep
     from edgepipe.device.preprocess import ImageError, list_images, load_image, to_model_input
 
     if len(specs) != 1 or len(specs[0].shape) != 4:
-        raise InputError("--input DIR needs a model with one image input (N, H, W, C); use --input random")
+        raise InputError("a folder of images needs a model with one image input (N, H, W, C); use random inputs",
+                         param="input")
     spec = specs[0]
     assumed: List[str] = []
     if preprocess is None:

@@ -20,6 +20,17 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self._lazy))
 
+    def invoke(self, ctx):
+        from edgepipe.device.errors import EdgepipeError
+
+        try:
+            return super().invoke(ctx)
+        except EdgepipeError as e:  # an expected failure a command did not catch: still one line
+            from edgepipe.device.cliout import fail
+
+            name = ctx.invoked_subcommand
+            raise fail(e, self.get_command(ctx, name) if name else None) from None
+
     def get_command(self, ctx, name):
         if name in self._lazy:
             module, attr = self._lazy[name].split(":")

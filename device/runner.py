@@ -115,7 +115,7 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     from edgepipe.device.bench import model_for  # the Edge TPU-compiled model when asked for the TPU
 
     if max_frames is not None and max_frames < 1:
-        raise RunError("--max-frames must be at least 1")
+        raise RunError("the frame limit must be at least 1", param="max_frames")
     bundle = load_bundle(bundle_path)
     model_path = model_for(bundle, delegate)
     load = dict(backend=backend, delegate=delegate, threads=threads, edgetpu_device=edgetpu_device)

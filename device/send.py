@@ -60,7 +60,7 @@ def reports_url(url: str) -> str:
     """Accept the collector's base URL or the full reports URL."""
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"--report-to must be an http(s) URL, got {url!r}")
+        raise ValueError(f"the collector URL must be http(s), got {url!r}")
     return url if url.endswith(REPORTS_PATH) else url + REPORTS_PATH
 
 

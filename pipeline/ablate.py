@@ -161,7 +161,7 @@ def check_data(spec: Spec) -> None:
     try:
         load_dataset(spec.data_dir, labels_file=None, limit=spec.limit)
     except EvalError as e:
-        raise AblateError(str(e).replace("--data:", "data.dir:")) from None
+        raise AblateError(f"data.dir: {e}" if e.param == "data" else str(e)) from None
     top, _ = list_images(spec.calib_dir)
     if not top and not any(list_images(d)[0] for d in spec.calib_dir.iterdir() if d.is_dir()):
         raise AblateError(f"data.calib: no images found in {spec.calib_dir}")

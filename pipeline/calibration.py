@@ -47,7 +47,7 @@ def select(folder: Path, count: int = DEFAULT_COUNT, seed: int = DEFAULT_SEED) -
     from edgepipe.device.preprocess import list_images
 
     if count < 1:
-        raise CalibrationError(f"--calib-count must be at least 1, got {count}")
+        raise CalibrationError(f"the calibration image count must be at least 1, got {count}", param="calib_count")
     if not folder.exists():
         raise CalibrationError(f"calibration folder {folder}: no such directory")
     if not folder.is_dir():

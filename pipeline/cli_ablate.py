@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgepipe.device.cliout import fail
+
 EPILOG = """\b
 Examples:
   edgepipe ablate examples/ablate/fashion_mnist_arch.toml --out runs/fm-arch
@@ -37,7 +39,7 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
     try:
         spec = load_spec(spec_path)
     except SpecError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     points = spec.points()
     if dry_run:
         for p in points:
@@ -77,7 +79,7 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
     except SampleNotBuiltError as e:
         raise click.ClickException(f"model.source: {e}; {not_built_hint(e.name)}") from None
     except (AblateError, SampleDataError) as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     except KeyboardInterrupt:
         click.echo(f"interrupted: re-run the same command to resume ({state['n']} point(s) kept)",
                    err=True)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from edgepipe.device.cliout import fail
+
 from edgepipe.pipeline import calibration
 from edgepipe.pipeline.cache import default_cache_dir
 from edgepipe.pipeline.preprocessing import PRESETS, PreprocessRequest
@@ -109,7 +111,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     try:
         chosen = tuple(with_io_type(r, io_type) for r in parse_recipes(recipes))
     except RecipeError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     req = ConvertRequest(
         model=model, recipes=chosen, out_dir=out_dir, calib_dir=calib_dir, calib_count=calib_count,
         calib_seed=seed,
@@ -140,7 +142,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
             results = convert_model(req, progress=progress)
             bar.finish()
     except (ConvertError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     if target_agreement is not None:
         results = [_selective(r, results, model, target_agreement, progress) for r in results]
     _report(results, model, out_dir, as_json)
@@ -206,7 +208,7 @@ def _selective(r, results, model_path, target: float, progress):
     try:
         sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress)
     except (SelectiveError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     progress(_selective_summary(sel, target))
     if len(sel.kept) > sel.layers_total // 2:
         progress("warning: more than half of the layers stay float, so this is close to the "

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgepipe.device.cliout import fail
+
 from edgepipe.device.tables import format_bytes, format_table
 
 EPILOG = """\b
@@ -111,7 +113,7 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
                                    limit=limit, threads=threads, progress=progress)
         layers = _layers(results, reference, n_layers, progress) if n_layers else {}
     except EvalError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     except SampleNotBuiltError as e:
         raise click.ClickException(f"--reference: {e}; {not_built_hint(e.name)} "
                                    "(or pass --reference MODEL)") from None

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from edgepipe.device.cliout import fail
+
 
 @click.command(epilog="""\b
 Examples:
@@ -75,7 +77,7 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
         try:
             base_rows = rp.load_baseline(Path(baseline))
         except ValueError as e:
-            raise click.ClickException(str(e)) from None
+            raise fail(e) from None
         base_rows = [b for b in base_rows if _matches(b, kind, device, model, recipe)]
         comparison = rp.compare(rows, base_rows, tolerance)
 

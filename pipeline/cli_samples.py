@@ -5,6 +5,8 @@ import json
 
 import click
 
+from edgepipe.device.cliout import fail
+
 EPILOG = """\b
 Examples:
   edgepipe samples list
@@ -34,7 +36,7 @@ def list_samples(as_json):
     try:
         rows = [(s, str(s.path), s.present) for s in CATALOGUE]
     except SampleDataError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     if as_json:
         click.echo(json.dumps([{"name": s.name, "kind": s.kind.value, "what": s.what, "path": path,
                                 "present": present} for s, path, present in rows], indent=2))
@@ -57,7 +59,7 @@ def sample_path(name):
     except SampleNotBuiltError as e:
         raise click.ClickException(f"{e}; {not_built_hint(e.name)}") from None
     except SampleDataError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
 
 
 @samples.command("build")
@@ -81,5 +83,5 @@ def build(name, rebuild):
     try:
         path = build_sample(name, rebuild=rebuild, progress=progress)
     except SampleDataError as e:
-        raise click.ClickException(str(e)) from None
+        raise fail(e) from None
     click.echo(str(path))

@@ -64,7 +64,7 @@ def load_dataset(root: Path, *, labels_file: Optional[Path] = None,
 
     root = Path(root)
     if not root.is_dir():
-        raise EvalError(f"--data: {root} is not a folder")
+        raise EvalError(f"{root} is not a folder", param="data")
     top, skipped = list_images(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_image, names_from_file = _label_source(root, labels_file, top, subdirs)
@@ -77,7 +77,7 @@ def load_dataset(root: Path, *, labels_file: Optional[Path] = None,
         ds = Dataset(root, tuple(top), None, tuple(names) if names else None, skipped,
                      "no labels: agreement with the float model only")
     if not ds.paths:
-        raise EvalError(f"--data: no images found in {root}")
+        raise EvalError(f"no images found in {root}", param="data")
     return _spread_subset(ds, limit)
 
 
@@ -89,7 +89,7 @@ def _label_source(root: Path, labels_file: Optional[Path], top: list, subdirs: l
                 return None, read_labels(cand)
         return None, None
     if not Path(labels_file).is_file():
-        raise EvalError(f"--labels: {labels_file} is not a file")
+        raise EvalError(f"{labels_file} is not a file", param="labels")
     lines = read_labels(labels_file)
     if lines and top and all(len(ln.replace(",", " ").split()) == 2 for ln in lines):
         return dict(ln.replace(",", " ").split() for ln in lines), None
@@ -105,8 +105,8 @@ def _from_class_folders(root: Path, subdirs: list, names: Optional[list], skippe
         index = _class_index(names)
         for d in subdirs:
             if _norm(d.name) not in index:
-                raise EvalError(f"--data: class folder {d.name!r} is not one of the model's "
-                                f"{len(names)} labels (e.g. {', '.join(names[:3])})")
+                raise EvalError(f"class folder {d.name!r} is not one of the model's "
+                                f"{len(names)} labels (e.g. {', '.join(names[:3])})", param="data")
     else:
         names = [d.name for d in subdirs]
         index = _class_index(names)
@@ -127,14 +127,14 @@ def _from_label_list(root: Path, top: list, per_image: dict, names: Optional[lis
     for p in top:
         lab = per_image.get(p.name)
         if lab is None:
-            raise EvalError(f"--labels: no label for image {p.name}")
+            raise EvalError(f"no label for image {p.name}", param="labels")
         if lab.lstrip("-").isdigit():
             labels.append(int(lab))
         elif _norm(lab) in idx:
             labels.append(idx[_norm(lab)])
         else:
-            raise EvalError(f"--labels: label {lab!r} of {p.name} is neither a class index "
-                            "nor one of the model's labels")
+            raise EvalError(f"label {lab!r} of {p.name} is neither a class index "
+                            "nor one of the model's labels", param="labels")
     return Dataset(root, tuple(top), tuple(labels), tuple(names) if names else None, skipped)
 
 
@@ -143,7 +143,7 @@ def _spread_subset(ds: Dataset, limit: Optional[int]) -> Dataset:
     if limit is None or limit >= len(ds.paths):
         return ds
     if limit < 1:
-        raise EvalError("--limit: must be at least 1")
+        raise EvalError("the image limit must be at least 1", param="limit")
     idx = np.linspace(0, len(ds.paths) - 1, limit).round().astype(int)
     idx = sorted(set(idx.tolist()))
     return Dataset(ds.root, tuple(ds.paths[i] for i in idx),
@@ -161,7 +161,7 @@ def load_inputs(paths: Sequence[Path], spec: Preprocess,
         try:
             x = load_image(p, spec)
         except (ImageError, OSError) as e:
-            raise EvalError(f"--data: {Path(p).name}: {e}") from None
+            raise EvalError(f"{Path(p).name}: {e}", param="data") from None
         if spec.layout == "nchw":
             x = np.transpose(x, (2, 0, 1))
         out.append(x)

@@ -50,15 +50,15 @@ class KerasReference:
                     shape = self.model.inputs[0].shape
         except Exception as e:  # noqa: BLE001 - loaders raise anything
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise EvalError(f"--reference: cannot load {path} ({first[:160]})") from None
+            raise EvalError(f"cannot load {path} ({first[:160]})", param="reference") from None
         self.input_shape = tuple(None if d is None else int(d) for d in list(shape)[1:])
 
     def check_input(self, per_example: tuple, bundle_name: str) -> None:
         ok = len(per_example) == len(self.input_shape) and all(
             r is None or r == b for r, b in zip(self.input_shape, per_example))
         if not ok:
-            raise EvalError(f"--reference: {self.path.name} takes input {self.input_shape} but "
-                            f"bundle {bundle_name} takes {per_example}")
+            raise EvalError(f"{self.path.name} takes input {self.input_shape} but "
+                            f"bundle {bundle_name} takes {per_example}", param="reference")
 
     def predict(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
         from edgepipe.pipeline.tfenv import captured_output
@@ -127,8 +127,8 @@ def _missing_reference(bundle: Bundle) -> EdgepipeError:
     for s in CATALOGUE:
         if s.kind is SampleKind.BUILT and s.path.name == src and not s.present:
             return SampleNotBuiltError(s.name, s.path)
-    return EvalError(f"--reference: float model {src!r} of {bundle.name} not found next to the "
-                     "bundle; pass --reference MODEL")
+    return EvalError(f"float model {src!r} of {bundle.name} not found next to the "
+                     "bundle; give the float reference model", param="reference")
 
 
 # ------------------------------------------------------------------ evaluation
@@ -210,7 +210,7 @@ def _references(bundles: Sequence[Bundle], reference: Optional[Path], say) -> di
             ref_for[b.path] = ("bundle", fp32)
             continue
         if not rp.exists():
-            raise EvalError(f"--reference: {rp} does not exist")
+            raise EvalError(f"{rp} does not exist", param="reference")
         if rp not in refs:
             say(f"loading reference {rp.name}", 0)
             refs[rp] = KerasReference(rp)

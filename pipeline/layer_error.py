@@ -175,17 +175,17 @@ def layer_errors(bundle_path, reference=None, top: int = 10) -> list:
     if m.recipe not in ("int8", "int8-io"):
         return []
     if m.calibration is None or not m.calibration.source:
-        raise EvalError(f"--layers: {b.name} records no calibration images")
+        raise EvalError(f"{b.name} records no calibration images", param="layers")
     ref = Path(reference) if reference else find_reference(b)
     if ref is None:
-        raise EvalError(f"--layers: float model of {b.name} not found; pass --reference MODEL")
+        raise EvalError(f"float model of {b.name} not found; give the float reference model", param="layers")
     try:
         cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
         calib = calibration.load_arrays(cset, m.preprocess)
         keras_ref = KerasReference(ref)
         if keras_ref._signature is not None:
-            raise EvalError(f"--layers: needs the Keras model (.keras/.h5), not the SavedModel {ref}")
+            raise EvalError(f"needs the Keras model (.keras/.h5), not the SavedModel {ref}", param="layers")
         dbg = debug_int8(keras_ref.model, calib)
     except (calibration.CalibrationError, LayerErrorError) as e:
-        raise EvalError(f"--layers: {e}") from None
+        raise EvalError(f"{e}", param="layers") from None
     return [e.to_dict() for e in dbg.ranked()[:top]]

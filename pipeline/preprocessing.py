@@ -77,7 +77,8 @@ def image_layout(shape: Sequence) -> tuple:
             f"model input shape {tuple(shape)} has no 1- or 3-channel axis; cannot feed it images")
     if h <= 0 or w <= 0:
         raise PreprocessError(
-            f"model input shape {tuple(shape)} has no fixed height/width; pass --input-size HxW")
+            f"model input shape {tuple(shape)} has no fixed height/width; give an input size",
+            param="input_size")
     return layout, h, w, c
 
 
@@ -90,7 +91,7 @@ def _per_channel(values: tuple, channels: int, what: str, assumed: list) -> tupl
         avg = sum(values) / len(values)
         assumed.append(f"{what} averaged over RGB for a 1-channel model ({avg:g})")
         return (float(avg),)
-    raise PreprocessError(f"--{what} needs 1 or {channels} values, got {len(values)}")
+    raise PreprocessError(f"{what} needs 1 or {channels} values, got {len(values)}", param=what)
 
 
 def resolve(input_shape: Sequence, request: PreprocessRequest, *, rescales_itself: bool = False) -> Preprocess:
@@ -118,17 +119,17 @@ def resolve(input_shape: Sequence, request: PreprocessRequest, *, rescales_itsel
     if c == 1:
         color = ColorOrder.GRAY
     elif color == ColorOrder.GRAY:
-        raise PreprocessError(f"--color gray does not fit a {c}-channel model input")
+        raise PreprocessError(f"gray colour does not fit a {c}-channel model input", param="color")
     resize = ResizeMode(request.resize) if request.resize else preset.resize
     crop = request.crop_fraction if request.crop_fraction is not None else preset.crop_fraction
     if resize == ResizeMode.STRETCH and request.crop_fraction is None:
         crop = 1.0
     if not 0.0 < crop <= 1.0:
-        raise PreprocessError(f"--crop-fraction must be in (0, 1], got {crop}")
+        raise PreprocessError(f"the crop fraction must be in (0, 1], got {crop}", param="crop_fraction")
     mean = _per_channel(request.mean if request.mean is not None else preset.mean, c, "mean", assumed)
     std = _per_channel(request.std if request.std is not None else preset.std, c, "std", assumed)
     if any(s <= 0 for s in std):
-        raise PreprocessError("--std values must be positive")
+        raise PreprocessError("the std must be positive", param="std")
     if request.preset is None and request.resize is None:
         assumed.append(f"resized ({resize.value}, bilinear) to {h}x{w}")
     return Preprocess(

@@ -91,7 +91,7 @@ def parse_recipes(text: str) -> tuple:
 def with_io_type(recipe: Recipe, io_type: str) -> Recipe:
     """The int8-io recipe with ``uint8`` (Edge TPU's classic choice) or ``int8`` I/O."""
     if io_type not in ("uint8", "int8"):
-        raise RecipeError(f"--io-type must be uint8 or int8, not {io_type!r}")
+        raise RecipeError(f"the integer I/O type must be uint8 or int8, not {io_type!r}", param="io_type")
     if recipe.io_type is None:
         return recipe
     return replace(recipe, io_type=io_type)

@@ -201,16 +201,16 @@ def _shipped_wins(shipped_agreement: Optional[float], agreement: float, kept: li
 def _check_request(recipe, target: float) -> None:
     name = getattr(recipe, "name", recipe)
     if name not in SUPPORTED_RECIPES:
-        raise SelectiveError(f"--target-agreement: only works with recipe "
-                             f"{', '.join(SUPPORTED_RECIPES)}, not {name!r}")
+        raise SelectiveError(f"only works with recipe "
+                             f"{', '.join(SUPPORTED_RECIPES)}, not {name!r}", param="target_agreement")
     if not (0.0 < float(target) <= 1.0):
-        raise SelectiveError(f"--target-agreement: {target} is not in (0, 1]")
+        raise SelectiveError(f"{target} is not in (0, 1]", param="target_agreement")
 
 
 def _eval_inputs(eval_x: Optional[np.ndarray], calib: np.ndarray) -> np.ndarray:
     ex = np.asarray(eval_x if eval_x is not None else calib, dtype=np.float32)
     if ex.shape[0] == 0:
-        raise SelectiveError("--target-agreement: no evaluation images")
+        raise SelectiveError("no evaluation images", param="target_agreement")
     return ex
 
 
@@ -226,7 +226,7 @@ def _keras_model(keras_model):
             return tf.keras.models.load_model(str(keras_model), compile=False)
     except Exception as e:  # noqa: BLE001 - loaders raise anything
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise SelectiveError(f"--target-agreement: needs a Keras model ({first})") from None
+        raise SelectiveError(f"needs a Keras model ({first})", param="target_agreement") from None
 
 
 class _Search:
@@ -355,11 +355,11 @@ def _int8_bundle(bundle_path):
         raise SelectiveError(str(e)) from None
     m = b.manifest
     if m is None or m.recipe not in SUPPORTED_RECIPES:
-        raise SelectiveError(f"--target-agreement: {bundle_path} is not an int8 bundle")
+        raise SelectiveError(f"{bundle_path} is not an int8 bundle", param="target_agreement")
     if (m.extra or {}).get("input_size"):
-        raise SelectiveError("--target-agreement: not supported together with --input-size")
+        raise SelectiveError("not supported together with an input size change", param="target_agreement")
     if m.calibration is None or not m.calibration.source or m.preprocess is None:
-        raise SelectiveError(f"--target-agreement: {bundle_path} records no calibration images")
+        raise SelectiveError(f"{bundle_path} records no calibration images", param="target_agreement")
     return b
 
 

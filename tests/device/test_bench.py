@@ -109,10 +109,33 @@ def test_bad_image_folder(int8_bundle, tmp_path):
 
 
 def test_bad_arguments(int8_bundle):
-    with pytest.raises(BenchError, match="runs"):
+    with pytest.raises(BenchError, match="runs") as e:
         run_bench(int8_bundle, runs=0)
-    with pytest.raises(BenchError, match="negative"):
+    assert e.value.param == "runs" and "--" not in str(e.value)  # the CLI adds its own flag
+    with pytest.raises(BenchError, match="negative") as e:
         run_bench(int8_bundle, warmup=-1)
+    assert e.value.param == "warmup"
+
+
+def test_cli_names_its_own_flag_for_a_library_error(int8_bundle):
+    """A library error names a parameter; the command in which it escapes puts its own flag in front."""
+    import click
+    from click.testing import CliRunner
+
+    from edgepipe.device.lazycli import LazyGroup
+
+    @click.group(cls=LazyGroup)
+    def group():
+        pass
+
+    @group.command()
+    @click.option("--timed-runs", "runs", type=int)
+    def go(runs):
+        run_bench(int8_bundle, runs=runs)
+
+    r = CliRunner().invoke(group, ["go", "--timed-runs", "0"])
+    assert r.exit_code == 1 and r.exception is not None and not isinstance(r.exception, BenchError)
+    assert r.output.strip() == "Error: --timed-runs: the number of timed runs must be at least 1"
 
 
 def test_matrix_runs_every_pair_in_order(int8_bundle, noop_delegate):

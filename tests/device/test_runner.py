@@ -203,7 +203,7 @@ def test_bad_inputs_raise_one_line_errors(make_bundle, float_bundle, float_model
         with pytest.raises(exc) as e:
             run_source(bundle, source)
         assert text in str(e.value) and "\n" not in str(e.value), (bundle, str(e.value))
-    with pytest.raises(RunError, match="max-frames"):
+    with pytest.raises(RunError, match="frame limit"):
         run_source(float_bundle, str(photos), max_frames=0)
 
 
