@@ -220,14 +220,8 @@ def _record(cm, runs: int, max_secs: float) -> Tuple[list, List[int]]:
     return prof.events(), wall
 
 
-def summarize(events: Sequence, wall_ns: Sequence[int], *, names: Optional[Dict[int, str]] = None,
-              node_counts_: Optional[Dict[str, int]] = None) -> Profile:
-    """Fold raw profiler events into mean time per node per inference."""
-    names = names or {}
-    invokes = [e.elapsed_us for e in events if e.kind == EVENT_DEFAULT and e.tag == "Invoke"]
-    runs = len(invokes) or len(wall_ns)
-    if not runs:
-        return Profile(False, reason="the profiler recorded no inference")
+def _fold(events: Sequence) -> Dict[Tuple[str, int, str], int]:
+    """Microseconds per (where, node index, op) over all recorded runs."""
     inner = any(e.kind in _DELEGATE_KINDS for e in events)
     acc: Dict[Tuple[str, int, str], int] = defaultdict(int)
     for e in events:
@@ -236,14 +230,28 @@ def summarize(events: Sequence, wall_ns: Sequence[int], *, names: Optional[Dict[
         elif e.kind == EVENT_OPERATOR and not (inner and "delegate" in e.tag.lower()):
             # a delegate's kernel node wraps the inner events counted above: counting both doubles the time
             acc[("cpu", e.metadata1, e.tag)] += e.elapsed_us
-    total_us = sum(acc.values())
-    nodes = tuple(OpNode(index=int(i), op=tag, where=w, mean_ms=us / runs / 1000.0,
-                         share=us / total_us if total_us else 0.0, name=names.get(int(i)) if w == "cpu" else None)
-                  for (w, i, tag), us in acc.items())
-    counts = _counted(nodes, node_counts_)
+    return acc
+
+
+def _mean(values: Sequence, scale: float) -> Optional[float]:
+    return sum(values) / len(values) / scale if values else None
+
+
+def summarize(events: Sequence, wall_ns: Sequence[int], *, names: Optional[Dict[int, str]] = None,
+              node_counts_: Optional[Dict[str, int]] = None) -> Profile:
+    """Fold raw profiler events into mean time per node per inference."""
+    names = names or {}
+    invokes = [e.elapsed_us for e in events if e.kind == EVENT_DEFAULT and e.tag == "Invoke"]
+    runs = len(invokes) or len(wall_ns)
+    if not runs:
+        return Profile(False, reason="the profiler recorded no inference")
+    acc = _fold(events)
+    total_us = sum(acc.values()) or 1
+    nodes = tuple(OpNode(index=int(i), op=tag, where=w, mean_ms=us / runs / 1000.0, share=us / total_us,
+                         name=names.get(int(i)) if w == "cpu" else None) for (w, i, tag), us in acc.items())
     return Profile(True, engine=f"LiteRT CompiledModel, CPU accelerator ({CPU_ACCELERATOR} + builtin kernels)",
-                   runs=runs, invoke_ms=sum(invokes) / len(invokes) / 1000.0 if invokes else None,
-                   run_ms=sum(wall_ns) / len(wall_ns) / 1e6 if wall_ns else None, nodes=nodes, node_counts=counts)
+                   runs=runs, invoke_ms=_mean(invokes, 1000.0), run_ms=_mean(wall_ns, 1e6), nodes=nodes,
+                   node_counts=_counted(nodes, node_counts_))
 
 
 def _counted(nodes: Sequence[OpNode], graph: Optional[Dict[str, int]]) -> Dict[str, int]:

@@ -53,24 +53,29 @@ def _is_throughput(r: dict) -> bool:
     return (r.get("throughput") or {}).get("mode") == "throughput"
 
 
+def _row(r: dict) -> dict:
+    tp, lat = r.get("throughput") or {}, r.get("latency_ms") or {}
+    return {"threads": (r.get("runtime") or {}).get("threads"), "mode": "throughput" if _is_throughput(r)
+            else "latency", "streams": tp.get("streams") or 1, "p50_ms": lat.get("p50"), "fps": tp.get("fps")}
+
+
+def _pick(keys: Sequence[str], best: Optional[dict]) -> Optional[dict]:
+    return {k: best[k] for k in keys} if best else None
+
+
 def summarize(reports: Sequence[dict]) -> dict:
     """Per thread count: p50 and inferences/s; the fastest count for each."""
-    rows = []
-    for r in reports:
-        tp, lat = r.get("throughput") or {}, r.get("latency_ms") or {}
-        rows.append({"threads": (r.get("runtime") or {}).get("threads"), "mode": "throughput" if _is_throughput(r)
-                     else "latency", "streams": tp.get("streams") or 1, "p50_ms": lat.get("p50"),
-                     "fps": tp.get("fps")})
+    rows = [_row(r) for r in reports]
     lat_rows = [x for x in rows if x["mode"] == "latency" and x["p50_ms"] is not None]
     fps_rows = [x for x in rows if x["fps"] is not None]
-    best_lat = min(lat_rows, key=lambda x: x["p50_ms"]) if lat_rows else None
-    best_fps = max(fps_rows, key=lambda x: x["fps"]) if fps_rows else None
+    best_lat = min(lat_rows, key=lambda x: x["p50_ms"], default=None)
+    best_fps = max(fps_rows, key=lambda x: x["fps"], default=None)
     return {
         "tried": sorted({x["threads"] for x in rows if x["threads"] is not None}),
         "cores": cores(),
         "rows": rows,
-        "best_latency": {k: best_lat[k] for k in ("threads", "p50_ms", "fps")} if best_lat else None,
-        "best_throughput": {k: best_fps[k] for k in ("threads", "streams", "fps", "mode")} if best_fps else None,
+        "best_latency": _pick(("threads", "p50_ms", "fps"), best_lat),
+        "best_throughput": _pick(("threads", "streams", "fps", "mode"), best_fps),
     }
 
 

@@ -26,6 +26,7 @@ def _zeros(loaded):
 
 
 @needs_litert_c
+@pytest.mark.timing
 @pytest.mark.parametrize("name", MEDIUM)
 def test_sum_of_ops_matches_the_runtimes_invoke_time(name):
     loaded = load_model(MODELS / name, threads=1)
@@ -75,9 +76,11 @@ def test_no_profiler_says_so_and_still_counts_nodes(monkeypatch, int8_io_model):
     prof = profile_ops(loaded, _zeros(loaded), runs=3)
     assert not prof.available and not prof.nodes
     assert "no per-op profiler" in prof.reason and "\n" not in prof.reason
-    assert prof.node_counts.get("cpu") == 1 and sum(prof.node_counts.values()) == 5
+    # every original node is counted once, on the CPU kernels or inside XNNPACK (which ops XNNPACK takes
+    # depends on the runtime build; ai-edge-litert 2.3 leaves the int8 SOFTMAX on the CPU)
+    assert set(prof.node_counts) <= {"cpu", "xnnpack"} and sum(prof.node_counts.values()) == 5
     text = format_profile(prof.to_dict())
-    assert text.splitlines()[0].startswith("per-op     no per-op profiler") and "nodes      cpu 1" in text
+    assert text.splitlines()[0].startswith("per-op     no per-op profiler") and "\nnodes      " in text
 
 
 @needs_litert_c
