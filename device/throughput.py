@@ -154,8 +154,9 @@ def run_throughput(bundle_path: os.PathLike, *, streams: Optional[int] = None, t
                           edgetpu_device=edgetpu_device)
 
     first = load()
-    n = streams or default_streams(threads, first.model_size)
-    if n > 1 and first.delegate not in ("cpu", "xnnpack"):
+    cpu = first.delegate in ("cpu", "xnnpack")
+    n = streams or (default_streams(threads, first.model_size) if cpu else 1)
+    if n > 1 and not cpu:
         raise ThroughputError(f"several streams need the CPU delegate ({first.delegate} drives one device); "
                               "use one stream")
     models = [first] + [load() for _ in range(n - 1)]
