@@ -248,7 +248,7 @@ def test_runtime_dict_for_report(float_model, backend):
     ("truncated_model", r"corrupt or truncated TFLite model"),
     ("not_a_model", r"not a TFLite model \(missing the 'TFL3' identifier"),
     ("custom_op_model", r"needs custom op 'EdgepipeTestOp'.*re-convert"),
-    ("edgetpu_like_model", r"compiled for the Edge TPU.*--delegate edgetpu"),
+    ("edgetpu_like_model", r"compiled for the Edge TPU.*edgetpu delegate"),
 ])
 def test_bad_models_raise_one_line_reason(request, fixture, pattern):
     with pytest.raises(RuntimeLoadError, match=pattern) as e:
