@@ -120,8 +120,25 @@ def _run_quantizer(quantizer, model: bytes, rules: list, sig: str, input_name: s
     if q.need_calibration:
         if arrays is None:  # pragma: no cover - validate() asks for --calib first
             raise ConvertError(f"{recipe.name}: needs calibration images")
-        calib = q.calibrate({sig: [{input_name: x[None].astype(np.float32)} for x in arrays]})
+        calib = _calibrate(model, rules, {sig: [{input_name: x[None].astype(np.float32)} for x in arrays]})
     return bytes(q.quantize(calib, enable_progress_bar=False, enable_progress_report=False).quantized_model)
+
+
+def _calibrate(model: bytes, rules: list, data: dict) -> dict:
+    """Activation ranges as the global min/max over the calibration images, like TensorFlow's converter.
+
+    The quantizer's default update is a moving average (weight 0.95 on what was
+    seen before), which for a few hundred images or fewer depends on their order
+    and can shrink a range to a fraction of what the data covers.
+    """
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(rules)
+    cal = calibrator.Calibrator(memoryview(model), qsv_update_func=qsv_utils.min_max_update)
+    cal.calibrate(data, manager)
+    return cal.get_model_qsvs()
 
 
 def _recipe_rules(recipe: Recipe) -> list:

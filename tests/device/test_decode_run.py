@@ -58,7 +58,7 @@ def test_yolo_boxes_come_back_in_source_pixels(make_bundle, models_dir, white_12
     # The score is the input's mean brightness: letterbox bars are LETTERBOX_FILL grey.
     score = 1.0 if resize == "stretch" else 0.5 + 0.5 * LETTERBOX_FILL / 255
     assert [d["label"] for d in dets] == ["thing"] and dets[0]["score"] == pytest.approx(score, abs=1e-4)
-    np.testing.assert_allclose(dets[0]["box"], expected, atol=0.01)
+    np.testing.assert_allclose(dets[0]["box"], expected, atol=0.05)
     block = report["detections"]
     assert block["boxes"] == 1 and block["classes"] == {"thing": 1} and block["decoder"]["kind"] == "yolo"
     assert "decode" in report["stages_ms"] and report["stages_ms"]["decode"]["n"] == 1
@@ -74,7 +74,9 @@ def test_thresholds_from_the_command_line_override_the_manifest(make_bundle, mod
 
     assert run(b, img)[0][0]["count"] == 0
     lines, report = run(b, img, thresholds=Thresholds(score=0.2))
-    assert [(d["class_id"], d["box"]) for d in lines[0]["detections"]] == [(1, [0.0, 0.0, 16.0, 8.0])]
+    dets = lines[0]["detections"]
+    assert [d["class_id"] for d in dets] == [1]
+    np.testing.assert_allclose(dets[0]["box"], [0, 0, 16, 8], atol=0.05)
     assert report["detections"]["decoder"]["score_threshold"] == 0.2
 
 
