@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edgepipe.device import __version__
+from edgepipe.device.cli_agent_mqtt import apply_identity, broker_options, serve_broker
 from edgepipe.device.paths import user_dir
 from edgepipe.device.send import REPORT_TO_ENV, TOKEN_ENV
 
@@ -52,6 +53,7 @@ Examples:
   edgerun agent                                   # loopback only, no token needed
   edgerun agent --host 0.0.0.0 --token "$EDGERUN_TOKEN" --store /var/lib/edgerun/bundles
   edgepipe bench out/*/ --device http://pi.local:8751 --token "$EDGERUN_TOKEN"   # on the workstation
+  edgerun agent --broker mqtts://broker.example:8883 --token "$EDGERUN_TOKEN" --name pi-07 --tag lab
 """)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; anything beyond loopback needs --token.")
@@ -75,8 +77,9 @@ Examples:
               help=f"Also send every job's report to a collector (spooled when away) [env: {REPORT_TO_ENV}].")
 @click.option("--report-token", envvar=TOKEN_ENV, default=None, metavar="TOKEN",
               help=f"Bearer token for --report-to [env: {TOKEN_ENV}].")
+@broker_options
 def agent(host, port, token, store_dir, max_bundle_mb, store_quota, job_timeout, keep_warm, report_to,
-          report_token):
+          report_token, **broker_kw):
     """Serve this device to `edgepipe bench`: receive bundles, run bench/run jobs.
 
     Jobs run one at a time in a worker process; interpreters stay warm there
@@ -109,6 +112,12 @@ def agent(host, port, token, store_dir, max_bundle_mb, store_quota, job_timeout,
             res = send_report(rep, url, spool=spool, token=report_token)
             click.echo(describe(res, report_to, spool), err=True)
 
+    if broker_kw["broker"]:
+        serve_broker(store, token=token, keep_warm=keep_warm, job_timeout=job_timeout, on_report=on_report,
+                     info=device_info, **broker_kw)
+        return
+    if broker_kw["name"] is not None or broker_kw["tags"]:
+        apply_identity(broker_kw["name"], broker_kw["tags"])
     try:
         worker = Agent(store, keep_warm=keep_warm, on_report=on_report, default_timeout=job_timeout)
     except OSError as e:

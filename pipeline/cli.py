@@ -12,6 +12,7 @@ COMMANDS = {
     "ablate": "edgepipe.pipeline.cli_ablate:ablate",
     "serve": "edgepipe.pipeline.cli_serve:serve",
     "bench": "edgepipe.pipeline.cli_fleet:bench",
+    "devices": "edgepipe.pipeline.cli_devices:devices",
     "report": "edgepipe.pipeline.cli_report:report",
     "samples": "edgepipe.pipeline.cli_samples:samples",
 }

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from edgepipe.pipeline.cli_fleet_broker import bench_over_broker, broker_bench_options
+
 
 @click.command(epilog="""\b
 Examples:
@@ -14,10 +16,12 @@ Examples:
   edgepipe bench out/mobilenet_v2-*/ --device http://127.0.0.1:8751
   edgepipe bench out/*/ --device http://pi4:8751 --device http://pi5:8751 \\
       --token "$EDGERUN_TOKEN" --threads 1,2,4 --runs 200 --db results.db
+  edgepipe bench out/*/ --broker mqtt://broker.lan:1883 --password "$EDGEPIPE_MQTT_PASSWORD" --devices tag:lab
 """)
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--device", "devices", multiple=True, required=True, metavar="URL",
-              help="Agent URL (`edgerun agent`), e.g. http://pi.local:8751; repeat for more devices.")
+@click.option("--device", "devices", multiple=True, metavar="URL",
+              help="Agent URL (`edgerun agent`), e.g. http://pi.local:8751; repeat for more devices "
+                   "(or --broker for boards that dial out).")
 @click.option("--token", envvar="EDGERUN_TOKEN", default=None,
               help="Bearer token of the agents [env: EDGERUN_TOKEN].")
 @click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
@@ -39,9 +43,10 @@ Examples:
 @click.option("--force", is_flag=True,
               help="Upload every bundle again, even when the device has it; lifts the device's refusal "
                    "of a bundle that crashed its runtime.")
+@broker_bench_options
 @click.option("--json", "as_json", is_flag=True, help="Print outcomes and reports as JSON.")
 def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, runs, warmup, min_secs,
-          input_, seed, job_timeout, force, as_json):
+          input_, seed, job_timeout, force, as_json, **broker_kw):
     """Bench BUNDLE(s) on every --device at once and store the reports.
 
     Uploads only what a device lacks (bundles are keyed by sha256), runs the
@@ -53,6 +58,8 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     from edgepipe.pipeline.remote import pack_bundle
     from edgepipe.pipeline.reporting import quantized_slower, results_table, row, sort_rows
 
+    if bool(devices) == bool(broker_kw["broker"]):
+        raise click.UsageError("give --device URL (agents that listen) or --broker URL (boards that dial out)")
     thread_list = _list(threads, "--threads", int)
     delegate_list = _list(delegate, "--delegate", str)
     packed = []
@@ -81,9 +88,14 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
 
     params = dict(backend=backend, runs=runs, warmup=warmup, min_secs=min_secs, input=input_, seed=seed)
     settings = expand_settings(params, threads=thread_list, delegates=delegate_list)
+    n_devices = len(devices)
     try:
-        result = bench_fleet(packed, list(devices), settings=settings, token=token, store=store,
-                             job_timeout=job_timeout, force=force, on_event=progress)
+        if broker_kw["broker"]:
+            result, n_devices = bench_over_broker(packed, settings, store=store, job_timeout=job_timeout,
+                                                  progress=progress, **broker_kw)
+        else:
+            result = bench_fleet(packed, list(devices), settings=settings, token=token, store=store,
+                                 job_timeout=job_timeout, force=force, on_event=progress)
     finally:
         if store is not None:
             store.close()
@@ -109,7 +121,7 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
                        "again with --force")
         n_ok = sum(o.status == "ok" for o in result.outcomes)
         where = "not stored" if store is None else f"stored in {store.path}"
-        click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {len(devices)} device(s); reports {where}")
+        click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {n_devices} device(s); reports {where}")
     sys.exit(0 if result.ok else 1)
 
 

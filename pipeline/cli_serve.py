@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from edgepipe.pipeline.cli_devices import broker_options, collect_from_broker
 from edgepipe.pipeline.collector import DEFAULT_MAX_BODY, DEFAULT_PORT
 
 
@@ -14,6 +15,7 @@ Examples:
   edgepipe serve --port 8750
   edgepipe serve --host 0.0.0.0 --token "$EDGEPIPE_TOKEN" --db results.db
   edgerun bench bundle/ --report-to http://HOST:8750     # on the device
+  edgepipe serve --broker mqtt://broker.lan:1883 --password "$EDGEPIPE_MQTT_PASSWORD"   # boards that dial out
 """)
 @click.option("--db", "db_path", default=None,
               help="Results database: a SQLite file, or postgresql://user@host/db for a team's shared store. "
@@ -32,7 +34,8 @@ Examples:
 @click.option("--max-body-kb", type=click.IntRange(1, 1 << 20), default=DEFAULT_MAX_BODY // 1024,
               show_default=True, help="Largest accepted report body.")
 @click.option("--quiet", is_flag=True, help="Do not print a line per received report.")
-def serve(db_path, baseline, tolerance, host, port, token, max_body_kb, quiet):
+@broker_options()
+def serve(db_path, baseline, tolerance, host, port, token, max_body_kb, quiet, **broker_kw):
     """Collect reports from devices into the results database.
 
     Devices POST to /v1/reports (idempotent on the report id); GET /v1/reports
@@ -79,5 +82,8 @@ def serve(db_path, baseline, tolerance, host, port, token, max_body_kb, quiet):
                f"auth={'token' if token else 'none (loopback only)'}")
     click.echo(f"dashboard {server.url}/" + ("  (sign in with the token, or open "
                                               f"{server.url}/#token=TOKEN)" if token else ""))
-    serve_until_stopped(server, on_close=store.close)
+    on_close = store.close
+    if broker_kw["broker"]:
+        on_close = collect_from_broker(store, on_report, server, **broker_kw)
+    serve_until_stopped(server, on_close=on_close)
     click.echo("collector stopped")
