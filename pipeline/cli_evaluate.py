@@ -63,7 +63,8 @@ def format_results(results) -> str:
 @click.command(epilog=EPILOG)
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Images: one sub-folder per class (labelled) or a flat folder.")
+              help="Images: one sub-folder per class (labelled) or a flat folder. Detection bundles: a "
+                   "folder of images or a video; box labels from --labels (COCO .json or a folder of .txt).")
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Float Keras model to compare with (default: the manifest's source model, "
                    "looked up next to the bundles and among the samples).")
@@ -88,7 +89,13 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
     """
     from edgepipe.pipeline.evaluate import EvalError, evaluate_bundles, load_dataset
     from edgepipe.pipeline.cli_samples import not_built_hint
+    from edgepipe.pipeline.evaluate_detection import all_detection
     from edgepipe.pipeline.samples import SampleNotBuiltError
+
+    if all_detection(bundles):  # agreement with the float model's boxes, mAP with box labels
+        from edgepipe.pipeline.cli_evaluate_detection import evaluate_detectors
+
+        return evaluate_detectors(bundles, data, reference, labels_file, threads, db_path, as_json, quiet)
 
     bar = _Bar(enabled=not (as_json or quiet))
     n_images = {"n": 0}

@@ -197,5 +197,13 @@ def format_detection_results(results) -> str:
                          "mAP@.5:.95"], rows)
 
 
-__all__ = ["DetectionEvalError", "detect_folder", "evaluate_detection", "find_reference", "format_detection_results",
+__all__ = ["DetectionEvalError", "all_detection", "detect_folder", "evaluate_detection", "find_reference", "format_detection_results",
            "is_detection", "load_box_labels"]
+
+
+def all_detection(paths: Sequence[Path]) -> bool:
+    """True when every path is a detection bundle (then ``edgepipe evaluate`` takes this module's path)."""
+    try:
+        return bool(paths) and all(is_detection(load_bundle(Path(p))) for p in paths)
+    except BundleError:
+        return False

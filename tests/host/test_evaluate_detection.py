@@ -128,3 +128,15 @@ def test_raw_ssd_and_postprocessed_decoders_agree_on_the_sample_detector(sample_
         for a, b in zip(sorted(raw[frame], key=lambda d: d["box"]), sorted(pp[frame], key=lambda d: d["box"])):
             np.testing.assert_allclose(a["box"], b["box"], atol=1.0)
             assert a["score"] == pytest.approx(b["score"], abs=1e-3) and a["label"] == b["label"] == "person"
+
+
+def test_evaluate_cli_takes_the_detection_path(yolo_bundles, labelled):
+    res = CliRunner().invoke(main, ["evaluate", str(yolo_bundles / "yolo_boxes-int8"), "--data", str(labelled),
+                                    "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)["results"]
+    assert r["accuracy"]["task"] == "detection" and r["accuracy"]["map50"] == pytest.approx(1.0)
+    assert r["agreement"]["matched"] == 2
+    bad = CliRunner().invoke(main, ["evaluate", str(yolo_bundles / "yolo_boxes-int8"), "--data",
+                                    str(labelled / "missing")])
+    assert bad.exit_code != 0 and "no such file or directory" in bad.output and "Traceback" not in bad.output
