@@ -130,6 +130,12 @@ def mobilenet_v2_keras() -> Path:
     return path
 
 
+def ssdlite_person_path() -> Path:
+    """The built sample person detector (post-processed .tflite; its folder also holds the raw-head
+    model, labels.txt and decoder.json), whether or not it is built."""
+    return models_cache_dir() / "ssdlite_person" / "ssdlite_person.tflite"
+
+
 def reference_search_dirs() -> list:
     """Folders where a float reference model named by a manifest may be found."""
     return [sample_models_dir(), cache_dir(), models_cache_dir()]
@@ -164,6 +170,9 @@ class Sample:
 CATALOGUE = (
     Sample("mobilenet_v2", SampleKind.BUILT,
            "ImageNet MobileNetV2 (1.0, 224), torchvision weights, .keras (preset imagenet)", mobilenet_v2_path),
+    Sample("ssdlite_person", SampleKind.BUILT,
+           "SSDLite MobileNetV2 person detector, float .tflite + raw-head .tflite, labels.txt, decoder.json "
+           "(preset mobilenet)", ssdlite_person_path),
     Sample("fashion_mnist", SampleKind.SHIPPED, "Fashion-MNIST CNN, .keras (preset unit)",
            fashion_mnist_model_path),
     Sample("images", SampleKind.SHIPPED, "31 real photos (calibration, comparing variants)", sample_images_dir),

@@ -118,7 +118,15 @@ def build_mobilenet_v2_keras(out: Path, *, wheel: Optional[Path] = None, check: 
     return out
 
 
-BUILDERS = {"mobilenet_v2": lambda out, progress: build_mobilenet_v2_keras(out, progress=progress)}
+def _build_detector(out: Path, progress: Progress) -> Path:
+    from edgepipe.pipeline.samples_build import ssdlite_person
+
+    ssdlite_person.build(out.parent, progress=progress)
+    return out
+
+
+BUILDERS = {"mobilenet_v2": lambda out, progress: build_mobilenet_v2_keras(out, progress=progress),
+            "ssdlite_person": _build_detector}
 
 
 def build_sample(name: str, *, rebuild: bool = False, progress: Progress = _quiet) -> Path:

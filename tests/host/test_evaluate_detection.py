@@ -8,7 +8,6 @@ The sample SSDLite person detector is built once into the cache
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +98,9 @@ def test_without_labels_agreement_only_and_missing_reference_is_one_line(yolo_bu
 def sample_detector():
     """The built sample detector folder (built once into the cache when missing; needs TensorFlow)."""
     pytest.importorskip("tensorflow")
-    sys.path.insert(0, str(ROOT / "scripts" / "sample_data"))
-    import build_detector
-    from edgepipe.pipeline import samples
+    from edgepipe.pipeline.samples_build.build import build_sample
 
-    out = samples.cache_dir() / "models" / build_detector.FOLDER
-    if not all((out / f).is_file() for f in (build_detector.RAW_FILE, build_detector.PP_FILE, "decoder.json")):
-        build_detector.build(out)
-    return out
+    return build_sample("ssdlite_person").parent  # cached after the first build
 
 
 @pytest.mark.slow
