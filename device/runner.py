@@ -312,7 +312,7 @@ def _start_annotating(model: _Model, annotate: Optional[os.PathLike], src: Sourc
 
     info = src.info()
     model.decode.annotator = open_annotator(annotate, src.kind, info.get("fps"), str(info.get("source") or ""))
-    return {"path": os.fspath(model.decode.annotator.out), "kind": model.decode.annotator.kind}
+    return {"path": os.path.abspath(model.decode.annotator.out), "kind": model.decode.annotator.kind}
 
 
 def _finish_annotating(model: _Model, annotated: Optional[dict]) -> Optional[dict]:

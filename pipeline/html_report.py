@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Optional
 
-from edgepipe.pipeline import views
+from edgepipe.pipeline import detection_view, views
 from edgepipe.pipeline.dashboard import render_page
 
 
@@ -23,9 +23,9 @@ def render_html(rows: list, *, comparison: Optional[list] = None, source: str = 
     if comparison is not None:
         parts.append(views.comparison(comparison))
     parts += [views.matrix(rows), views.latency_charts(rows), views.stage_breakdown(rows), views.pareto(rows),
-              views.results(rows), views.cold_start(rows)]
+              detection_view.section(rows), views.results(rows), views.cold_start(rows)]
     nav = ('<nav><a href="#matrix">matrix</a> <a href="#latency">latency</a> <a href="#stages">stages</a> '
-           '<a href="#pareto">accuracy</a> <a href="#results">table</a> <a href="#cold">cold start</a>'
+           '<a href="#pareto">accuracy</a> <a href="#detection">detection</a> <a href="#results">table</a> <a href="#cold">cold start</a>'
            + (' <a href="#comparison">comparison</a>' if comparison is not None else "") + "</nav>")
     return render_page("".join(parts), status=f"{len(rows)} configurations from {source}, generated {now}",
                        nav=nav)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from edgepipe.device.report import Report
+from edgepipe.pipeline import detection_view
 from edgepipe.pipeline.store_schema import source_label
 
 REPORTSET = "edgepipe.reportset/1"
@@ -82,6 +83,7 @@ def row(report) -> dict:
         "governor": dev.governor,
         "warnings": list(r.warnings),
         "errors": list(r.errors),
+        **detection_view.row_fields(r),  # detection accuracy (eval) and decoded-output summary (run)
     }
 
 

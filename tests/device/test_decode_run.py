@@ -113,7 +113,8 @@ def test_annotate_writes_jpegs_for_image_sources(make_bundle, models_dir, white_
         assert im.size == (128, 64)
         px = np.asarray(im.convert("RGB"))
     assert px[40, 48].tolist() != [255, 255, 255]  # the box outline is drawn at source pixels
-    assert report["detections"]["annotated"] == {"path": str(tmp_path / "out"), "kind": "images", "frames": 1}
+    assert report["detections"]["annotated"] == {"path": str((tmp_path / "out").resolve()), "kind": "images",
+                                                 "frames": 1}
 
 
 def test_bad_decoder_in_manifest_is_one_line(make_bundle, models_dir, white_128x64, edgerun):
