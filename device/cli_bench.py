@@ -163,7 +163,13 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
         click.echo(f"error: {label}: {e}", err=True)
         return True
 
+    from edgepipe.device import progress as pg
+
+    # One bar per setting: the timed runs with ETA (open-ended while --min-secs decides); off with --json or no TTY.
+    bar = _RunsBar(None if min_secs else runs, pg.enabled(as_json=as_json))
+
     def on_report(r: dict) -> None:
+        bar.done()
         if not as_json:
             click.echo(format_summary(r))
             if r.get("profile"):
@@ -177,9 +183,11 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
     try:
         preflight(model, isolate=isolate, delegates=delegate, threads=None if threads == [AUTO] else threads[0],
                   backend=backend, edgetpu_device=edgetpu_device)
-        reports = _measure(model, threads, delegate, mode=mode, streams=streams, profile_ops=profile_ops,
-                           on_report=on_report, on_error=on_error, runs=runs, warmup=warmup, min_secs=min_secs,
-                           input=input_, backend=backend, seed=seed, edgetpu_device=edgetpu_device)
+        with bar:  # a bar left by a failing setting is cleared before the error line
+            reports = _measure(model, threads, delegate, mode=mode, streams=streams, profile_ops=profile_ops,
+                               on_report=on_report, on_error=on_error, runs=runs, warmup=warmup, min_secs=min_secs,
+                               input=input_, backend=backend, seed=seed, edgetpu_device=edgetpu_device,
+                               progress=bar.to if bar.on else None)
     except expected as e:
         raise fail(e) from None
     except KeyboardInterrupt:
@@ -196,6 +204,31 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
         raise fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
 
 
+class _RunsBar:
+    """The current setting's progress bar, drawn from its first progress call and cleared when it reports."""
+
+    def __init__(self, total: Optional[int], on: bool):
+        self.total, self.on, self._bar = total, on, None
+
+    def to(self, n: int) -> None:
+        if self._bar is None:
+            from edgepipe.device.progress import Bar
+
+            self._bar = Bar(self.total, "timed runs", unit="run", on=True, leave=False)
+        self._bar.to(n)
+
+    def done(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "_RunsBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done()
+
+
 def _check_mode(mode: str, streams: Optional[int], profile_ops: bool, threads: list) -> None:
     if streams is not None and mode != "throughput":
         raise click.UsageError("--streams needs --mode throughput")
@@ -205,7 +238,7 @@ def _check_mode(mode: str, streams: Optional[int], profile_ops: bool, threads: l
 
 
 def _measure(model, threads: list, delegates: List[str], *, mode: str, streams: Optional[int], profile_ops: bool,
-             on_report, on_error, **kw) -> List[dict]:
+             on_report, on_error, progress=None, **kw) -> List[dict]:
     """The benches the flags ask for: a thread sweep, throughput runs, or the latency matrix."""
     from edgepipe.device.bench import run_matrix
 
@@ -228,7 +261,7 @@ def _measure(model, threads: list, delegates: List[str], *, mode: str, streams: 
                 on_report(reports[-1])
         return reports
     return run_matrix(model, threads=threads, delegates=delegates, on_report=on_report, on_error=on_error,
-                      profile_ops=profile_ops, **kw)
+                      profile_ops=profile_ops, progress=progress, **kw)
 
 
 def emit(reports: List[dict], *, out: Optional[str], as_json: bool) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from edgepipe.device import progress
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class TTY(io.StringIO):
@@ -76,3 +79,14 @@ def test_step_lines_drive_the_bar(monkeypatch):
         assert bar.count == 3
     text = out.getvalue()
     assert "loading TensorFlow" in text and "3/3" in text and "ETA" in text
+
+
+def test_edgerun_bench_draws_a_timed_runs_bar_only_when_asked(edgerun, tmp_path):
+    """Forced on (a TTY stands in): the bar is on stderr, stdout keeps the summary; --json never draws it."""
+    pytest.importorskip("tqdm")
+    model = ROOT / "tests/data/models/float.tflite"
+    on = edgerun("bench", model, "--runs", "40", "--min-secs", "0", env={"EDGEPIPE_PROGRESS": "1"})
+    assert on.returncode == 0, on.stderr
+    assert "timed runs" in on.stderr and "timed runs" not in on.stdout and "latency" in on.stdout
+    off = edgerun("bench", model, "--runs", "40", "--min-secs", "0", "--json", env={"EDGEPIPE_PROGRESS": "1"})
+    assert off.returncode == 0 and "timed runs" not in off.stderr
