@@ -5,6 +5,8 @@
 #   3. start a results collector and a device agent on loopback
 #   4. bench every bundle through the agent; reports land in the collector's DB
 #   5. run the int8 bundle on the sample video and photos (predictions + per-stage timings)
+#   5b. detection: the sample person detector (.tflite) to fp32/int8 bundles, agreement with the float
+#       model, the int8 bundle on the sample video with --annotate (annotated MP4 + detection JSON lines)
 #   6. print the comparison and write the HTML report
 # Everything it started is stopped at the end. Output goes to $EDGEPIPE_DEMO_OUT (default: out/demo).
 set -euo pipefail
@@ -80,6 +82,22 @@ $edgerun run "$out/bundles/mobilenet_v2-int8" --source sample_data/images \
     --out "$out/predictions-photos.jsonl" --report-to "http://127.0.0.1:$cport" --report-token "$token"
 echo "   first predictions on the photos:"
 head -n 3 "$out/predictions-photos.jsonl"
+
+echo "== 5b. detection: sample SSDLite person detector (.tflite), quantized with the LiteRT quantizer"
+detector="$($edgepipe samples build ssdlite_person)"
+ddir="$(dirname "$detector")"
+$edgepipe convert "$detector" --recipes fp32,int8 --preprocess mobilenet --labels "$ddir/labels.txt" \
+    --decoder "$ddir/decoder.json" --calib sample_data/images --calib-count 32 --out "$out/bundles"
+$edgepipe evaluate "$out/bundles/ssdlite_person-fp32" "$out/bundles/ssdlite_person-int8" \
+    --data sample_data/video/vtest_short.avi --db "$out/results.db" --quiet
+$edgerun run "$out/bundles/ssdlite_person-int8" --source sample_data/video/vtest_short.avi \
+    --annotate "$out/detections.mp4" --out "$out/detections-video.jsonl" \
+    --report-to "http://127.0.0.1:$cport" --report-token "$token"
+$edgerun run "$out/bundles/ssdlite_person-int8" --source sample_data/detector \
+    --annotate "$out/detections-frames" --out "$out/detections-frames.jsonl" \
+    --report-to "http://127.0.0.1:$cport" --report-token "$token"
+echo "   annotated video $out/detections.mp4; first detections:"
+head -n 2 "$out/detections-video.jsonl"
 
 echo "== 6. comparison and HTML report"
 $edgepipe report --db "$out/results.db" --html "$out/report.html"
