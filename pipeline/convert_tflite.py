@@ -60,7 +60,7 @@ class TfliteSource:
 
     def resolved_input_shape(self, input_size: Optional[tuple]) -> tuple:
         if input_size:
-            raise ModelError("--input-size cannot resize a .tflite model (its input shape is fixed)")
+            raise ModelError("a .tflite model cannot be resized: its input shape is fixed", param="input_size")
         return self.input_shape
 
 
