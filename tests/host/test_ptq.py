@@ -1,0 +1,117 @@
+"""Activation-range methods for int8 (edgepipe.pipeline.ptq): ranges from histograms, and real quantized models."""
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.host
+
+
+def test_method_names_parse_and_bad_ones_say_why():
+    from edgepipe.pipeline.ptq import Method, PTQError
+
+    assert Method.parse("minmax") == Method("minmax", True)
+    assert Method.parse("percentile:99.99 per-tensor") == Method("percentile:99.99", False)
+    assert Method.parse("mse").name == "mse" and Method("mse", False).name == "mse per-tensor"
+    for bad in ("entropy", "percentile:40", "percentile:x", "mse per-layer", "", "minmax per-tensor extra"):
+        with pytest.raises(PTQError) as e:
+            Method.parse(bad)
+        assert "\n" not in str(e.value) and "not a calibration method" in str(e.value)
+
+
+def _hist(values, lo=None, hi=None):
+    from edgepipe.pipeline.ptq import Histogram
+
+    h = Histogram(float(values.min() if lo is None else lo), float(values.max() if hi is None else hi))
+    h.add(values)
+    return h
+
+
+def test_percentile_and_mse_clip_outliers_and_keep_dense_ranges():
+    from edgepipe.pipeline.ptq import Calibrated
+
+    rng = np.random.default_rng(0)
+    relu = np.maximum(rng.normal(0, 1, 200_000), 0)
+    relu[:20] = 40.0  # a few outliers stretch min-max 10x
+    cal = Calibrated(model=b"", hists={0: _hist(relu), 1: _hist(rng.uniform(-1, 1, 100_000))}, images=1)
+    mm = cal.ranges(Method_("minmax"))
+    assert mm[0] == (0.0, 40.0)
+    lo, hi = cal.ranges(Method_("percentile:99.99"))[0]
+    assert lo == 0.0 and 3.0 < hi < 5.0  # 99.99th percentile of a half-normal is ~3.9
+    # MSE weighs an error by its square: 20 values 36 above a clip cost more than the finer step saves.
+    assert cal.ranges(Method_("mse"))[0] == (0.0, pytest.approx(40.0, rel=0.02))
+    heavy = np.abs(rng.standard_t(3, 200_000))  # a long continuous tail: there MSE clips
+    cal.hists[2] = _hist(heavy, lo=0.0)
+    lo, hi = cal.ranges(Method_("mse"))[2]
+    assert lo == 0.0 and cal.ranges(Method_("percentile:99.99"))[2][1] < hi < 0.9 * heavy.max()
+    # A uniform tensor is best left (nearly) whole, and both tails are kept for a signed one.
+    lo, hi = cal.ranges(Method_("mse"))[1]
+    assert lo < -0.9 and hi > 0.9
+    lo, hi = cal.ranges(Method_("percentile:99.9"))[1]
+    assert -1.0 <= lo < -0.99 and 0.99 < hi <= 1.0
+
+
+def Method_(ranges):  # noqa: N802 - a short constructor for the tests above
+    from edgepipe.pipeline.ptq import Method
+
+    return Method(ranges)
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tf):
+    keras = tf.keras
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    hidden = keras.layers.Dense(32, activation="relu", name="hidden")
+    head = keras.layers.Dense(4, name="out")
+    model = keras.Model(inp, head(hidden(inp)))
+    w, b = hidden.get_weights()
+    # Input 7 is 0 except in one calibration sample, where it drives units 0-3 to ~60: the hidden tensor's
+    # min-max range is 30x what the data needs. The head ignores units 0-3, so the output range stays sane.
+    w[7, :] = 0.0
+    w[7, :4] = 60.0
+    hidden.set_weights([w, b])
+    hw, hb = head.get_weights()
+    hw[:4] = 0.0
+    head.set_weights([hw, hb])
+    rng = np.random.default_rng(1)
+    calib = rng.uniform(-1, 1, (256, 8)).astype(np.float32)
+    calib[:, 7] = 0.0
+    calib[0, 7] = 1.0  # inside the input's range: only the hidden activation sees an outlier
+    val = rng.uniform(-1, 1, (200, 8)).astype(np.float32)
+    val[:, 7] = 0.0
+    return model, calib, val
+
+
+def _scales(model_bytes, tf):
+    interp = tf.lite.Interpreter(model_content=model_bytes)
+    return {d["name"]: d["quantization_parameters"]["scales"] for d in interp.get_tensor_details()}
+
+
+@pytest.mark.slow
+def test_clipped_ranges_give_a_finer_step_and_a_better_model(tf, outlier_model):
+    from edgepipe.pipeline import metrics
+    from edgepipe.pipeline.ptq import Method, calibrate, for_selective
+    from edgepipe.pipeline.selective import float_outputs, run_tflite
+
+    model, calib, val = outlier_model
+    cal = calibrate(model, calib, max_hist_images=256)
+    assert cal.images == 256 and cal.hists  # activations were histogrammed
+    ref = float_outputs(model, val)
+    snr = {}
+    for text in ("minmax", "percentile:99", "mse"):
+        q = cal.quantize(Method.parse(text))
+        snr[text] = metrics.snr_db(run_tflite(q, val), ref)
+        hidden = [s for n, s in _scales(q, tf).items() if "hidden" in n and "Relu" in n]
+        assert hidden, "the hidden activation is quantized"
+        snr[text + " step"] = float(hidden[0][0])
+    assert snr["percentile:99 step"] < snr["minmax step"] / 5
+    assert snr["percentile:99"] > snr["minmax"] + 6.0  # 4x less error, at least
+    assert snr["mse"] >= snr["minmax"]  # never worse; a handful of far outliers it keeps (see above)
+    # Per-tensor weights: one scale for the hidden layer's kernel instead of one per output unit.
+    per_channel = max(len(s) for n, s in _scales(cal.quantize(Method.parse("minmax")), tf).items() if "hidden" in n)
+    per_tensor = max(len(s) for n, s in _scales(cal.quantize(Method.parse("minmax per-tensor")), tf).items()
+                     if "hidden" in n)
+    assert per_channel == 32 and per_tensor == 1
+    # The selective search's re-quantization keeps the chosen ranges.
+    dbg = for_selective(cal, Method.parse("percentile:99"), [])
+    assert dbg.quantize([]) == cal.quantize(Method.parse("percentile:99"))
