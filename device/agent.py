@@ -1,7 +1,8 @@
 """`edgerun agent`: the HTTP front end of the device's job core.
 
 HTTP routes (DESIGN.md): ``GET /v1/info``, ``PUT /v1/bundles/{sha256}[?force=1]``
-(tar body), ``GET /v1/bundles[/{sha256}]``, ``POST /v1/jobs``, ``GET
+(tar body), ``GET /v1/bundles[/{sha256}]``, ``PUT|GET /v1/data/{sha256}`` (``.npy``
+inputs of evaluate jobs), ``POST /v1/jobs``, ``GET
 /v1/jobs[/{id}]``, ``DELETE /v1/jobs/{id}`` (cancel), ``GET /healthz``. The
 queue, the job states and the worker process live in
 :mod:`edgepipe.device.jobs`; this module only maps HTTP onto it, so another
@@ -13,6 +14,7 @@ import urllib.parse
 from typing import Callable, Optional
 
 from edgepipe.device.bundle_store import UploadError, check_digest
+from edgepipe.device.data_store import check_data_digest
 from edgepipe.device.http import HTTPError_, JSONHandler, Server, check_bind
 from edgepipe.device.jobs import JobCore, JobRefused, parse_job
 
@@ -38,6 +40,8 @@ class AgentHandler(JSONHandler):
                     return 200, {"bundles": srv.agent.store.list()}
                 if len(parts) == 3:
                     return self._bundle(method, parts[2], query, srv.agent)
+            if res == "data" and len(parts) == 3:
+                return self._data(method, parts[2], srv.agent)
             if res == "jobs" and len(parts) in (2, 3):
                 return self._jobs(method, parts[2] if len(parts) == 3 else None, srv.agent)
         except (JobRefused, UploadError) as e:
@@ -83,6 +87,28 @@ class AgentHandler(JSONHandler):
             self._body_done = True
         return (201 if new else 200), {**store.describe(sha), "new": new}
 
+    def _data(self, method: str, sha: str, core: JobCore):
+        """``PUT /v1/data/{sha256}``: one ``.npy`` of preprocessed inputs for evaluate jobs; GET describes it."""
+        data = core.data
+        check_data_digest(sha)
+        if method in ("GET", "HEAD"):
+            d = data.describe(sha)
+            if d is None:
+                raise HTTPError_(404, "data not on this device")
+            return 200, d
+        if method != "PUT":
+            raise HTTPError_(405, f"{method} not allowed on data")
+        n = self.body_length(limit=data.max_bytes)
+        if data.has(sha):
+            self._drain(n)
+            data.touch(sha)
+            return 200, {**data.describe(sha), "new": False}
+        try:
+            new = data.put(sha, self.rfile, n)
+        finally:
+            self._body_done = True
+        return (201 if new else 200), {**data.describe(sha), "new": new}
+
     def _drain(self, n: int) -> None:
         while n > 0:
             chunk = self.rfile.read(min(n, 1 << 16))
@@ -106,7 +132,7 @@ class AgentServer(Server):
         store = self.agent.store
         stats = self.agent.stats()
         base.update({"agent": {"queued": stats["queued"] + stats["running"], "keep_warm": self.agent.keep_warm,
-                               "max_bundle_bytes": store.max_bytes,
+                               "max_bundle_bytes": store.max_bytes, "max_data_bytes": self.agent.data.max_bytes,
                                "store_quota_bytes": store.quota_bytes, "store_used_bytes": store.used_bytes(),
                                "job_timeout_s": stats["default_timeout_s"],
                                "worker_pid": stats["worker_pid"], "worker_restarts": stats["worker_restarts"],

@@ -23,7 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
-from edgepipe.device.bundle_store import BundleStore, UploadError, check_digest
+from edgepipe.device.bundle_store import SHA_RE, BundleStore, UploadError, check_digest
+from edgepipe.device.data_store import DATA_DIR, DataStore
 from edgepipe.device.errors import EdgepipeError
 from edgepipe.device.worker import JobRequest, Outcome, Result, WorkerHandle
 
@@ -45,6 +46,9 @@ BENCH_PARAMS = {**_COMMON, "runs": (_INT, (1, 100_000)), "warmup": (_INT, (0, 10
                 "mode": ((str,), None), "streams": (_INT, (1, 64)), "profile_ops": ((bool,), None)}
 RUN_PARAMS = {**_COMMON, "source": ((str,), None), "pipeline": ((bool,), None),
               "max_frames": (_INT, (1, 1_000_000))}
+# evaluate: the bundle over an uploaded .npy blob of preprocessed inputs (PUT /v1/data/{sha256}).
+EVALUATE_PARAMS = {**_COMMON, "data": ((str,), None)}
+KIND_PARAMS = {"bench": BENCH_PARAMS, "run": RUN_PARAMS, "evaluate": EVALUATE_PARAMS}
 MAX_STR = 4096
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -74,7 +78,7 @@ class JobRefused(EdgepipeError):
 class JobSpec:
     """A validated job request."""
 
-    kind: str  # bench | run
+    kind: str  # bench | run | evaluate
     bundle: str  # the bundle tar's sha256
     params: dict
     timeout: Optional[float] = None  # None: the agent's default
@@ -123,14 +127,14 @@ def parse_job(doc) -> JobSpec:
     if not isinstance(doc, dict):
         raise JobRefused(400, "job must be a JSON object")
     kind = doc.get("kind")
-    if kind not in ("bench", "run"):
-        raise JobRefused(400, "job kind must be 'bench' or 'run'")
+    if kind not in KIND_PARAMS:
+        raise JobRefused(400, "job kind must be 'bench', 'run' or 'evaluate'")
     bundle = doc.get("bundle")
     try:
         check_digest(bundle if isinstance(bundle, str) else "")
     except UploadError as e:
         raise JobRefused(400, f"bundle: {e.reason}") from None
-    allowed = BENCH_PARAMS if kind == "bench" else RUN_PARAMS
+    allowed = KIND_PARAMS[kind]
     params = {}
     for key, value in doc.items():
         if key in ("kind", "bundle") or value is None:
@@ -147,6 +151,8 @@ def parse_job(doc) -> JobSpec:
         params[key] = value
     if kind == "run" and "source" not in params:
         raise JobRefused(400, "a run job needs a source (DIR, FILE, VIDEO, camera[:N] or picamera)")
+    if kind == "evaluate" and not (isinstance(params.get("data"), str) and SHA_RE.match(params["data"])):
+        raise JobRefused(400, "an evaluate job needs data: the sha256 of an uploaded .npy (PUT /v1/data/{sha256})")
     timeout = params.pop("timeout", None)
     return JobSpec(kind, bundle, params, float(timeout) if timeout is not None else None)
 
@@ -210,6 +216,10 @@ class JobCore:
         self._cv = threading.Condition()
         self._closed = False
         store.in_use = self.pinned  # bundles with queued/running jobs are never evicted
+        # Evaluation data beside the bundles, bounded by the same limits (a quarter of the quota).
+        self.data = DataStore(store.root / DATA_DIR, max_bytes=min(store.max_bytes, 64 << 20),
+                              quota_bytes=max(store.quota_bytes // 4, 1))
+        self.data.in_use = self.pinned_data
         self._recover()
         self._thread = threading.Thread(target=self._dispatch, name="edgerun-jobs", daemon=True)
         self._thread.start()
@@ -230,6 +240,9 @@ class JobCore:
         if not self.store.has(spec.bundle):
             raise JobRefused(409, f"bundle {spec.bundle[:12]} is not on this device; "
                                   f"PUT /v1/bundles/{spec.bundle} first")
+        data = spec.params.get("data") if spec.kind == "evaluate" else None
+        if data is not None and not self.data.has(data):
+            raise JobRefused(409, f"data {data[:12]} is not on this device; PUT /v1/data/{data} first")
         timeout = spec.timeout or self.default_timeout + float(spec.params.get("min_secs") or 0)
         job = Job(id=job_id or str(uuid.uuid4()), kind=spec.kind, bundle=spec.bundle, params=spec.params,
                   timeout=timeout)
@@ -283,6 +296,11 @@ class JobCore:
         """Bundles that queued or running jobs need."""
         with self._cv:
             return {j.bundle for j in self._jobs.values() if not j.status.final}
+
+    def pinned_data(self) -> set:
+        """Data blobs that queued or running evaluate jobs need."""
+        with self._cv:
+            return {j.params.get("data") for j in self._jobs.values() if not j.status.final and j.kind == "evaluate"}
 
     def stats(self) -> dict:
         with self._cv:
@@ -338,7 +356,12 @@ class JobCore:
                 snap = _copy(job)
             self._changed(snap)
 
-        req = JobRequest(job.id, job.kind, job.bundle, str(self.store.path(job.bundle)), job.params)
+        params = job.params
+        if job.kind == "evaluate":
+            if not self.data.has(params["data"]):
+                return Outcome(Result.FAILED, error=f"data {params['data'][:12]} is no longer on this device")
+            params = {**params, "data_path": str(self.data.path(params["data"]))}
+        req = JobRequest(job.id, job.kind, job.bundle, str(self.store.path(job.bundle)), params)
         return self.worker.run(req, timeout=job.timeout, on_stage=on_stage,
                                cancelled=lambda: self._closed or job.id in self._cancel)
 
@@ -362,7 +385,8 @@ class JobCore:
             self._cv.notify_all()
             snap = _copy(job)
         self._changed(snap)
-        if out.report is not None and self.on_report is not None:
+        # An evaluate job's report is one batch of raw outputs: the host makes the eval report of it.
+        if out.report is not None and self.on_report is not None and job.kind != "evaluate":
             try:
                 self.on_report(out.report)
             except Exception as e:  # sending is best effort; the spool keeps it

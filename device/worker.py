@@ -34,7 +34,8 @@ from edgepipe.device.errors import EdgepipeError, one_line
 READING_BUNDLE = "reading the bundle"
 FIRST_INVOKE = "running the first invoke"
 STARTING = "starting the worker"
-KIND_STAGE = {"bench": "running the benchmark", "run": "running over the source"}
+KIND_STAGE = {"bench": "running the benchmark", "run": "running over the source",
+              "evaluate": "running the evaluation"}
 _FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
 FAULT_DUMP_LIMIT = 64 << 10
 
@@ -134,6 +135,9 @@ def execute_job(kind: str, bundle_dir: Path, params: dict, loaded) -> dict:
     if kind == "bench":  # latency (warm model, optional per-op profile) or throughput (its own streams)
         from edgepipe.device.throughput import bench_job
         return bench_job(bundle_dir, params, loaded)
+    if kind == "evaluate":  # the host's preprocessed inputs through the board's runtime
+        from edgepipe.device.evaluate_job import evaluate_job
+        return evaluate_job(bundle_dir, params, loaded)
     from edgepipe.device.runner import run_source
     kw = {k: params[k] for k in ("pipeline", "max_frames") if k in params}
     return run_source(bundle_dir, params["source"], threads=params.get("threads"),

@@ -17,6 +17,8 @@ Examples:
   edgepipe evaluate bundles/mobilenet_v2-int8 bundles/mobilenet_v2-fp16 \\
       --data sample_data/images --reference "$(edgepipe samples path mobilenet_v2)" --json
   edgepipe evaluate bundles/*-int8 --data photos/ --labels photo_labels.txt --db results.db
+  edgepipe evaluate bundles/mobilenet_v2-int8 --data sample_data/images \
+      --device http://pi5.local:8751 --delegate edgetpu --db results.db
 """
 
 
@@ -76,16 +78,25 @@ def format_results(results) -> str:
               help="Also store one 'eval' report per bundle in this results database.")
 @click.option("--layers", "n_layers", type=click.IntRange(min=1),
               help="For int8 bundles, also list the N layers with the largest int8 error vs float.")
+@click.option("--device", "device_url", metavar="URL",
+              help="Run the bundles on this board's agent (edgerun agent); metrics and the float "
+                   "reference stay on this machine.")
+@click.option("--delegate", help="With --device: the board's delegate (cpu, xnnpack, edgetpu, gpu, PATH.so).")
+@click.option("--token", envvar="EDGERUN_TOKEN", default=None, help="With --device: the agent's bearer token "
+                                                                    "[env: EDGERUN_TOKEN].")
+@click.option("--batch", type=click.IntRange(min=1), help="With --device: images per job (default 256, "
+                                                           "fewer when the outputs are large).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_layers, as_json,
-             quiet):
+def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_layers, device_url, delegate,
+             token, batch, as_json, quiet):
     """Top-1/top-5 accuracy of each BUNDLE and its agreement with the float model.
 
     Each bundle runs through the device runtime on images read with its own
     preprocessing; the float reference runs on the same inputs. Agreement is
     the fraction of images where both pick the same class; mean/max |d|,
-    cosine and SNR compare the raw outputs.
+    cosine and SNR compare the raw outputs. With --device the bundles run on
+    the board (its runtime and delegate), in batches of preprocessed images.
     """
     from edgepipe.pipeline.evaluate import EvalError, evaluate_bundles, load_dataset
     from edgepipe.pipeline.cli_samples import not_built_hint
@@ -116,8 +127,9 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
             n_images["n"] = len(load_dataset(data, labels_file=labels_file, limit=limit).paths)
         except EvalError:
             pass
+        runner = _device_runner(device_url, token, delegate, threads, batch, progress)
         results = evaluate_bundles(bundles, data, reference=reference, labels_file=labels_file,
-                                   limit=limit, threads=threads, progress=progress)
+                                   limit=limit, threads=threads, progress=progress, runner=runner)
         layers = _layers(results, reference, n_layers, progress) if n_layers else {}
     except EvalError as e:
         raise fail(e) from None
@@ -126,9 +138,9 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
                                    "(or pass --reference MODEL)") from None
     finally:
         bar.close()
-    stored = _store(results, data, db_path) if db_path is not None else None
+    stored = _store(results, data, db_path, runner) if db_path is not None else None
     if as_json:
-        out = {"data": str(data), "results": [r.to_dict() for r in results]}
+        out = {"data": str(data), "results": [_result_dict(r, runner) for r in results]}
         if stored is not None:
             out["stored"] = stored
         if layers:
@@ -136,6 +148,39 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
         click.echo(json.dumps(out, indent=2))
     else:
         _print_results(results, layers, stored, db_path)
+        if runner is not None:
+            _print_device(results, runner)
+
+
+def _device_runner(url, token, delegate, threads, batch, progress):
+    """The board runner for --device (None without it); the other flags need --device."""
+    if url is None:
+        for flag, value in (("--delegate", delegate), ("--batch", batch)):
+            if value is not None:
+                raise click.UsageError(f"{flag} needs --device URL (local evaluation runs on the CPU)")
+        return None
+    from edgepipe.pipeline.remote import AgentClient
+    from edgepipe.pipeline.remote_eval import DeviceRunner
+
+    try:
+        client = AgentClient(url, token=token)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
+    return DeviceRunner(client, delegate=delegate, threads=threads, batch=batch, say=progress)
+
+
+def _result_dict(r, runner) -> dict:
+    """One result for --json; with --device also the board's identity, latency and how far it got."""
+    d = r.to_dict()
+    run = runner.runs.get(r.path) if runner is not None else None
+    if run is not None:
+        from edgepipe.device.timing import stats
+
+        d["device"] = {"url": run.url, "info": run.device, "runtime": run.runtime,
+                       "latency_ms": stats(run.latencies_ms) if run.latencies_ms else None,
+                       "partial": run.stopped is not None, "images_done": run.images_done,
+                       "images_total": run.images_total, "stopped": run.stopped}
+    return d
 
 
 def _layers(results, reference, n_layers: int, progress) -> dict:
@@ -165,16 +210,36 @@ def _print_results(results, layers: dict, stored, db_path) -> None:
         click.echo(f"stored {stored} eval report(s) in {db_path}")
 
 
-def _store(results, data, db_path) -> int:
+def _print_device(results, runner) -> None:
+    """Where the bundles ran: the board, its runtime, the per-image latency, and any partial result."""
+    for r in results:
+        d = _result_dict(r, runner).get("device")
+        if not d:
+            continue
+        info, rt, lat = d["info"] or {}, d["runtime"] or {}, d["latency_ms"] or {}
+        p50 = f"{lat['p50']:.2f} ms/image" if lat.get("p50") is not None else "-"
+        line = (f"{r.bundle} ran on {info.get('name') or info.get('hostname') or d['url']} "
+                f"({rt.get('backend')} {rt.get('version') or ''}, {rt.get('delegate')}): p50 {p50}")
+        if d["partial"]:
+            line += f"; PARTIAL {d['images_done']}/{d['images_total']} images ({d['stopped']})"
+        click.echo(line)
+
+
+def _store(results, data, db_path, runner=None) -> int:
     try:
         from edgepipe.pipeline.store import open_store
     except ImportError:
         raise click.ClickException("--db: the results store (edgepipe.pipeline.store) is not available "
                                    "in this installation") from None
     from edgepipe.pipeline.evaluate import eval_report
+    from edgepipe.pipeline.remote_eval import device_eval_report
+
+    def report(r):
+        run = runner.runs.get(r.path) if runner is not None else None
+        return device_eval_report(r, data, run) if run is not None else eval_report(r, data)
 
     try:
         with open_store(db_path) as store:  # a SQLite file or a postgresql:// URL
-            return sum(1 for r in results if store.add(eval_report(r, data)))
+            return sum(1 for r in results if store.add(report(r)))
     except Exception as e:  # noqa: BLE001 - sqlite/OS errors become one line
         raise click.ClickException(f"--db: cannot store reports in {db_path} ({e})") from None

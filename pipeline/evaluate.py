@@ -166,10 +166,14 @@ def open_bundle(path: Path) -> Bundle:
 def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Optional[Path] = None,
                      labels_file: Optional[Path] = None, limit: Optional[int] = None,
                      threads: Optional[int] = None,
-                     progress: Optional[Callable[[str, int], None]] = None) -> list:
+                     progress: Optional[Callable[[str, int], None]] = None,
+                     runner: Optional[Callable] = None) -> list:
     """Evaluate each bundle; returns a list of BundleEval (same order).
 
     ``progress(stage, n)`` is called with a stage message (n=0) and per image (n=1).
+    ``runner(bundle, x, progress)`` runs a bundle somewhere else (a board:
+    :mod:`edgepipe.pipeline.remote_eval`); it may return fewer rows than ``x``
+    (the device stopped answering): the metrics then cover those images.
     Raises EvalError for unusable input before running anything slow (and
     ``SampleNotBuiltError`` when the reference is a sample model not built yet).
     """
@@ -179,7 +183,7 @@ def evaluate_bundles(bundle_paths: Sequence[Path], data: Path, *, reference: Opt
     ds = load_dataset(data, labels_file=labels_file, class_names=names, limit=limit)
     _check_label_range(bundles, ds)
     ref_for = _references(bundles, reference, say)
-    run = _Run(ds, threads, say)
+    run = _Run(ds, threads, say, runner)
     return [run.evaluate(b, *ref_for[b.path]) for b in bundles]
 
 
@@ -222,8 +226,8 @@ def _references(bundles: Sequence[Bundle], reference: Optional[Path], say) -> di
 class _Run:
     """One evaluation run: inputs and reference outputs computed once and shared by the bundles."""
 
-    def __init__(self, ds: Dataset, threads: Optional[int], say):
-        self.ds, self.threads, self.say = ds, threads, say
+    def __init__(self, ds: Dataset, threads: Optional[int], say, runner: Optional[Callable] = None):
+        self.ds, self.threads, self.say, self.runner = ds, threads, say, runner
         self.inputs: dict = {}
         self.ref_outputs: dict = {}
 
@@ -242,18 +246,24 @@ class _Run:
                 self.say(f"running float reference {ref.path.name}", 0)
                 self.ref_outputs[rkey] = ref.predict(x)
             else:
-                self.ref_outputs[rkey] = out if ref is b else run_bundle(ref, x, threads=self.threads)
+                # A bundle run elsewhere is compared with the host's own run of the fp32 bundle.
+                same = ref is b and self.runner is None
+                self.ref_outputs[rkey] = out if same else run_bundle(ref, x, threads=self.threads)
         return self.ref_outputs[rkey]
 
     def evaluate(self, b: Bundle, kind: str, ref) -> "BundleEval":
         t0 = time.perf_counter()
         key, x = self._inputs(b)
         self.say(f"running {b.name}", 0)
-        out = run_bundle(b, x, threads=self.threads, progress=lambda n: self.say("", n))
-        y = self._reference(kind, ref, key, x, b, out)
+        if self.runner is not None:
+            out = self.runner(b, x, progress=lambda n: self.say("", n))
+        else:
+            out = run_bundle(b, x, threads=self.threads, progress=lambda n: self.say("", n))
+        done = out.shape[0]  # fewer than the images when a device dropped out
+        y = self._reference(kind, ref, key, x, b, out)[:done]
         ds = self.ds
         try:
-            acc = metrics.accuracy_block(out, ds.labels) if ds.labelled else {}
+            acc = metrics.accuracy_block(out, ds.labels[:done]) if ds.labelled else {}
             agr = metrics.compare_outputs(out, y).to_dict()
         except metrics.MetricsError as e:
             raise EvalError(f"{b.name}: {e}") from None
@@ -263,7 +273,7 @@ class _Run:
         m = b.manifest
         return BundleEval(
             bundle=b.name, path=str(b.path), recipe=m.recipe, size=m.model_size,
-            sha256=m.model_sha256, images=len(ds.paths), accuracy=acc, agreement=agr,
+            sha256=m.model_sha256, images=done, accuracy=acc, agreement=agr,
             reference=str(ref.path), seconds=time.perf_counter() - t0, notes=notes)
 
 

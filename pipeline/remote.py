@@ -109,6 +109,11 @@ class AgentClient:
                    content_type="application/x-tar", timeout=max(self.timeout, 300.0))
         return True
 
+    def upload_data(self, data: bytes, sha: str) -> dict:
+        """PUT one ``.npy`` of evaluation inputs (``/v1/data/{sha256}``); a blob the device has is not stored twice."""
+        return self._call("PUT", f"/v1/data/{sha}", data=data, content_type="application/octet-stream",
+                          timeout=max(self.timeout, 300.0))
+
     def submit(self, kind: str, bundle_sha: str, **params) -> dict:
         body = {"kind": kind, "bundle": bundle_sha}
         body.update({k: v for k, v in params.items() if v is not None})

@@ -350,9 +350,11 @@ def results_table(rows: list) -> str:
         out = (out + "\n\n" if out else "") + table
     evals = [r for r in rows if r.get("kind") == "eval"]
     if evals:
-        table = format_table(["host", "model", "recipe", "top-1", "agreement vs float", "MB"],
-                             [[r["device"], r["family"], r["recipe"], r.get("top1"), r.get("agreement"),
-                               size_mb(r["size"])] for r in evals])
+        # "evaluated on": this workstation, or the board of `edgepipe evaluate --device` (with its delegate)
+        table = format_table(["evaluated on", "model", "recipe", "top-1", "agreement vs float", "delegate", "MB",
+                              "warnings"],
+                             [[r["device"], r["family"], r["recipe"], r.get("top1"), r.get("agreement"), r["delegate"],
+                               size_mb(r["size"]), short_warnings(r["warnings"])] for r in evals])
         out = (out + "\n\n" if out else "") + table
     return out
 

@@ -1,0 +1,138 @@
+"""`evaluate` jobs on a loopback agent: .npy data blobs (bounded, checked), raw outputs back.
+
+Real HTTP server, real stores, real runtime on the tiny committed models. No TensorFlow.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import numpy as np
+import pytest
+
+from edgepipe.device.agent import Agent, AgentServer
+from edgepipe.device.bundle_store import BundleStore
+from edgepipe.device.evaluate_job import MAX_OUTPUT_VALUES, decode_array
+from edgepipe.device.http import ClientError, request
+from edgepipe.device.runtime import load_model
+from bundle_factory import make_bundle
+from test_agent import tar_of
+
+TOKEN = "eval-token"
+
+
+@pytest.fixture
+def agent(tmp_path):
+    worker = Agent(BundleStore(tmp_path / "store", max_bytes=1 << 20, quota_bytes=4 << 20), keep_warm=1)
+    server = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
+    server.start_background()
+    yield server
+    server.shutdown()
+    server.server_close()
+    worker.close()
+
+
+def call(server, method, path, **kw):
+    return request(method, server.url + path, token=TOKEN, **kw)
+
+
+def npy(x) -> tuple:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=True)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def put_data(server, data, sha):
+    return call(server, "PUT", f"/v1/data/{sha}", data=data, content_type="application/octet-stream")
+
+
+def wait(server, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = call(server, "GET", f"/v1/jobs/{job_id}")[1]
+        if state["status"] in ("done", "failed", "cancelled"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def shipped(agent, tmp_path, model="int8_io.tflite"):
+    d = make_bundle(tmp_path / "b", model, "tiny", "int8-io")
+    data, sha = tar_of(d)
+    call(agent, "PUT", f"/v1/bundles/{sha}", data=data, content_type="application/x-tar")
+    return d, sha
+
+
+def test_evaluate_job_returns_the_same_outputs_as_a_local_run(agent, tmp_path):
+    d, sha = shipped(agent, tmp_path)
+    lm = load_model(d / "model.tflite")
+    spec = lm.inputs[0]
+    x = np.random.default_rng(0).uniform(-1, 1, (7, *spec.shape[1:])).astype(np.float32)
+    data, dsha = npy(x)
+    status, desc = put_data(agent, data, dsha)
+    assert status == 201 and desc["shape"] == [7, *spec.shape[1:]] and desc["dtype"] == "float32"
+    assert put_data(agent, data, dsha)[1]["new"] is False  # same bytes: stored once
+    job = call(agent, "POST", "/v1/jobs", body={"kind": "evaluate", "bundle": sha, "data": dsha})[1]
+    state = wait(agent, job["id"])
+    assert state["status"] == "done", state
+    rep = state["report"]
+    assert rep["kind"] == "eval" and rep["device"]["hostname"] and rep["latency_ms"]["n"] == 7
+    got = decode_array(rep["outputs"]["npy_b64"])
+    want = np.stack([lm.predict([x[i:i + 1]])[0].reshape(-1) for i in range(7)])
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert len(rep["outputs"]["latency_ms"]) == 7
+
+
+def test_data_bounds_and_refusals_come_with_a_reason(agent, tmp_path):
+    d, sha = shipped(agent, tmp_path)
+    # larger than the device's limit (min of the bundle limit and 64 MB): 413 before a byte is stored
+    big, bsha = npy(np.zeros((300, 1024), np.float32))
+    with pytest.raises(ClientError) as e:
+        put_data(agent, big, bsha)
+    assert e.value.status == 413 and "limit" in str(e.value)
+    # pickled objects, not a .npy, a lying header, a wrong digest: 422/400, nothing stored
+    for data, why, status in [(npy(np.array([{"a": 1}], dtype=object))[0], "dtype", 422),
+                              (b"not an array at all", "not a .npy", 422),
+                              (npy(np.zeros((4, 8), np.float32))[0][:-4], "header says", 422)]:
+        with pytest.raises(ClientError) as e:
+            put_data(agent, data, hashlib.sha256(data).hexdigest())
+        assert e.value.status == status and why in str(e.value), e.value
+    good, gsha = npy(np.zeros((2, 8), np.float32))
+    with pytest.raises(ClientError) as e:
+        put_data(agent, good, "0" * 64)
+    assert e.value.status == 400 and "digest mismatch" in str(e.value)
+    assert not list((tmp_path / "store" / ".data").glob("*"))
+    # jobs: data missing from the request (400) or from the device (409)
+    with pytest.raises(ClientError) as e:
+        call(agent, "POST", "/v1/jobs", body={"kind": "evaluate", "bundle": sha})
+    assert e.value.status == 400 and "needs data" in str(e.value)
+    with pytest.raises(ClientError) as e:
+        call(agent, "POST", "/v1/jobs", body={"kind": "evaluate", "bundle": sha, "data": gsha})
+    assert e.value.status == 409 and "PUT /v1/data/" in str(e.value)
+    # data that does not fit the model: the job fails with one line, the agent carries on
+    put_data(agent, good, gsha)
+    job = call(agent, "POST", "/v1/jobs", body={"kind": "evaluate", "bundle": sha, "data": gsha})[1]
+    state = wait(agent, job["id"])
+    assert state["status"] == "failed" and "the model takes" in state["error"], state
+    assert "\n" not in state["error"]
+
+
+def test_outputs_too_large_to_return_are_refused(tmp_path):
+    worker = Agent(BundleStore(tmp_path / "store", max_bytes=8 << 20), keep_warm=0)
+    server = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
+    server.start_background()
+    try:
+        d, sha = shipped(server, tmp_path, "seg_halves.tflite")  # 3072 output values per image
+        lm = load_model(d / "model.tflite")
+        rows = MAX_OUTPUT_VALUES // int(np.prod(lm.outputs[0].shape[1:])) + 1
+        data, dsha = npy(np.zeros((rows, *lm.inputs[0].shape[1:]), np.float32))
+        put_data(server, data, dsha)
+        state = wait(server, call(server, "POST", "/v1/jobs",
+                                  body={"kind": "evaluate", "bundle": sha, "data": dsha})[1]["id"])
+        assert state["status"] == "failed" and "send fewer images per job" in state["error"], state
+    finally:
+        server.shutdown()
+        server.server_close()
+        worker.close()
