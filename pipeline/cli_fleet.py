@@ -38,6 +38,14 @@ Examples:
 @click.option("--input", "input_", default=None, metavar="random|DIR",
               help="Seeded random tensors (default) or a folder of images ON THE DEVICE.")
 @click.option("--seed", type=int, default=None, help="Seed of the random input.")
+@click.option("--mode", type=click.Choice(["latency", "throughput"]), default=None,
+              help="latency (one request at a time, the default) or throughput (--streams interpreters at once, "
+                   "inferences/s).")
+@click.option("--streams", type=click.IntRange(1, 64), default=None,
+              help="With --mode throughput: concurrent interpreters (default: from the board's cores and the "
+                   "model's size).")
+@click.option("--profile-ops", is_flag=True, default=None,
+              help="Also time every op on the board (latency mode): the per-op profile goes into the report.")
 @click.option("--timeout", "job_timeout", type=click.FloatRange(1, 86400), default=1800, show_default=True,
               help="Seconds to wait for one job; a job still going then is cancelled on the device.")
 @click.option("--force", is_flag=True,
@@ -46,7 +54,7 @@ Examples:
 @broker_bench_options
 @click.option("--json", "as_json", is_flag=True, help="Print outcomes and reports as JSON.")
 def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, runs, warmup, min_secs,
-          input_, seed, job_timeout, force, as_json, **broker_kw):
+          input_, seed, mode, streams, profile_ops, job_timeout, force, as_json, **broker_kw):
     """Bench BUNDLE(s) on every --device at once and store the reports.
 
     Uploads only what a device lacks (bundles are keyed by sha256), runs the
@@ -86,7 +94,10 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     def progress(dev, bundle, stage, detail):
         click.echo(f"[{time.monotonic() - t0:6.1f}s] {dev:<21} {bundle:<28} {stage:<7} {detail}", err=True)
 
-    params = dict(backend=backend, runs=runs, warmup=warmup, min_secs=min_secs, input=input_, seed=seed)
+    if streams is not None and mode != "throughput":
+        raise click.UsageError("--streams needs --mode throughput")
+    params = dict(backend=backend, runs=runs, warmup=warmup, min_secs=min_secs, input=input_, seed=seed,
+                  mode=mode, streams=streams, profile_ops=profile_ops or None)
     settings = expand_settings(params, threads=thread_list, delegates=delegate_list)
     n_devices = len(devices)
     try:
