@@ -98,30 +98,3 @@ class Stopwatch:
             yield
         finally:
             self.laps[name] = self.laps.get(name, 0.0) + ns_to_ms(now_ns() - t0)
-
-
-class StageTimes:
-    """Per-stage samples (ms), e.g. capture / preprocess / invoke / postprocess.
-
-    ``add`` is thread-safe enough for our use: ``list.append`` is atomic
-    under the GIL, and each stage list is only created once up front or on
-    first use from one thread.
-    """
-
-    def __init__(self, stages: Sequence[str] = ()):
-        self.samples: Dict[str, List[float]] = {s: [] for s in stages}
-
-    def add(self, stage: str, ms: float) -> None:
-        self.samples.setdefault(stage, []).append(ms)
-
-    @contextmanager
-    def time(self, stage: str) -> Iterator[None]:
-        t0 = now_ns()
-        try:
-            yield
-        finally:
-            self.add(stage, ns_to_ms(now_ns() - t0))
-
-    def stats(self) -> Dict[str, dict]:
-        """``{stage: stats(...)}`` for every stage, in insertion order."""
-        return {k: stats(v) for k, v in self.samples.items()}

@@ -31,21 +31,6 @@ def pareto_front(points: Sequence, cost: Callable, benefit: Callable) -> list:
     return front
 
 
-def dominated_by(points: Sequence, cost: Callable, benefit: Callable) -> dict:
-    """For each point off the front, the index of one front point that beats it."""
-    front = pareto_front(points, cost, benefit)
-    out = {}
-    for i, p in enumerate(points):
-        if i in front or cost(p) is None or benefit(p) is None:
-            continue
-        for j in front:
-            q = points[j]
-            if cost(q) <= cost(p) and benefit(q) >= benefit(p):
-                out[i] = j
-                break
-    return out
-
-
 # ------------------------------------------------------------------ outputs of a study
 
 def _num(x, fmt):

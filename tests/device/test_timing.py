@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from edgepipe.device.timing import STAT_KEYS, StageTimes, Stopwatch, ns_to_ms, percentile, stats
+from edgepipe.device.timing import STAT_KEYS, Stopwatch, ns_to_ms, percentile, stats
 
 
 def test_stats_on_known_values():
@@ -68,17 +68,6 @@ def test_stopwatch_laps_accumulate_and_elapsed_grows():
         with sw.lap("b"):
             raise KeyError
     assert "b" in sw.laps
-
-
-def test_stage_times():
-    st = StageTimes(["capture", "invoke"])
-    for v in (1.0, 2.0, 3.0):
-        st.add("invoke", v)
-    with st.time("postprocess"):
-        pass
-    s = st.stats()
-    assert list(s) == ["capture", "invoke", "postprocess"]
-    assert s["capture"]["n"] == 0 and s["invoke"]["p50"] == 2.0 and s["postprocess"]["n"] == 1
 
 
 def test_ns_to_ms():
