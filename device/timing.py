@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 now_ns = time.perf_counter_ns
 
