@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from edgepipe.device.errors import one_line
 from edgepipe.device.paths import user_dir
 from edgepipe.pipeline.store_pg import PgStore, is_pg_url
-from edgepipe.pipeline.store_schema import (COLUMNS, FILTERS, LATEST, Dialect, ReportConflict, SchemaTooNew,
-                                            StoreError, Unstorable, check_version, columns, current_version,
-                                            migrate, same_report, where_clause)
+from edgepipe.pipeline.store_schema import (COLUMNS, FILTERS, LATEST, Dialect, GroupCommit, Pending, ReportConflict,
+                                            SchemaTooNew, StoreError, Unstorable, check_version, columns,
+                                            current_version, migrate, same_report, select_sql)
 
 SCHEMA_VERSION = LATEST
 # What the collector's query string may filter on (see store_schema.FILTERS).
@@ -38,13 +37,6 @@ class NotADatabase(StoreError):
 def default_db_path() -> Path:
     """``$EDGEPIPE_DB``, else the user's data directory (never the cwd)."""
     return user_dir("data", "edgepipe", "results.db", env="EDGEPIPE_DB")
-
-
-class _Pending:
-    __slots__ = ("row", "done", "new", "error")
-
-    def __init__(self, row: tuple):
-        self.row, self.done, self.new, self.error = row, False, None, None
 
 
 class _SqliteDialect(Dialect):
@@ -81,7 +73,7 @@ def open_store(target=None, *, readonly: bool = False):
 _INSERT = f"INSERT OR IGNORE INTO reports ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
 
-class Store:
+class Store(GroupCommit):
     """Thread-safe report store; one connection guarded by a lock.
 
     SQLite serialises writers anyway; a single connection with a short
@@ -93,9 +85,7 @@ class Store:
     def __init__(self, path: os.PathLike, *, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
-        self._lock = threading.Lock()
-        self._queue_lock = threading.Lock()
-        self._queue: list = []
+        self._init_queue()
         if readonly:
             self._db = _open_readonly(self.path)
             self.schema_version = current_version(_SqliteDialect(self._db))
@@ -137,35 +127,6 @@ class Store:
         with self._lock:
             self._db.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def add(self, report: dict) -> bool:
-        """Store ``report``; True when new, False when the same report was already stored.
-
-        Raises :class:`Unstorable` for a report no database could keep and
-        :class:`ReportConflict` for a different body under a stored id; either
-        concerns this report alone. Group commit: concurrent callers queue
-        their rows and whoever holds the database lock writes every queued row
-        in one transaction, so a burst of reporters costs one commit.
-        """
-        if self.readonly:
-            raise StoreError(f"{self.path} is open read-only")
-        item = _Pending(columns(report))
-        with self._queue_lock:
-            self._queue.append(item)
-        with self._lock:
-            if not item.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._write(batch)
-        if item.error is not None:
-            raise item.error
-        return bool(item.new)
-
     def _write(self, batch: list) -> None:
         # Each row succeeds or fails on its own: one bad report must never fail the others in its batch.
         try:
@@ -182,7 +143,7 @@ class Store:
             for it in batch:
                 it.done = True
 
-    def _insert(self, it: _Pending) -> None:
+    def _insert(self, it: Pending) -> None:
         try:
             cur = self._db.execute(_INSERT, it.row)
             it.new = cur.rowcount == 1
@@ -193,10 +154,6 @@ class Store:
         except (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError, OverflowError,
                 ValueError) as e:  # this row only: the statement failed, the transaction goes on
             it.new, it.error = None, Unstorable(f"the database refused the report: {one_line(e)}")
-
-    def add_many(self, reports: Iterable[dict]) -> int:
-        """Store several reports; returns how many were new."""
-        return sum(1 for r in reports if self.add(r))
 
     def get(self, report_id: str) -> Optional[dict]:
         with self._lock:
@@ -220,15 +177,10 @@ class Store:
         ``since`` keeps reports created at or after that ISO time; ``limit``
         keeps the newest ``limit`` of them.
         """
-        clause = where_clause(filters, since, "?", self.schema_version)
-        if clause is None:
+        select = select_sql(filters, since, limit, "?", self.schema_version)
+        if select is None:
             return []
-        where, args = clause
-        sql = "SELECT body FROM reports" + (f" WHERE {where}" if where else "")
-        sql += " ORDER BY created DESC, received DESC"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(int(limit))
+        sql, args = select
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [json.loads(r[0]) for r in reversed(rows)]

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Iterable, Optional
+from typing import Optional
 
-from edgepipe.pipeline.store_schema import (COLUMNS, Dialect, ReportConflict, StoreError, Unstorable,
-                                            check_version, columns, current_version, migrate, same_report,
-                                            where_clause)
+from edgepipe.device.errors import one_line
+from edgepipe.pipeline.store_schema import (COLUMNS, Dialect, GroupCommit, Pending, ReportConflict, StoreError,
+                                            Unstorable, check_version, current_version, migrate, same_report,
+                                            select_sql)
 
 # Serialises schema migrations across every process that opens the database.
 _MIGRATION_LOCK = 0x65646765  # "edge"
@@ -60,14 +61,7 @@ class _PgDialect(Dialect):
         return self.cur.fetchone()[0] is not None
 
 
-class _Pending:
-    __slots__ = ("row", "done", "new", "error")
-
-    def __init__(self, row: tuple):
-        self.row, self.done, self.new, self.error = row, False, None, None
-
-
-class PgStore:
+class PgStore(GroupCommit):
     """Thread-safe report store on a PostgreSQL database given by URL."""
 
     dialect = "postgres"
@@ -77,10 +71,8 @@ class PgStore:
         self.path = redact(url)  # what messages show; never the password
         self.readonly = readonly
         self._timeout = connect_timeout
-        self._lock = threading.Lock()        # the writer connection
+        self._init_queue()                   # _lock guards the writer connection
         self._read_lock = threading.Lock()   # the reader connection
-        self._queue_lock = threading.Lock()
-        self._queue: list = []
         self._w = self._connect()
         self._r = None
         try:
@@ -96,7 +88,7 @@ class PgStore:
             return psycopg.connect(self.url, autocommit=True, connect_timeout=self._timeout,
                                    application_name="edgepipe")
         except psycopg.Error as e:
-            raise StoreError(f"cannot connect to {self.path}: {_one(e)}") from None
+            raise StoreError(f"cannot connect to {self.path}: {one_line(e)}") from None
 
     def _writer(self):
         if self._w.closed or self._w.broken:
@@ -122,7 +114,7 @@ class PgStore:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                 return migrate(db, self.path)
         except psycopg.Error as e:
-            raise StoreError(f"cannot prepare the results schema in {self.path}: {_one(e)}") from None
+            raise StoreError(f"cannot prepare the results schema in {self.path}: {one_line(e)}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -131,34 +123,7 @@ class PgStore:
             if self._r is not None:
                 self._r.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     # -- writes --------------------------------------------------------------
-    def add(self, report: dict) -> bool:
-        """Store ``report``; True when new, False when the same body was already stored.
-
-        Raises ReportConflict for a different body under a stored id and
-        Unstorable for values no column can hold. Concurrent callers are
-        group-committed: whoever holds the writer writes every queued row.
-        """
-        if self.readonly:
-            raise StoreError(f"{self.path} is open read-only")
-        item = _Pending(columns(report))
-        with self._queue_lock:
-            self._queue.append(item)
-        with self._lock:
-            if not item.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._write(batch)
-        if item.error is not None:
-            raise item.error
-        return bool(item.new)
-
     def _write(self, batch: list) -> None:
         psycopg = _psycopg()
         try:
@@ -175,9 +140,9 @@ class PgStore:
                         with conn.transaction(), conn.cursor() as cur:
                             self._insert(cur, it)
                     except psycopg.errors.DataError as e:
-                        it.error = Unstorable(f"the database refused a value: {_one(e)}")
+                        it.error = Unstorable(f"the database refused a value: {one_line(e)}")
         except psycopg.Error as e:
-            err = StoreError(f"cannot write to {self.path}: {_one(e)}")
+            err = StoreError(f"cannot write to {self.path}: {one_line(e)}")
             for it in batch:
                 it.new, it.error = None, err
         finally:
@@ -185,7 +150,7 @@ class PgStore:
                 it.done = True
 
     @staticmethod
-    def _insert(cur, it: _Pending) -> None:
+    def _insert(cur, it: Pending) -> None:
         cur.execute(_INSERT, it.row)
         it.new = cur.fetchone() is not None
         if not it.new:
@@ -193,10 +158,6 @@ class PgStore:
             stored = cur.fetchone()
             if stored is not None and not same_report(stored[0], it.row[-1]):
                 it.error = ReportConflict(f"report {it.row[0]} is already stored with a different body")
-
-    def add_many(self, reports: Iterable[dict]) -> int:
-        """Store several reports; returns how many were new."""
-        return sum(1 for r in reports if self.add(r))
 
     # -- reads ---------------------------------------------------------------
     def _fetch(self, sql: str, args=()) -> list:
@@ -207,7 +168,7 @@ class PgStore:
                     cur.execute(sql, args)
                     return cur.fetchall()
             except psycopg.Error as e:
-                raise StoreError(f"cannot read {self.path}: {_one(e)}") from None
+                raise StoreError(f"cannot read {self.path}: {one_line(e)}") from None
 
     def get(self, report_id: str) -> Optional[dict]:
         rows = self._fetch("SELECT body FROM reports WHERE id = %s", (report_id,))
@@ -223,18 +184,9 @@ class PgStore:
 
     def query(self, *, since: Optional[str] = None, limit: Optional[int] = None, **filters) -> list:
         """Reports matching ``filters`` (store_schema.FILTERS), oldest first; ``limit`` keeps the newest."""
-        clause = where_clause(filters, since, "%s", self.schema_version)
-        if clause is None:
+        select = select_sql(filters, since, limit, "%s", self.schema_version)
+        if select is None:
             return []
-        where, args = clause
-        sql = "SELECT body FROM reports" + (f" WHERE {where}" if where else "")
-        sql += " ORDER BY created DESC, received DESC"
-        if limit is not None:
-            sql += " LIMIT %s"
-            args.append(int(limit))
+        sql, args = select
         return [json.loads(r[0]) for r in reversed(self._fetch(sql, args))]
 
-
-def _one(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text or type(e).__name__

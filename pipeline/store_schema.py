@@ -14,7 +14,8 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+import threading
+from typing import Callable, Iterable, Optional
 
 from edgepipe.device.errors import EdgepipeError, one_line
 
@@ -278,3 +279,80 @@ def where_clause(filters: dict, since: Optional[str], ph: str = "?", version: in
         where.append(f"created >= {ph}")
         args.append(since)
     return " AND ".join(where), args
+
+
+def select_sql(filters: dict, since: Optional[str], limit: Optional[int], ph: str,
+               version: int = LATEST) -> Optional[tuple]:
+    """(SELECT of matching bodies, newest first, args), or None when no stored report can match."""
+    clause = where_clause(filters, since, ph, version)
+    if clause is None:
+        return None
+    where, args = clause
+    sql = "SELECT body FROM reports" + (f" WHERE {where}" if where else "")
+    sql += " ORDER BY created DESC, received DESC"
+    if limit is not None:
+        sql += f" LIMIT {ph}"
+        args.append(int(limit))
+    return sql, args
+
+
+class Pending:
+    """One report row waiting in a store's group-commit queue, and how its write went."""
+
+    __slots__ = ("row", "done", "new", "error")
+
+    def __init__(self, row: tuple):
+        self.row, self.done, self.new, self.error = row, False, None, None
+
+
+class GroupCommit:
+    """What both stores share: group-committed :meth:`add` and the context manager.
+
+    Subclasses set ``path`` and ``readonly``, implement ``_write(batch)`` (mark every
+    Pending done, with ``new`` or ``error`` set) and ``close()``, and call
+    ``_init_queue()`` in ``__init__``. ``_lock`` guards the writer.
+    """
+
+    def _init_queue(self) -> None:
+        self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list = []
+
+    def add(self, report: dict) -> bool:
+        """Store ``report``; True when new, False when the same report was already stored.
+
+        Raises :class:`Unstorable` for a report no database could keep and
+        :class:`ReportConflict` for a different body under a stored id; either
+        concerns this report alone. Group commit: concurrent callers queue
+        their rows and whoever holds the writer lock writes every queued row
+        in one transaction, so a burst of reporters costs one commit.
+        """
+        if self.readonly:
+            raise StoreError(f"{self.path} is open read-only")
+        item = Pending(columns(report))
+        with self._queue_lock:
+            self._queue.append(item)
+        with self._lock:
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._write(batch)
+        if item.error is not None:
+            raise item.error
+        return bool(item.new)
+
+    def add_many(self, reports: Iterable[dict]) -> int:
+        """Store several reports; returns how many were new."""
+        return sum(1 for r in reports if self.add(r))
+
+    def _write(self, batch: list) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
