@@ -1,6 +1,7 @@
 """`edgerun agent` (serve bundles/jobs to `edgepipe bench`) and `edgerun flush`."""
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import sys
@@ -10,6 +11,7 @@ import click
 
 from edgepipe.device import __version__
 from edgepipe.device.cli_agent_mqtt import apply_identity, broker_options, serve_broker
+from edgepipe.device.identity import STATE_ENV
 from edgepipe.device.paths import user_dir
 from edgepipe.device.send import REPORT_TO_ENV, TOKEN_ENV
 
@@ -94,6 +96,10 @@ def agent(host, port, token, store_dir, max_bundle_mb, store_quota, job_timeout,
     from edgepipe.device.send import Spool, describe, reports_url, send_report
 
     store_path = Path(store_dir) if store_dir else default_store_dir()
+    if store_dir and not os.environ.get(STATE_ENV):
+        # An agent with a store of its own is a device of its own (two agents on one machine are two
+        # devices): its identity lives with that store, and its job worker inherits the setting.
+        os.environ[STATE_ENV] = str(store_path)
     quota = parse_size(store_quota)
     try:
         store = BundleStore(store_path, max_bytes=max_bundle_mb << 20, quota_bytes=quota)

@@ -61,3 +61,29 @@ def test_two_processes_sharing_a_state_dir_agree(tmp_path):
     ids = {subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                           check=True).stdout.strip() for _ in range(2)}
     assert len(ids) == 1
+
+
+def _agent_identity(store, env):
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgepipe.device.cli", "agent", "--port", "0", "--store", str(store)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "agent listening on " in line, line + proc.stderr.read()
+        with urllib.request.urlopen(line.split()[3] + "/v1/info", timeout=10) as r:
+            return json.loads(r.read())["id"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_two_agents_on_one_machine_are_two_devices(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("EDGERUN_STATE", "EDGERUN_TOKEN")}
+    env["HOME"] = str(tmp_path / "home")  # the default state dir, should anything fall back to it
+    a = _agent_identity(tmp_path / "a", env)
+    b = _agent_identity(tmp_path / "b", env)
+    assert a != b and a == _agent_identity(tmp_path / "a", env)  # and each keeps its own across restarts
+    assert json.loads((tmp_path / "a" / "identity.json").read_text())["id"] == a
