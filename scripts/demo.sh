@@ -99,6 +99,31 @@ $edgerun run "$out/bundles/ssdlite_person-int8" --source sample_data/detector \
 echo "   annotated video $out/detections.mp4; first detections:"
 head -n 2 "$out/detections-video.jsonl"
 
+echo "== 5c. the same bench through an MQTT broker (boards behind NAT dial out), when Mosquitto is installed"
+mosquitto_bin="$(command -v mosquitto || true)"; [ -n "$mosquitto_bin" ] || mosquitto_bin=/usr/sbin/mosquitto
+if [ -x "$mosquitto_bin" ] && command -v mosquitto_passwd >/dev/null 2>&1 && $py -c 'import paho.mqtt' 2>/dev/null; then
+    mq="$out/broker"; rm -rf "$mq"; mkdir -p "$mq"
+    mqport=$(free_port); mqpass="demo-$($py -c 'import secrets; print(secrets.token_hex(8))')"
+    mosquitto_passwd -c -b "$mq/passwd" edgepipe "$mqpass" >/dev/null 2>&1
+    mosquitto_passwd -b "$mq/passwd" edgerun "$mqpass" >/dev/null 2>&1
+    chmod 0600 "$mq/passwd"
+    {   echo "listener $mqport 127.0.0.1"; echo "allow_anonymous false"; echo "password_file $mq/passwd"
+        echo "persistence true"; echo "persistence_location $mq/"
+        [ "$(id -u)" = 0 ] && echo "user root"; } > "$mq/mosquitto.conf"
+    "$mosquitto_bin" -c "$mq/mosquitto.conf" > "$mq/mosquitto.log" 2>&1 &
+    pids+=($!)
+    broker="mqtt://127.0.0.1:$mqport"
+    EDGERUN_STATE="$mq/board-state" $edgerun agent --broker "$broker" --password "$mqpass" --store "$mq/store" \
+        --name demo-board --tag demo > "$out/agent-broker.log" 2>&1 &
+    pids+=($!)
+    sleep 3
+    $edgepipe devices --broker "$broker" --password "$mqpass"
+    $edgepipe bench "$out/bundles/mobilenet_v2-int8" "$out/bundles/mobilenet_v2-fp32" --broker "$broker" \
+        --password "$mqpass" --devices tag:demo --db "$out/results.db" --runs 30 --warmup 3
+else
+    echo "   skipped: Mosquitto (Debian package mosquitto) or paho-mqtt is not installed; scripts/setup-services.sh installs it"
+fi
+
 echo "== 6. comparison and HTML report"
 $edgepipe report --db "$out/results.db" --html "$out/report.html"
 echo
