@@ -111,8 +111,12 @@ class DeviceRunner:
             job = self.client.submit("evaluate", bundle_sha, data=sha, delegate=self.delegate, threads=self.threads)
             run.jobs.append(job["id"])
             state = self.client.wait(job["id"], timeout=self.batch_timeout)
-        except WaitTimeout as e:
-            raise BatchFailed(f"a batch did not finish within {self.batch_timeout:.0f} s") from e
+        except WaitTimeout:
+            try:  # do not leave the board busy with a batch nobody waits for
+                self.client.cancel(run.jobs[-1])
+            except ClientError:
+                pass
+            raise BatchFailed(f"a batch did not finish within {self.batch_timeout:.0f} s") from None
         except ClientError as e:
             raise BatchFailed(f"device stopped answering: {e}") from None
         if state.get("status") != "done":
