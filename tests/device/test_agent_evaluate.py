@@ -136,3 +136,26 @@ def test_outputs_too_large_to_return_are_refused(tmp_path):
         server.shutdown()
         server.server_close()
         worker.close()
+
+
+def test_data_store_evicts_least_recently_used_blobs_no_job_needs(tmp_path):
+    from edgepipe.device.bundle_store import UploadError
+    from edgepipe.device.data_store import DataStore
+
+    blobs = [npy(np.full((4, 256), i, np.float32)) for i in range(3)]  # ~4.2 KB each
+    store = DataStore(tmp_path / "data", max_bytes=8 << 10, quota_bytes=9 << 10)
+    pinned = set()
+    store.in_use = lambda: pinned
+    for data, sha in blobs[:2]:
+        assert store.put(sha, io.BytesIO(data), len(data)) is True
+    pinned.add(blobs[0][1])  # a queued job needs the oldest: the other one goes
+    store.put(blobs[2][1], io.BytesIO(blobs[2][0]), len(blobs[2][0]))
+    assert [store.has(s) for _, s in blobs] == [True, False, True]
+    pinned.add(blobs[2][1])  # everything in use: no room, a reason, nothing half-written
+    data, sha = blobs[1]
+    with pytest.raises(UploadError) as e:
+        store.put(sha, io.BytesIO(data), len(data))
+    assert e.value.status == 507 and "retry later" in e.value.reason
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(f"{s}.npy" for s in
+                                                                          (blobs[0][1], blobs[2][1]))
+    assert np.load(store.path(blobs[0][1]), allow_pickle=False)[0, 0] == 0
