@@ -95,12 +95,18 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--target-agreement", type=click.FloatRange(0, 1, min_open=True),
               help="int8 only: keep the fewest most sensitive layers in float until top-1 agreement "
-                   "with the float model reaches this (e.g. 0.97) on the calibration images.")
+                   "with the float model reaches this (e.g. 0.97) on --val (else the calibration images).")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Validation images (not used for calibration): every agreement --target-agreement and "
+                   "--calib-method measure or optimise is measured here.")
+@click.option("--calib-method", default=None, metavar="METHOD",
+              help="int8 activation ranges: minmax (default), percentile:P (e.g. percentile:99.99) or mse, "
+                   "optionally 'per-tensor' after it; kept only when it agrees better with float.")
 @click.option("--list-recipes", is_flag=True, is_eager=True, expose_value=False, callback=_list_recipes,
               help="Show what each recipe does and exit.")
 def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean, std, color, resize,
             crop_fraction, input_size, io_type, labels, task, decoder_file, name, cache_dir, no_cache, no_edgetpu,
-            as_json, target_agreement):
+            as_json, target_agreement, val_dir, calib_method):
     """Convert MODEL (.keras, .h5, a SavedModel directory or a float .tflite) into TFLite bundles, one per recipe.
 
     A .tflite is quantized with the LiteRT quantizer (ai-edge-quantizer); the
@@ -137,6 +143,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
         raise click.ClickException("--target-agreement: needs the int8 recipe in --recipes")
     if target_agreement is not None and model.suffix.lower() == ".tflite":
         raise click.ClickException("--target-agreement: needs a Keras or SavedModel source, not a .tflite")
+    method = _calib_method(calib_method, chosen, model)
     try:
         with bar:
             results = convert_model(req, progress=progress)
@@ -144,8 +151,48 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     except (ConvertError, ValueError, OSError) as e:
         raise fail(e) from None
     if target_agreement is not None:
-        results = [_selective(r, results, model, target_agreement, progress) for r in results]
+        results = [_selective(r, results, model, target_agreement, progress, val_dir, method) for r in results]
+    elif method is not None:
+        results = [_requantize(r, results, model, method, progress, val_dir) for r in results]
     _report(results, model, out_dir, as_json)
+
+
+def _calib_method(text, chosen, model):
+    """``--calib-method``: the parsed method (None when not given)."""
+    if text is None:
+        return None
+    from edgepipe.pipeline.ptq import Method, PTQError
+
+    try:
+        method = Method.parse(text)
+    except PTQError as e:
+        raise click.ClickException(f"--calib-method: {e}") from None
+    if not any(r.name == "int8" for r in chosen):
+        raise click.ClickException("--calib-method: needs the int8 recipe in --recipes")
+    if model.suffix.lower() == ".tflite":
+        raise click.ClickException("--calib-method: needs a Keras or SavedModel source, not a .tflite")
+    return method
+
+
+def _requantize(r, results, model_path, method, progress, val_dir):
+    """``--calib-method``: re-make the int8 bundle with those ranges when they agree better with float."""
+    import dataclasses
+
+    if r.recipe != "int8" or not r.bundle or r.error:
+        return r
+    from edgepipe.pipeline.ptq import PTQError, apply_to_bundle
+    from edgepipe.pipeline.selective import SelectiveError
+
+    try:
+        res = apply_to_bundle(r.bundle, model_path, method, eval_dir=val_dir, on_step=progress)
+    except (PTQError, SelectiveError, ValueError, OSError) as e:
+        raise fail(e) from None
+    where = "validation" if res.on_validation else "calibration (no --val)"
+    progress(f"int8: agreement on {res.eval_images} {where} images: "
+             + ", ".join(f"{k} {v:.4f}" for k, v in res.agreement.items()) + f"; kept {res.chosen}")
+    fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
+    return dataclasses.replace(r, size=len(res.tflite),
+                               ratio_to_fp32=round(len(res.tflite) / fp32, 4) if fp32 else None)
 
 
 def _decoder(path, model):
@@ -195,7 +242,7 @@ def _summary(results) -> str:
     return format_table(["recipe", "size", "vs fp32", "time", "cache", "Edge TPU", "bundle"], rows)
 
 
-def _selective(r, results, model_path, target: float, progress):
+def _selective(r, results, model_path, target: float, progress, val_dir=None, method=None):
     """``--target-agreement``: rework the int8 bundle of this run; the result's size follows."""
     import dataclasses
 
@@ -206,7 +253,7 @@ def _selective(r, results, model_path, target: float, progress):
 
     progress(f"int8: searching the fewest float layers for agreement >= {target}")
     try:
-        sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress)
+        sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress, eval_dir=val_dir, method=method)
     except (SelectiveError, ValueError, OSError) as e:
         raise fail(e) from None
     progress(_selective_summary(sel, target))

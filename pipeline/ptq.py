@@ -22,6 +22,7 @@ scores, which is exactly what top-1 agreement measures.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -132,15 +133,95 @@ class RangedDebugged(Debugged):
 
     ranged: Optional[Calibrated] = None
     method: Method = Method()
+    keep_order: bool = False  # ``layers`` is already ranked (e.g. by rank_by_output)
 
     def quantize(self, denylist: Sequence[str] = ()) -> bytes:
         return self.ranged.quantize(self.method, denylist)
 
+    def ranked(self) -> list:
+        return list(self.layers) if self.keep_order else super().ranked()
 
-def for_selective(cal: Calibrated, method: Method, layers: list) -> RangedDebugged:
+
+def for_selective(cal: Calibrated, method: Method, layers: list, *, keep_order: bool = False) -> RangedDebugged:
     """``layers`` (LayerError, e.g. from ``debug_int8(..., debug=validation)``) searched over with ``method``."""
     return RangedDebugged(calibrated=cal.model, layers=list(layers), disable_per_channel=not method.per_channel,
-                          ranged=cal, method=method)
+                          ranged=cal, method=method, keep_order=keep_order)
+
+
+def rank_by_output(cal: Calibrated, method: Method, layers: list, x: np.ndarray, ref: np.ndarray,
+                   say=lambda msg: None) -> list:
+    """``layers`` ordered by how much keeping each one float alone raises the output SNR on ``x``.
+
+    One re-quantization and one pass over ``x`` per layer: slower than the
+    debugger's local error, but it measures what the search optimises (the
+    final output), so a layer whose local error the network absorbs ranks low.
+    """
+    from edgepipe.pipeline import metrics
+    from edgepipe.pipeline.selective import run_tflite
+
+    gains = []
+    for i, e in enumerate(layers):
+        snr = metrics.snr_db(run_tflite(cal.quantize(method, [e.tensor]), x), ref)
+        gains.append((snr, -i))
+        if (i + 1) % 10 == 0:
+            say(f"ranked {i + 1} of {len(layers)} layers by output SNR")
+    return [layers[-i] for _, i in sorted(gains, reverse=True)]
+
+
+@dataclass
+class Requantized:
+    """An int8 bundle re-made with a range method, chosen on the evaluation images."""
+
+    tflite: bytes
+    method: Method
+    chosen: str  # the method kept (``minmax`` when the asked one did not agree better)
+    agreement: Dict[str, float]  # method name -> top-1 agreement with the float model
+    eval_images: int
+    on_validation: bool  # False: measured on the calibration images (no validation set given)
+
+    def to_dict(self) -> dict:
+        """The manifest's ``extra["calibration_method"]`` block."""
+        return {"asked": self.method.name, "chosen": self.chosen, "agreement": self.agreement,
+                "eval_images": self.eval_images,
+                "measured_on": "validation images" if self.on_validation else "calibration images"}
+
+
+def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=None,
+                    on_step=lambda msg: None) -> Requantized:
+    """Re-quantize an ``int8`` bundle with ``method``'s ranges when that agrees better with float.
+
+    Calibration uses the images the manifest records; agreement is measured
+    on ``eval_dir`` (or, without it, on the calibration images, and said so).
+    The bundle is rewritten only when the method wins.
+    """
+    from edgepipe.pipeline import calibration, metrics, selective
+
+    b = selective._int8_bundle(bundle_path)
+    m = b.manifest
+    calib = calibration.load_arrays(
+        calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed), m.preprocess)
+    ex = selective._eval_arrays(eval_dir, b, 300)
+    ex = calib if ex is None else ex
+    keras = selective._keras_model(keras_model_path)
+    ref = selective.float_outputs(keras, ex)
+    on_step(f"calibrating {len(calib)} images for {method.name} ranges")
+    cal = calibrate(keras, calib)
+    model = cal.quantize(method)
+    agree = {"minmax": metrics.top1_agreement(selective.run_tflite(b.model_path.read_bytes(), ex), ref),
+             method.name: metrics.top1_agreement(selective.run_tflite(model, ex), ref)}
+    won = agree[method.name] > agree["minmax"]
+    res = Requantized(tflite=model if won else b.model_path.read_bytes(), method=method,
+                      chosen=method.name if won else "minmax", agreement=agree, eval_images=int(len(ex)),
+                      on_validation=eval_dir is not None)
+    if won:
+        selective._rewrite_bundle(b, res, key="calibration_method")
+    else:  # the model stays; the manifest learns what was tried
+        import dataclasses
+
+        from edgepipe.device.bundle import write_manifest
+
+        write_manifest(b.path, dataclasses.replace(m, extra={**m.extra, "calibration_method": res.to_dict()}))
+    return res
 
 
 def _clip_range(h: Histogram, ranges: str) -> Tuple[float, float]:
@@ -238,5 +319,5 @@ def _with_ranges(model: bytes, ranges: Dict[int, Tuple[float, float]]) -> bytes:
     return bytes(fu.convert_object_to_bytearray(m))
 
 
-__all__ = ["BINS", "METHODS", "Calibrated", "Histogram", "Method", "PTQError", "RangedDebugged", "calibrate",
-           "for_selective"]
+__all__ = ["BINS", "METHODS", "Calibrated", "Histogram", "Method", "PTQError", "RangedDebugged", "Requantized",
+           "apply_to_bundle", "calibrate", "for_selective", "rank_by_output"]

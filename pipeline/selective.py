@@ -158,9 +158,11 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
         if shipped_agreement >= target:
             return _plain_int8(shipped, shipped_agreement, target, int(ex.shape[0]), t_start)
 
-    say(f"measuring per-layer error on {min(len(calib), 32)} calibration images")
+    # Layers are ranked on the evaluation images too, so nothing is tuned to the calibration images.
+    say(f"measuring per-layer error on {min(len(ex), 32)} {'evaluation' if eval_x is not None else 'calibration'}"
+        " images")
     try:
-        dbg = debugged or debug_int8(keras_model, calib)
+        dbg = debugged or debug_int8(keras_model, calib, debug=ex)
     except LayerErrorError as e:
         raise SelectiveError(str(e)) from None
     ranked = dbg.ranked()
@@ -316,7 +318,7 @@ def _float_layer_costs(dbg: Debugged, kept: list, ex: np.ndarray, threads: Optio
 
 def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=None,
                     eval_limit: int = 300, measure_latency: bool = True,
-                    on_step: Optional[Callable[[str], None]] = None) -> SelectiveResult:
+                    on_step: Optional[Callable[[str], None]] = None, method=None) -> SelectiveResult:
     """Re-make an ``int8`` bundle so it reaches ``target`` agreement; rewrites it atomically.
 
     Calibration uses the images recorded in the bundle's manifest (same
@@ -324,6 +326,8 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     ``eval_dir`` (folder, class sub-folders allowed) or on those calibration
     images. The manifest gets ``extra["selective"]`` (which layers, why, and
     the latency each one costs) and the new model's digest and size.
+    ``method`` (an ``edgepipe.pipeline.ptq.Method``): search on top of those
+    activation ranges instead of the converter's min-max.
     """
     from edgepipe.pipeline import calibration
 
@@ -332,9 +336,19 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
     calib = calibration.load_arrays(cset, m.preprocess)
     ex = _eval_arrays(eval_dir, b, eval_limit)
+    debugged = None
+    if method is not None and method.name != "minmax":
+        from edgepipe.pipeline import ptq
+
+        keras = _keras_model(keras_model_path)
+        try:
+            layers = debug_int8(keras, calib, debug=ex if ex is not None else calib).layers
+            debugged = ptq.for_selective(ptq.calibrate(keras, calib), method, layers)
+        except (ptq.PTQError, LayerErrorError) as e:
+            raise SelectiveError(str(e)) from None
     res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
                          measure_latency=measure_latency, on_step=on_step,
-                         shipped=b.model_path.read_bytes())
+                         shipped=b.model_path.read_bytes(), debugged=debugged)
     if not res.kept:
         # The plain int8 model stays; only the manifest learns what was tried.
         from edgepipe.device.bundle import write_manifest
@@ -376,8 +390,8 @@ def _eval_arrays(eval_dir, b, eval_limit: int) -> Optional[np.ndarray]:
         raise SelectiveError(str(e)) from None
 
 
-def _rewrite_bundle(b, res: SelectiveResult) -> None:
-    """Replace the bundle's model with the selective one; the manifest records why."""
+def _rewrite_bundle(b, res, key: str = "selective") -> None:
+    """Replace the bundle's model with ``res.tflite``; the manifest's ``extra[key]`` records why."""
     from edgepipe.device.bundle import TensorInfo
     from edgepipe.pipeline.bundle_writer import write_bundle
 
@@ -391,7 +405,7 @@ def _rewrite_bundle(b, res: SelectiveResult) -> None:
             m, model_sha256=hashlib.sha256(res.tflite).hexdigest(), model_size=len(res.tflite),
             inputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in lm.inputs),
             outputs=tuple(TensorInfo.from_dict(t.to_dict()) for t in lm.outputs),
-            extra={**m.extra, "selective": res.to_dict()})
+            extra={**m.extra, key: res.to_dict()})
 
     if not m.labels_file:
         write_bundle(b.path.parent, b.path.name, res.tflite, manifest_for=manifest_for, labels=None)

@@ -115,3 +115,42 @@ def test_clipped_ranges_give_a_finer_step_and_a_better_model(tf, outlier_model):
     # The selective search's re-quantization keeps the chosen ranges.
     dbg = for_selective(cal, Method.parse("percentile:99"), [])
     assert dbg.quantize([]) == cal.quantize(Method.parse("percentile:99"))
+
+
+def _convert(*args):
+    from click.testing import CliRunner
+
+    from edgepipe.pipeline.cli import main
+
+    return CliRunner().invoke(main, ["convert", *map(str, args)])
+
+
+def test_calib_method_flag_is_checked_before_converting(tmp_path):
+    from edgepipe.pipeline import samples
+
+    model = samples.fashion_mnist_model_path()
+    r = _convert(model, "--recipes", "int8", "--calib", samples.fashion_mnist_test_dir(), "--out", tmp_path,
+                 "--calib-method", "entropy")
+    assert r.exit_code != 0 and r.output.strip().splitlines()[-1].startswith("Error: --calib-method: 'entropy'")
+    r = _convert(model, "--recipes", "fp16", "--out", tmp_path, "--calib-method", "mse")
+    assert r.exit_code != 0 and "needs the int8 recipe" in r.output
+    assert not any(tmp_path.iterdir())  # nothing converted
+
+
+@pytest.mark.slow
+def test_convert_with_calib_method_measures_on_val(tmp_path):
+    import json
+
+    from edgepipe.pipeline import samples
+
+    calib = samples.fashion_mnist_test_dir().parent / "calib"
+    r = _convert(samples.fashion_mnist_model_path(), "--recipes", "int8", "--calib", calib, "--calib-count", "40",
+                 "--preprocess", "unit", "--val", samples.fashion_mnist_test_dir(), "--calib-method",
+                 "percentile:99.99", "--out", tmp_path, "--no-cache", "--no-edgetpu")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(next(tmp_path.glob("*int8*/manifest.json")).read_text())
+    block = manifest["extra"]["calibration_method"]
+    assert block["measured_on"] == "validation images" and block["eval_images"] == 300
+    assert block["asked"] == "percentile:99.99" and block["chosen"] in ("minmax", "percentile:99.99")
+    assert set(block["agreement"]) == {"minmax", "percentile:99.99"}
+    assert all(0.9 < a <= 1.0 for a in block["agreement"].values())
