@@ -64,7 +64,7 @@ def _report_options(f):
               help="Write the run report (JSON, edgepipe.report/1) here.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report JSON on stdout at the end (needs --out FILE for the predictions).")
-@click.option("--quiet", "-q", is_flag=True, help="No summary on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="No summary (and no progress bar) on stderr.")
 @isolate_option
 @_report_options
 def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetpu_device, workers, lanes,
@@ -74,7 +74,9 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
 
     Predictions go to stdout (or --out), one JSON object per frame in frame
     order; a summary with per-stage timings goes to stderr, the full report
-    to --report. Unreadable images are skipped, counted and reported.
+    to --report. Unreadable images are skipped, counted and reported. On a
+    terminal a progress bar (frames, ETA when the count is known) is drawn on
+    stderr; never with --json or --quiet (EDGEPIPE_PROGRESS=0/1 forces).
 
     \b
     Examples:
@@ -86,10 +88,12 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
       edgerun run out/ssdlite_person-int8 --source sample_data/video/vtest_short.avi --annotate annotated.mp4
       edgerun run detector.tflite --source photos/ --task detection --score-threshold 0.4 --annotate boxes/
     """
+    from edgepipe.device import progress as pg
     from edgepipe.device.errors import EdgepipeError
     from edgepipe.device.postprocess import json_line
     from edgepipe.device.decode_stage import Thresholds
     from edgepipe.device.runner import StopRun, run_source
+    from edgepipe.device.sources import open_source
 
     to_stdout = out in (None, "-")
     if as_json and to_stdout:
@@ -98,26 +102,35 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
         sink = sys.stdout if to_stdout else open(out, "w", encoding="utf-8")
     except OSError as e:
         raise fail(f"cannot write {out}: {e.strerror or e}") from None
+    bar = pg.Bar(None, "run", unit="frame", on=False)
+    above = _above_bar(lambda: bar.active and to_stdout and _isatty(sys.stdout))
 
     def on_prediction(rec: dict) -> None:
         try:
-            sink.write(json_line(rec) + "\n")
-            if to_stdout:
-                sink.flush()  # stream: a consumer sees each frame as it is done
+            with above():
+                sink.write(json_line(rec) + "\n")
+                if to_stdout:
+                    sink.flush()  # stream: a consumer sees each frame as it is done
         except BrokenPipeError:
             # `edgerun run ... | head`: the reader left. Stop cleanly, keep the report.
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             raise StopRun("the output pipe was closed") from None
+        bar.update()
 
     try:
         preflight(bundle, isolate=isolate, delegates=[delegate], threads=threads, backend=backend,
                   edgetpu_device=edgetpu_device)
-        report = run_source(bundle, source, pipeline=pipeline, max_frames=max_frames, threads=threads,
-                            delegate=delegate, backend=backend, edgetpu_device=edgetpu_device, workers=workers,
-                            lanes=lanes, queue_depth=queue_depth, top_k=top_k, live=live,
-                            on_prediction=on_prediction, task=task, annotate=annotate,
-                            thresholds=Thresholds(score_threshold, iou_threshold, max_detections))
+        # Opened here (same spec, same order as run_source would) so the bar knows how many frames come.
+        with open_source(source, live=live) as src:
+            bar = pg.Bar(frames_total(src, max_frames), "run", unit="frame",
+                         on=pg.enabled(as_json=as_json or quiet))
+            with bar:  # closed (and cleared) before the summary
+                report = run_source(bundle, src, pipeline=pipeline, max_frames=max_frames, threads=threads,
+                                    delegate=delegate, backend=backend, edgetpu_device=edgetpu_device,
+                                    workers=workers, lanes=lanes, queue_depth=queue_depth, top_k=top_k,
+                                    live=live, on_prediction=on_prediction, task=task, annotate=annotate,
+                                    thresholds=Thresholds(score_threshold, iou_threshold, max_detections))
     except EdgepipeError as e:  # bundle, source, load, runtime and crash-probe failures: one line each
         raise fail(e) from None
     except KeyboardInterrupt:
@@ -126,6 +139,39 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
         if not to_stdout:
             sink.close()
     finish(report, report_path=report_path, as_json=as_json, quiet=quiet)
+
+
+def frames_total(src, max_frames: Optional[int]) -> Optional[int]:
+    """Frames the run will take, when known: a folder's images, a video's frame count, or --max-frames.
+
+    A live source (camera, or a video played live, which drops frames) is open-ended unless limited.
+    """
+    info = src.info()
+    known = None if src.live else (info.get("files") or info.get("frame_count") or None)
+    if max_frames:
+        return min(known, max_frames) if known else max_frames
+    return known
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _above_bar(active):
+    """A context for writing a prediction to a terminal that also shows the bar: the bar is lifted
+    while the line is written and drawn again below it, so the two never share a line."""
+    from contextlib import nullcontext
+
+    def ctx():
+        if not active():
+            return nullcontext()
+        from tqdm import tqdm
+
+        return tqdm.external_write_mode(file=sys.stdout)
+    return ctx
 
 
 def finish(report: dict, *, report_path: Optional[str], as_json: bool, quiet: bool) -> None:
