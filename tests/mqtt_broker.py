@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ports import free_port
+
 USER, PASSWORD = "edgepipe-test", "broker-secret"
 
 
@@ -35,12 +37,6 @@ def missing_reason() -> Optional[str]:
     except ImportError:
         return "paho-mqtt is not installed (pip install paho-mqtt)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mosquitto:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ports import free_port
+
 
 def pg_bin() -> Optional[Path]:
     """The newest installed PostgreSQL server bin directory, or None."""
@@ -45,12 +47,6 @@ def missing_reason() -> Optional[str]:
     except ImportError:
         return "psycopg 3 is not installed (pip install 'psycopg[binary]')"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgCluster:
@@ -86,7 +82,7 @@ class PgCluster:
         if self.fast:  # throw-away data: durability is not what the tests measure
             opts += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
         for _ in range(3):  # a free port can be taken between the probe and the bind
-            self.port = _free_port()
+            self.port = free_port()
             res = self._run(str(b / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "server.log"), "-w",
                             "-t", "60", "-o", " ".join([f"-p {self.port}"] + opts), "start", timeout=90)
             if res.returncode == 0:

@@ -125,6 +125,22 @@ def not_a_model() -> Path:
     return _model("not_a_model.tflite")
 
 
+@pytest.fixture
+def changed_model():
+    """``changed_model(src, change) -> bytes``: ``src`` with ``change(model)`` applied through the
+    TFLite schema's object API (tests/fuzz/mutate.py); skips where no schema module is installed."""
+    mutate = pytest.importorskip("fuzz.mutate")
+
+    def apply(src: Path, change) -> bytes:
+        try:
+            model = mutate.read_model(src.read_bytes())
+        except ImportError:
+            pytest.skip("no TFLite schema module in this environment")
+        change(model)
+        return mutate.write_model(model)
+    return apply
+
+
 MOBILENET_PRE = {"mean": (127.5, 127.5, 127.5), "std": (127.5, 127.5, 127.5)}
 
 

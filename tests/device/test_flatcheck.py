@@ -107,16 +107,6 @@ def test_int8_no_bias_model_loads_or_is_refused_never_crashes(int8_no_bias_model
 # --------------------------------------------------------------------------- graph doubts
 
 
-def _changed(src, change) -> bytes:
-    mutate = pytest.importorskip("fuzz.mutate")
-    try:
-        model = mutate.read_model(src.read_bytes())
-    except ImportError:
-        pytest.skip("no TFLite schema module in this environment")
-    change(model)
-    return mutate.write_model(model)
-
-
 def test_sound_graphs_raise_no_doubts(models_dir):
     from edgepipe.device.graphcheck import doubts
 
@@ -147,11 +137,11 @@ def _set(path: str, value):
     ("subgraphs.0.operators.2.inputs.0", 10, "reads tensor 10 before anything writes it"),
     ("subgraphs.0.tensors.8.quantization.scale", [float("nan")], "scale that is not a finite positive number"),
 ])
-def test_crash_prone_graphs_are_doubted(models_dir, path, value, expect):
+def test_crash_prone_graphs_are_doubted(models_dir, changed_model, path, value, expect):
     from edgepipe.device.flatcheck import problem
     from edgepipe.device.graphcheck import doubts
 
-    data = _changed(models_dir / "uint8_io.tflite", _set(path, value))
+    data = changed_model(models_dir / "uint8_io.tflite", _set(path, value))
     assert problem(data) is None  # structurally sound: only the graph is wrong
     found = doubts(data)
     assert any(expect in d for d in found), found

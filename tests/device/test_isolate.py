@@ -12,18 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _mutated(src: Path, dst: Path, change) -> Path:
-    """``src`` with ``change(model)`` applied through the schema's object API (see tests/fuzz/mutate.py)."""
-    mutate = pytest.importorskip("fuzz.mutate")
-    try:
-        model = mutate.read_model(src.read_bytes())
-    except ImportError:
-        pytest.skip("no TFLite schema module in this environment")
-    change(model)
-    dst.write_bytes(mutate.write_model(model))
-    return dst
-
-
 def _edgerun(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
     return subprocess.run([sys.executable, "-m", "edgepipe.device.cli", *args], capture_output=True, text=True,
@@ -31,20 +19,24 @@ def _edgerun(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def no_inputs_model(float_model, tmp_path):
+def no_inputs_model(float_model, tmp_path, changed_model):
     """A model whose subgraph declares no inputs: the first invoke fails with 'Input tensor 0 lacks data'."""
     def drop_inputs(m):
         m.subgraphs[0].inputs = []
-    return _mutated(float_model, tmp_path / "no_inputs.tflite", drop_inputs)
+    path = tmp_path / "no_inputs.tflite"
+    path.write_bytes(changed_model(float_model, drop_inputs))
+    return path
 
 
 @pytest.fixture
-def nan_scale_model(uint8_io_model, tmp_path):
+def nan_scale_model(uint8_io_model, tmp_path, changed_model):
     """uint8_io with a NaN quantization scale on its quantize op's output (SIGSEGV in allocate_tensors on
     ai_edge_litert 2.3)."""
     def nan_scale(m):
         m.subgraphs[0].tensors[8].quantization.scale = [math.nan]
-    return _mutated(uint8_io_model, tmp_path / "nan_scale.tflite", nan_scale)
+    path = tmp_path / "nan_scale.tflite"
+    path.write_bytes(changed_model(uint8_io_model, nan_scale))
+    return path
 
 
 def test_runtime_error_on_first_invoke_is_one_typed_line(no_inputs_model):

@@ -21,6 +21,7 @@ from edgepipe.device.cli import main as edgerun
 from edgepipe.device.http import HTTPError_, JSONHandler, Server
 from edgepipe.device.report import new_report
 from edgepipe.device.send import Spool, deliver, describe, send_report
+from ports import free_port
 
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 
@@ -86,14 +87,6 @@ def report(kind="bench"):
     return new_report(kind, device={"hostname": "pi-test"},
                       runtime={"backend": "ai_edge_litert", "delegate": "cpu", "threads": 1},
                       model={"name": "tiny-fp32", "recipe": "fp32", "sha256": "0" * 64, "size": 1})
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_host_down_spools_with_backoff_then_delivers_exactly_once(tmp_path):
