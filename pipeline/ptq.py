@@ -15,7 +15,8 @@ method rewrites the recorded ranges before the same MLIR quantizer
 * ``mse``: the clipping that minimizes the expected squared error (rounding
   noise inside the range plus clipping error outside) under the histogram;
 
-each with per-channel (default) or per-tensor weights. Model inputs and
+each with per-channel (default) or per-tensor weights, and optionally
+``+bias``: empirical bias correction afterwards (:mod:`edgepipe.pipeline.bias_correction`). Model inputs and
 outputs keep their min-max ranges: clipping the logits would flatten the top
 scores, which is exactly what top-1 agreement measures.
 """
@@ -46,21 +47,24 @@ class Method:
 
     ranges: str = "minmax"  # minmax | percentile:P | mse
     per_channel: bool = True
+    bias_correction: bool = False  # see edgepipe.pipeline.bias_correction
 
     @property
     def name(self) -> str:
-        return self.ranges + ("" if self.per_channel else " per-tensor")
+        return self.ranges + ("+bias" if self.bias_correction else "") + ("" if self.per_channel else " per-tensor")
 
     @classmethod
     def parse(cls, text: str) -> "Method":
-        """``minmax``, ``percentile:99.99``, ``mse``, optionally followed by `` per-tensor``."""
+        """``minmax``, ``percentile:99.99``, ``mse``, each optionally with ``+bias``, then optionally `` per-tensor``."""
         parts = text.split()
         per_channel = not (len(parts) == 2 and parts[1] == "per-tensor")
         base = parts[0] if parts else ""
+        bias = base.endswith("+bias")
+        base = base[: -len("+bias")] if bias else base
         if len(parts) > 2 or (len(parts) == 2 and per_channel) or not _valid_ranges(base):
             raise PTQError(f"{text!r} is not a calibration method (minmax, percentile:P with 50 < P <= 100, "
-                           "mse; optionally followed by 'per-tensor')", param="calib_method")
-        return cls(base, per_channel)
+                           "mse; optionally +bias, then optionally 'per-tensor')", param="calib_method")
+        return cls(base, per_channel, bias)
 
 
 def _valid_ranges(base: str) -> bool:
@@ -101,6 +105,7 @@ class Calibrated:
     model: bytes
     hists: Dict[int, Histogram]  # tensor index -> histogram (activations only)
     images: int
+    samples: Optional[np.ndarray] = None  # the calibration inputs histogrammed (bias correction reuses them)
 
     def ranges(self, method: Method) -> Dict[int, Tuple[float, float]]:
         """Tensor index -> (lo, hi) under ``method`` (activations only; zero always inside)."""
@@ -117,10 +122,20 @@ class Calibrated:
         model = self.model if method.ranges == "minmax" else _with_ranges(self.model, self.ranges(method))
         with captured_output() as log:
             try:
-                return _convert.mlir_quantize(model, disable_per_channel=not method.per_channel,
-                                              denylisted_nodes=list(denylist) or None)
+                q = _convert.mlir_quantize(model, disable_per_channel=not method.per_channel,
+                                           denylisted_nodes=list(denylist) or None)
             except Exception as e:  # noqa: BLE001 - the quantizer raises many types
                 raise PTQError(f"quantizing with {method.name} failed: {last_error_line(log) or e}") from None
+        if not method.bias_correction:
+            return q
+        from edgepipe.pipeline.bias_correction import BiasCorrectionError, correct_bias
+
+        if self.samples is None:
+            raise PTQError("bias correction needs the calibration images")
+        try:
+            return correct_bias(q, self.model, self.samples)
+        except BiasCorrectionError as e:
+            raise PTQError(str(e)) from None
 
 
 @dataclass
@@ -273,7 +288,7 @@ def calibrate(keras_model, calib: np.ndarray, *, max_hist_images: int = 64) -> C
         except Exception as e:  # noqa: BLE001
             raise PTQError(f"calibration failed: {last_error_line(log) or e}") from None
     hists = _histograms(tf, model, calib[:max_hist_images])
-    return Calibrated(model=model, hists=hists, images=int(calib.shape[0]))
+    return Calibrated(model=model, hists=hists, images=int(calib.shape[0]), samples=calib[:max_hist_images])
 
 
 def _recorded_ranges(model: bytes) -> Dict[int, Tuple[float, float]]:

@@ -12,7 +12,9 @@ def test_method_names_parse_and_bad_ones_say_why():
     assert Method.parse("minmax") == Method("minmax", True)
     assert Method.parse("percentile:99.99 per-tensor") == Method("percentile:99.99", False)
     assert Method.parse("mse").name == "mse" and Method("mse", False).name == "mse per-tensor"
-    for bad in ("entropy", "percentile:40", "percentile:x", "mse per-layer", "", "minmax per-tensor extra"):
+    assert Method.parse("mse+bias per-tensor") == Method("mse", False, True)
+    assert Method.parse("minmax+bias").name == "minmax+bias"
+    for bad in ("entropy", "entropy+bias", "+bias", "percentile:40", "percentile:x", "mse per-layer", "", "minmax per-tensor extra"):
         with pytest.raises(PTQError) as e:
             Method.parse(bad)
         assert "\n" not in str(e.value) and "not a calibration method" in str(e.value)
@@ -154,3 +156,38 @@ def test_convert_with_calib_method_measures_on_val(tmp_path):
     assert block["asked"] == "percentile:99.99" and block["chosen"] in ("minmax", "percentile:99.99")
     assert set(block["agreement"]) == {"minmax", "percentile:99.99"}
     assert all(0.9 < a <= 1.0 for a in block["agreement"].values())
+
+
+@pytest.mark.slow
+def test_bias_correction_removes_mean_shift_on_fashion_mnist(tf):
+    """The sample CNN on held-out test images: +bias raises the output SNR and changes only int32 biases."""
+    from edgepipe.device.bundle import ColorOrder, Preprocess
+    from edgepipe.pipeline import metrics, samples
+    from edgepipe.pipeline.evaluate import load_dataset, load_inputs
+    from edgepipe.pipeline.ptq import Method, calibrate
+    from edgepipe.pipeline.selective import float_outputs, run_tflite
+    from edgepipe.pipeline.tfenv import captured_output
+
+    with captured_output():
+        model = tf.keras.models.load_model(str(samples.fashion_mnist_model_path()), compile=False)
+    spec = Preprocess(height=28, width=28, color=ColorOrder.GRAY, mean=(0.0,), std=(255.0,))
+    x = load_inputs(load_dataset(samples.fashion_mnist_test_dir(), limit=300).paths, spec)
+    calib, val = x[:100], x[100:]
+    cal = calibrate(model, calib)
+    ref = float_outputs(model, val)
+    plain, fixed = cal.quantize(Method("minmax")), cal.quantize(Method.parse("minmax+bias"))
+    snr_plain = metrics.snr_db(run_tflite(plain, val), ref)
+    snr_fixed = metrics.snr_db(run_tflite(fixed, val), ref)
+    assert snr_fixed > snr_plain + 0.5, (snr_plain, snr_fixed)
+
+    from tensorflow.lite.tools import flatbuffer_utils as fu
+
+    def constants(m):  # tensor name -> (TFLite type, bytes) of every tensor with data
+        mt = fu.read_model_from_bytearray(bytearray(m))
+        return {t.name: (t.type, bytes(np.asarray(mt.buffers[t.buffer].data, np.uint8)))
+                for t in mt.subgraphs[0].tensors if mt.buffers[t.buffer].data is not None}
+
+    before, after = constants(plain), constants(fixed)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed and all(before[n][0] == 2 for n in changed)  # only int32 tensors (biases) moved
