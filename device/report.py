@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional
 
 from edgepipe.device.contracts import ContractError, validate_report
+# The human-readable summary is report_text; its names stay importable from here.
+from edgepipe.device.report_text import format_comparison, format_summary  # noqa: F401
 
 SCHEMA = "edgepipe.report/1"
 
@@ -316,78 +318,3 @@ def write_json(obj: Any, path: os.PathLike) -> Path:
     os.replace(tmp, p)
     return p
 
-
-# --------------------------------------------------------------------------- human summary
-
-
-def _ms(v: Optional[float]) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 100 else f"{v:.0f}"
-
-
-def format_summary(r: dict) -> str:
-    """A few aligned lines a person can read at a glance."""
-    m, rt, dev = r.get("model", {}), r.get("runtime", {}), r.get("device", {})
-    lines = []
-    size = m.get("size") or 0
-    recipe = f", recipe {m['recipe']}" if m.get("recipe") else ""
-    human = f"{size / 1e6:.2f} MB" if size >= 100_000 else f"{size / 1e3:.1f} KB"
-    lines.append(f"model      {m.get('name')}{recipe}, {human}")
-    thr = rt.get("threads")
-    lines.append(f"runtime    {rt.get('backend')} {rt.get('version') or ''}, delegate {rt.get('delegate')}, "
-                 f"threads {thr if thr is not None else 'default'}, {rt.get('load') or 'cold'} load")
-    ld = r.get("load_ms") or {}
-    if ld:
-        lines.append("load (ms)  " + " | ".join(
-            f"{k.replace('_', ' ')} {_ms(ld.get(k))}"
-            for k in ("file_read", "interpreter_build", "delegate", "allocate", "first_invoke")))
-    fb = (r.get("settings") or {}).get("cpu_fallback")
-    if fb and fb.get("total_ops"):
-        names = ", ".join(f"{k} x{v}" for k, v in sorted((fb.get("cpu_op_names") or {}).items()))
-        lines.append(f"ops        {fb['delegated_ops']} of {fb['total_ops']} on {fb['delegate']}, "
-                     f"{fb['cpu_ops']} on the CPU" + (f" ({names})" if names else ""))
-    lat = r.get("latency_ms")
-    if lat and lat.get("n"):
-        lines.append(f"latency    n={lat['n']}  mean {_ms(lat['mean'])}  std {_ms(lat['std'])}  min {_ms(lat['min'])}"
-                     f"  p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  max {_ms(lat['max'])} ms")
-    tp = r.get("throughput") or {}
-    if tp.get("fps"):
-        rss = r.get("peak_rss_mb")
-        unit = "frames/s end to end" if r.get("kind") == "run" else "inferences/s"
-        lines.append(f"throughput {tp['fps']:.1f} {unit}" + (f", peak RSS {rss:.0f} MB" if rss else ""))
-    temps = dev.get("temperature_c") or {}
-    bits = [dev.get("board") or dev.get("cpu") or "", f"{dev.get('cores')} cores"]
-    if dev.get("governor"):
-        bits.append(f"governor {dev['governor']}")
-    if temps.get("start") is not None:
-        bits.append(f"{temps['start']:.1f} -> {temps['end'] if temps.get('end') is None else round(temps['end'], 1)} C")
-    lines.append("device     " + ", ".join(b for b in bits if b))
-    inp = r.get("input") or {}
-    if inp:
-        count = f" ({inp['count']} images)" if inp.get("kind") == "images" and inp.get("count") else ""
-        lines.append(f"input      {inp.get('kind')}{count}"
-                     + (f", seed {inp['seed']}" if inp.get("seed") is not None and inp.get("kind") == "random" else ""))
-    for a in inp.get("assumed") or ():
-        lines.append(f"assumed    {a}")
-    for w in r.get("warnings") or ():
-        lines.append(f"warning    {w}")
-    for e in r.get("errors") or ():
-        lines.append(f"error      {e}")
-    return "\n".join(lines)
-
-
-def format_comparison(reports: List[dict]) -> str:
-    """One row per report (threads x delegate), for ``--threads 1,2,4`` style runs."""
-    head = f"{'delegate':<10} {'threads':>7} {'p50 ms':>9} {'mean ms':>9} {'p90 ms':>9} {'fps':>8} {'cold ms':>9}"
-    rows = [head, "-" * len(head)]
-    for r in reports:
-        rt, lat = r.get("runtime", {}), r.get("latency_ms") or {}
-        ld = r.get("load_ms") or {}
-        cold = sum(v for v in ld.values() if isinstance(v, (int, float))) if ld else None
-        fps = (r.get("throughput") or {}).get("fps")
-        thr = rt.get("threads")
-        rows.append(f"{str(rt.get('delegate')):<10} {str(thr if thr is not None else 'dflt'):>7} "
-                    f"{_ms(lat.get('p50')):>9} {_ms(lat.get('mean')):>9} {_ms(lat.get('p90')):>9} "
-                    f"{(f'{fps:.1f}' if fps else '-'):>8} {_ms(cold):>9}")
-    return "\n".join(rows)
