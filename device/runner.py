@@ -121,7 +121,9 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     load = dict(backend=backend, delegate=delegate, threads=threads, edgetpu_device=edgetpu_device)
     device = sysinfo.device_info()
     start = sysinfo.start_snapshot(device)
-    src = open_source(source, live=live) if isinstance(source, (str, os.PathLike)) else source
+    # A Pi camera scales frames to the model in its ISP; annotated runs keep full-size frames to draw on.
+    pre = bundle.manifest.preprocess if bundle.manifest is not None and annotate is None else None
+    src = open_source(source, live=live, model=pre) if isinstance(source, (str, os.PathLike)) else source
     owned = src is not source
     try:
         model = _prepare_model(bundle, model_path, loaded, load, top_k, task, thresholds)

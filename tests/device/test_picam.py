@@ -184,3 +184,17 @@ def test_picamera_failure_is_one_line(fake_picamera2, monkeypatch):
 def test_isp_frame_preprocesses_like_an_image():
     img = Image.fromarray(bt601_full_range(*planes(224, 224)))
     assert np.array_equal(load_image(img, MOBILENET), reference_preprocess(np.asarray(img), MOBILENET))
+
+
+def test_edgerun_run_on_picamera_asks_for_the_models_size(fake_picamera2, make_bundle, float_model):
+    """run_source hands the bundle's preprocessing to the Pi camera: frames arrive at the model's size."""
+    from edgepipe.device.bundle import load_bundle
+    from edgepipe.device.runner import run_source
+
+    bundle = make_bundle(float_model, name="tinyf", labels=["a", "b", "c"])
+    pre = load_bundle(bundle).manifest.preprocess
+    rep = run_source(bundle, "picamera", max_frames=3)
+    cam = fake_picamera2.instances[0]
+    assert cam.config["main"] == {"size": model_stream_size(pre), "format": "RGB888"}
+    assert rep["throughput"]["frames"] == 3 and not rep["errors"]
+    assert rep["input"]["model_stream"] == list(model_stream_size(pre))
