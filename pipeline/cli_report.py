@@ -47,39 +47,11 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     Warns when a quantized recipe is slower than fp32 on the same device.
     """
     from edgepipe.pipeline import reporting as rp
-    from edgepipe.pipeline.store import StoreError, default_db, is_pg_url, open_store
-    from edgepipe.pipeline.store_pg import redact
 
-    target = db_path or default_db()
-    path = redact(target) if is_pg_url(target) else Path(target)  # never print a password
-    if not is_pg_url(target) and not path.exists():
-        raise click.ClickException(f"no results database at {path}; collect some with `edgepipe bench` "
-                                   "or `edgepipe serve` first, or pass --db")
-    # Read-only: a report never creates, migrates or "repairs" the file it reads.
-    try:
-        with open_store(target, readonly=True) as store:
-            reports = store.query(kind=kind, device=device, model=model, recipe=recipe)
-    except StoreError as e:
-        raise click.ClickException(f"{e}; pass --db with a database written by `edgepipe serve` "
-                                   "or `edgepipe bench`") from None
-    except Exception as e:  # sqlite3.Error while reading, OSError
-        raise click.ClickException(f"cannot read {path}: {' '.join(str(e).split())}") from None
-    rows = [rp.row(r) for r in reports]
-    rows = rp.attach_accuracy(rp.sort_rows(rows) if show_all else rp.latest(rows))
-    if show_all:
-        kept = reports
-    else:
-        keep = {r["id"] for r in rows}
-        kept = [r for r in reports if r["id"] in keep]
-
-    comparison = None
-    if baseline:
-        try:
-            base_rows = rp.load_baseline(Path(baseline))
-        except ValueError as e:
-            raise fail(e) from None
-        base_rows = [b for b in base_rows if _matches(b, kind, device, model, recipe)]
-        comparison = rp.compare(rows, base_rows, tolerance)
+    filters = dict(kind=kind, device=device, model=model, recipe=recipe)
+    path, reports = _read_reports(db_path, filters)
+    rows, kept = _select(reports, show_all)
+    comparison = _compare(rows, baseline, tolerance, filters) if baseline else None
 
     doc = rp.to_reportset(rows)
     if comparison is not None:
@@ -93,32 +65,86 @@ def report(db_path, kind, device, model, recipe, show_all, baseline, tolerance, 
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        if not rows:
-            click.echo("no matching reports")
-        else:
-            click.echo(rp.results_table(rows))
-            pivot = rp.pivot_table(rows)
-            if pivot:
-                click.echo("\n" + pivot)
-            click.echo("")
-            for line in doc["fastest"] + doc["threads"]:
-                click.echo(line)
-            for w in doc["warnings"]:
-                click.echo(f"warning: {w}")
+        _print_tables(rows, doc)
         if comparison is not None:
             click.echo(f"\ncompared with {baseline} (tolerance {tolerance:.0%}):")
             click.echo(rp.comparison_table(comparison))
         for what, where in (("saved report set", save_to), ("wrote", html_out)):
             if where:
                 click.echo(f"{what} {where}", err=True)
-
     if comparison is not None:
-        regressed = [e for e in comparison if e["status"] == "regressed"]
-        missing = [e for e in comparison if e["status"] == "missing"]
-        if regressed or (fail_on_missing and missing):
-            click.echo(f"FAIL: {len(regressed)} p50 regression(s) beyond {tolerance:.0%}"
-                       + (f", {len(missing)} missing" if fail_on_missing and missing else ""), err=True)
-            sys.exit(1)
+        _exit_on_regression(comparison, tolerance, fail_on_missing)
+
+
+def _read_reports(db_path, filters: dict) -> tuple:
+    """(the database as messages name it, its reports matching ``filters``), read-only."""
+    from edgepipe.pipeline.store import StoreError, default_db, is_pg_url, open_store
+    from edgepipe.pipeline.store_pg import redact
+
+    target = db_path or default_db()
+    path = redact(target) if is_pg_url(target) else Path(target)  # never print a password
+    if not is_pg_url(target) and not path.exists():
+        raise click.ClickException(f"no results database at {path}; collect some with `edgepipe bench` "
+                                   "or `edgepipe serve` first, or pass --db")
+    # Read-only: a report never creates, migrates or "repairs" the file it reads.
+    try:
+        with open_store(target, readonly=True) as store:
+            return path, store.query(**filters)
+    except StoreError as e:
+        raise click.ClickException(f"{e}; pass --db with a database written by `edgepipe serve` "
+                                   "or `edgepipe bench`") from None
+    except Exception as e:  # sqlite3.Error while reading, OSError
+        raise click.ClickException(f"cannot read {path}: {' '.join(str(e).split())}") from None
+
+
+def _select(reports: list, show_all: bool) -> tuple:
+    """(table rows, the full reports behind them): every report, or the newest per configuration."""
+    from edgepipe.pipeline import reporting as rp
+
+    rows = [rp.row(r) for r in reports]
+    rows = rp.attach_accuracy(rp.sort_rows(rows) if show_all else rp.latest(rows))
+    if show_all:
+        return rows, reports
+    keep = {r["id"] for r in rows}
+    return rows, [r for r in reports if r["id"] in keep]
+
+
+def _compare(rows: list, baseline: str, tolerance: float, filters: dict) -> list:
+    """The comparison entries of ``rows`` against the baseline's rows under the same filters."""
+    from edgepipe.pipeline import reporting as rp
+
+    try:
+        base_rows = rp.load_baseline(Path(baseline))
+    except ValueError as e:
+        raise fail(e) from None
+    base_rows = [b for b in base_rows if _matches(b, **filters)]
+    return rp.compare(rows, base_rows, tolerance)
+
+
+def _print_tables(rows: list, doc: dict) -> None:
+    from edgepipe.pipeline import reporting as rp
+
+    if not rows:
+        click.echo("no matching reports")
+        return
+    click.echo(rp.results_table(rows))
+    pivot = rp.pivot_table(rows)
+    if pivot:
+        click.echo("\n" + pivot)
+    click.echo("")
+    for line in doc["fastest"] + doc["threads"]:
+        click.echo(line)
+    for w in doc["warnings"]:
+        click.echo(f"warning: {w}")
+
+
+def _exit_on_regression(comparison: list, tolerance: float, fail_on_missing: bool) -> None:
+    regressed = [e for e in comparison if e["status"] == "regressed"]
+    missing = [e for e in comparison if e["status"] == "missing"]
+    if regressed or (fail_on_missing and missing):
+        click.echo(f"FAIL: {len(regressed)} p50 regression(s) beyond {tolerance:.0%}"
+                   + (f", {len(missing)} missing" if fail_on_missing and missing else ""), err=True)
+        sys.exit(1)
 
 
 def _matches(r: dict, kind, device, model, recipe) -> bool:
