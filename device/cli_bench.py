@@ -149,7 +149,6 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
       edgerun bench out/mobilenet_v2-int8 --threads auto
     """
     from edgepipe.device.errors import EdgepipeError
-    from edgepipe.device.report import format_comparison, format_summary
 
     expected = EdgepipeError  # bundle, load, runtime and crash-probe failures: one line each
     failures: List[str] = []
@@ -171,12 +170,7 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
     def on_report(r: dict) -> None:
         bar.done()
         if not as_json:
-            click.echo(format_summary(r))
-            if r.get("profile"):
-                from edgepipe.device.profiler import format_profile
-
-                click.echo(format_profile(r["profile"]))
-            click.echo("")
+            _echo_summary(r)
 
     _check_mode(mode, streams, profile_ops, threads)
 
@@ -193,15 +187,35 @@ def bench(model, threads, delegate, runs, warmup, min_secs, input_, seed, backen
     except KeyboardInterrupt:
         raise fail("interrupted") from None
     emit(reports, out=out, as_json=as_json)
-    if len(reports) > 1 and not as_json:
+    if not as_json:
+        _echo_across(reports)
+    if failures:
+        raise fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
+
+
+def _echo_summary(r: dict) -> None:
+    """One setting's summary (and its per-op profile), as soon as it reports."""
+    from edgepipe.device.report import format_summary
+
+    click.echo(format_summary(r))
+    if r.get("profile"):
+        from edgepipe.device.profiler import format_profile
+
+        click.echo(format_profile(r["profile"]))
+    click.echo("")
+
+
+def _echo_across(reports: List[dict]) -> None:
+    """What compares the settings: the threads x delegate table and the thread sweep's verdict."""
+    if len(reports) > 1:
+        from edgepipe.device.report import format_comparison
+
         click.echo(format_comparison(reports))
     sweep = (reports[0].get("settings") or {}).get("thread_sweep") if reports else None
-    if sweep and not as_json:
+    if sweep:
         from edgepipe.device.sweep import format_sweep
 
         click.echo(format_sweep(sweep))
-    if failures:
-        raise fail(f"{len(failures)} of {len(failures) + len(reports)} settings failed (see above)")
 
 
 class _RunsBar:
