@@ -50,16 +50,15 @@ def _key(name: str) -> str:
     return name.replace(".", "_")
 
 
-def build_mobilenet_v2(state_dict: Optional[Mapping[str, np.ndarray]] = None,
-                       num_classes: int = 1000, input_size: int = 224,
-                       dropout: float = 0.2):
-    """The Keras model; weights from a torchvision ``state_dict`` when given, else random."""
-    import keras
+class _Ported:
+    """Keras layers named after torchvision's modules, collecting the torch weights for each in Keras order."""
 
-    L = keras.layers
-    weights: dict = {}  # keras layer name -> list of arrays in Keras order
+    def __init__(self, layers, state_dict: Optional[Mapping[str, np.ndarray]]):
+        self.L, self.state = layers, state_dict
+        self.weights: dict = {}  # keras layer name -> list of arrays in Keras order
 
-    def conv(x, torch_name, filters, kernel, stride=1, depthwise=False):
+    def conv(self, x, torch_name, filters, kernel, stride=1, depthwise=False):
+        L = self.L
         if kernel > 1:
             x = L.ZeroPadding2D((kernel - 1) // 2, name=_key(torch_name) + "_pad")(x)
         if depthwise:
@@ -68,44 +67,57 @@ def build_mobilenet_v2(state_dict: Optional[Mapping[str, np.ndarray]] = None,
         else:
             layer = L.Conv2D(filters, kernel, strides=stride, padding="valid", use_bias=False,
                              name=_key(torch_name))
-        if state_dict is not None:
-            w = np.asarray(state_dict[torch_name + ".weight"], np.float32)
+        if self.state is not None:
+            w = np.asarray(self.state[torch_name + ".weight"], np.float32)
             # OIHW -> HWIO; depthwise (C,1,H,W) -> (H,W,C,1)
             w = w.transpose(2, 3, 0, 1) if depthwise else w.transpose(2, 3, 1, 0)
-            weights[layer.name] = [w]
+            self.weights[layer.name] = [w]
         return layer(x)
 
-    def bn(x, torch_name):
-        layer = L.BatchNormalization(epsilon=BN_EPSILON, momentum=0.9, name=_key(torch_name))
-        if state_dict is not None:
-            weights[layer.name] = [np.asarray(state_dict[f"{torch_name}.{k}"], np.float32)
-                                   for k in ("weight", "bias", "running_mean", "running_var")]
+    def bn(self, x, torch_name):
+        layer = self.L.BatchNormalization(epsilon=BN_EPSILON, momentum=0.9, name=_key(torch_name))
+        if self.state is not None:
+            self.weights[layer.name] = [np.asarray(self.state[f"{torch_name}.{k}"], np.float32)
+                                        for k in ("weight", "bias", "running_mean", "running_var")]
         return layer(x)
 
-    def conv_bn_relu(x, prefix, filters, kernel, stride=1, depthwise=False):
-        x = conv(x, prefix + ".0", filters, kernel, stride, depthwise)
-        x = bn(x, prefix + ".1")
-        return L.ReLU(6.0, name=_key(prefix) + "_relu6")(x)
+    def conv_bn_relu(self, x, prefix, filters, kernel, stride=1, depthwise=False):
+        x = self.conv(x, prefix + ".0", filters, kernel, stride, depthwise)
+        x = self.bn(x, prefix + ".1")
+        return self.L.ReLU(6.0, name=_key(prefix) + "_relu6")(x)
 
+    def inverted_residual(self, x, index: int, channels: int, t: int, c: int, stride: int):
+        """torchvision's InvertedResidual ``features.{index}``: expand, depthwise, project (+ skip)."""
+        p = f"features.{index}.conv"
+        hidden = channels * t
+        y, j = x, 0
+        if t != 1:
+            y = self.conv_bn_relu(y, f"{p}.0", hidden, 1)
+            j = 1
+        y = self.conv_bn_relu(y, f"{p}.{j}", hidden, 3, stride, depthwise=True)
+        y = self.conv(y, f"{p}.{j + 1}", c, 1)
+        y = self.bn(y, f"{p}.{j + 2}")
+        if stride == 1 and channels == c:
+            y = self.L.Add(name=f"features_{index}_add")([x, y])
+        return y
+
+
+def build_mobilenet_v2(state_dict: Optional[Mapping[str, np.ndarray]] = None,
+                       num_classes: int = 1000, input_size: int = 224,
+                       dropout: float = 0.2):
+    """The Keras model; weights from a torchvision ``state_dict`` when given, else random."""
+    import keras
+
+    L = keras.layers
+    net = _Ported(L, state_dict)
     inp = keras.Input((input_size, input_size, 3), name="input")
-    x = conv_bn_relu(inp, "features.0", 32, 3, stride=2)
+    x = net.conv_bn_relu(inp, "features.0", 32, 3, stride=2)
     channels, index = 32, 1
     for t, c, n, s in INVERTED_RESIDUAL_SETTING:
         for i in range(n):
-            stride = s if i == 0 else 1
-            p = f"features.{index}.conv"
-            hidden = channels * t
-            y, j = x, 0
-            if t != 1:
-                y = conv_bn_relu(y, f"{p}.0", hidden, 1)
-                j = 1
-            y = conv_bn_relu(y, f"{p}.{j}", hidden, 3, stride, depthwise=True)
-            y = conv(y, f"{p}.{j + 1}", c, 1)
-            y = bn(y, f"{p}.{j + 2}")
-            if stride == 1 and channels == c:
-                y = L.Add(name=f"features_{index}_add")([x, y])
-            x, channels, index = y, c, index + 1
-    x = conv_bn_relu(x, f"features.{index}", 1280, 1)
+            x = net.inverted_residual(x, index, channels, t, c, s if i == 0 else 1)
+            channels, index = c, index + 1
+    x = net.conv_bn_relu(x, f"features.{index}", 1280, 1)
     x = L.GlobalAveragePooling2D(name="pool")(x)
     x = L.Dropout(dropout, name="classifier_0")(x)
     dense = L.Dense(num_classes, name="classifier_1")
@@ -114,9 +126,9 @@ def build_mobilenet_v2(state_dict: Optional[Mapping[str, np.ndarray]] = None,
     model = keras.Model(inp, out, name="mobilenet_v2")
 
     if state_dict is not None:
-        weights[dense.name] = [np.asarray(state_dict["classifier.1.weight"], np.float32).T,
-                               np.asarray(state_dict["classifier.1.bias"], np.float32)]
-        _set_weights(model, weights, state_dict)
+        net.weights[dense.name] = [np.asarray(state_dict["classifier.1.weight"], np.float32).T,
+                                   np.asarray(state_dict["classifier.1.bias"], np.float32)]
+        _set_weights(model, net.weights, state_dict)
     return model
 
 
