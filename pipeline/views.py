@@ -67,38 +67,47 @@ def matrix(rows: list, link: Link = None) -> str:
         return '<section id="matrix"><h2>Latest p50 per device</h2><p class="muted">no bench results yet</p></section>'
     out = ['<section id="matrix"><h2>Latest p50 (ms) per device, model and recipe</h2>']
     for fam in sorted({r["family"] for r in bench}):
-        sub = [r for r in bench if r["family"] == fam]
-        cols = _columns(sub)
-        cell = {(r["recipe"], (r["device_key"] or r["device"], r["device"], r["delegate"], r["threads"])): r
-                for r in sub}
-        best = {c: min((r["p50"] for (rc, cc), r in cell.items() if cc == c and r["p50"] is not None),
-                       default=None) for c in cols}
-        acc = {r["recipe"]: r for r in sub if r.get("top1") is not None or r.get("agreement") is not None}
-        head = "".join(f'<th>{esc(d)}<br><span class="muted">{esc(g)} t{t if t is not None else "-"}</span></th>'
-                       for _, d, g, t in cols)
-        body = []
-        for rc in sorted({r["recipe"] for r in sub}, key=_recipe_order):
-            tds = []
-            for c in cols:
-                r = cell.get((rc, c))
-                if r is None or r["p50"] is None:
-                    tds.append('<td class="n muted">-</td>')
-                    continue
-                klass = "n best" if r["p50"] == best[c] else "n"
-                tip = f"p90 {fmt(r['p90'])} ms, {r['created']}"
-                tds.append(f'<td class="{klass}" data-id="{esc(r["id"])}" data-p50="{r["p50"]}" title="{esc(tip)}">'
-                           f'{_a(fmt(r["p50"]), link(r) if link else None)}</td>')
-            a = acc.get(rc) or {}
-            tds.append(f'<td class="n acc">{esc(fmt(a.get("top1")))}</td><td class="n acc">'
-                       f'{esc(fmt(a.get("agreement")))}</td>')
-            body.append(f"<tr><th>{esc(rc)}</th>" + "".join(tds) + "</tr>")
-        out.append(f'<h3>{_a(fam, _url(model=fam) if link else None)}</h3><div class="scroll">'
-                   f'<table class="matrix" data-family="{esc(fam)}"><thead><tr><th>recipe</th>{head}'
-                   f"<th>top-1</th><th>agreement vs float</th></tr></thead><tbody>" + "".join(body)
-                   + "</tbody></table></div>")
+        out.append(_matrix_table(fam, [r for r in bench if r["family"] == fam], link))
     out.append('<p class="muted">Green: fastest recipe on that device. Accuracy comes from the newest '
                "evaluation of the same model file.</p></section>")
     return "".join(out)
+
+
+def _matrix_table(fam: str, sub: list, link: Link) -> str:
+    """One model's recipes x (device, delegate, threads) table; the fastest p50 per column marked."""
+    cols = _columns(sub)
+    cell = {(r["recipe"], (r["device_key"] or r["device"], r["device"], r["delegate"], r["threads"])): r
+            for r in sub}
+    best = _fastest(cell, cols)
+    acc = {r["recipe"]: r for r in sub if r.get("top1") is not None or r.get("agreement") is not None}
+    head = "".join(f'<th>{esc(d)}<br><span class="muted">{esc(g)} t{t if t is not None else "-"}</span></th>'
+                   for _, d, g, t in cols)
+    body = []
+    for rc in sorted({r["recipe"] for r in sub}, key=_recipe_order):
+        tds = [_matrix_cell(cell.get((rc, c)), best[c], link) for c in cols]
+        a = acc.get(rc) or {}
+        tds.append(f'<td class="n acc">{esc(fmt(a.get("top1")))}</td><td class="n acc">'
+                   f'{esc(fmt(a.get("agreement")))}</td>')
+        body.append(f"<tr><th>{esc(rc)}</th>" + "".join(tds) + "</tr>")
+    return (f'<h3>{_a(fam, _url(model=fam) if link else None)}</h3><div class="scroll">'
+            f'<table class="matrix" data-family="{esc(fam)}"><thead><tr><th>recipe</th>{head}'
+            f"<th>top-1</th><th>agreement vs float</th></tr></thead><tbody>" + "".join(body)
+            + "</tbody></table></div>")
+
+
+def _fastest(cell: dict, cols: list) -> dict:
+    """Column -> its lowest p50 (None where no recipe has one)."""
+    return {c: min((r["p50"] for (rc, cc), r in cell.items() if cc == c and r["p50"] is not None),
+                   default=None) for c in cols}
+
+
+def _matrix_cell(r: Optional[dict], best: Optional[float], link: Link) -> str:
+    if r is None or r["p50"] is None:
+        return '<td class="n muted">-</td>'
+    klass = "n best" if r["p50"] == best else "n"
+    tip = f"p90 {fmt(r['p90'])} ms, {r['created']}"
+    return (f'<td class="{klass}" data-id="{esc(r["id"])}" data-p50="{r["p50"]}" title="{esc(tip)}">'
+            f'{_a(fmt(r["p50"]), link(r) if link else None)}</td>')
 
 
 def _url(**params) -> str:
@@ -141,19 +150,25 @@ def pareto(rows: list) -> str:
     bench = [r for r in rows if r.get("kind") == "bench" and r.get("p50") is not None]
     for fam in sorted({r["family"] for r in bench}):
         for cfg in sorted({config_label(r, False) for r in bench if r["family"] == fam}):
-            pts = [r for r in bench if r["family"] == fam and config_label(r, False) == cfg]
-            metric = "agreement" if any(r.get("agreement") is not None for r in pts) else "top1"
-            points = [{"label": r["recipe"], "x": r["p50"], "y": r.get(metric)} for r in pts]
-            if sum(p["y"] is not None for p in points) < 2:
-                continue
-            front = pareto_front(points, lambda p: p["x"], lambda p: p["y"])
-            chart = svg.scatter(points, front, f"{fam} on {cfg}",
-                                "agreement vs float" if metric == "agreement" else "top-1")
-            out.append(f'<figure><figcaption>{esc(fam)} on {esc(cfg)}</figcaption>{chart}</figure>')
+            figure = _pareto_figure(fam, cfg, [r for r in bench if r["family"] == fam
+                                               and config_label(r, False) == cfg])
+            if figure:
+                out.append(figure)
     if not out:
         return ""
     return ('<section id="pareto"><h2>Latency vs accuracy</h2><p class="muted">Red: the Pareto front '
             "(no other recipe is both faster and at least as accurate).</p>" + "".join(out) + "</section>")
+
+
+def _pareto_figure(fam: str, cfg: str, pts: list) -> Optional[str]:
+    """One model on one configuration: p50 vs accuracy, or None with fewer than two accuracies."""
+    metric = "agreement" if any(r.get("agreement") is not None for r in pts) else "top1"
+    points = [{"label": r["recipe"], "x": r["p50"], "y": r.get(metric)} for r in pts]
+    if sum(p["y"] is not None for p in points) < 2:
+        return None
+    front = pareto_front(points, lambda p: p["x"], lambda p: p["y"])
+    chart = svg.scatter(points, front, f"{fam} on {cfg}", "agreement vs float" if metric == "agreement" else "top-1")
+    return f'<figure><figcaption>{esc(fam)} on {esc(cfg)}</figcaption>{chart}</figure>'
 
 
 def results(rows: list, link: Link = None) -> str:
