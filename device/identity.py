@@ -119,13 +119,30 @@ def load_identity(directory: Optional[os.PathLike] = None, *, name: Optional[str
     if doc is None and not create:
         return None
     if doc is None:
-        try:
-            created = _write(path, {"id": new_id()}, exclusive=True)
-        except OSError as e:
-            raise IdentityError(f"cannot save the device identity in {path.parent}: {e.strerror or e}") from None
-        doc = _read(path) if created or path.exists() else None
-        if doc is None:
-            raise IdentityError(f"cannot read back the device identity {path}")
+        doc = _create(path)
+    if _apply(doc, name, tags):
+        _save(path, doc)
+    return DeviceIdentity(id=doc["id"], name=doc.get("name"), tags=check_tags(doc.get("tags") or ()))
+
+
+def _save(path: Path, doc: dict, *, exclusive: bool = False) -> bool:
+    try:
+        return _write(path, doc, exclusive=exclusive)
+    except OSError as e:
+        raise IdentityError(f"cannot save the device identity in {path.parent}: {e.strerror or e}") from None
+
+
+def _create(path: Path) -> dict:
+    """A new identity file, or the one a concurrent first start wrote a moment before."""
+    created = _save(path, {"id": new_id()}, exclusive=True)
+    doc = _read(path) if created or path.exists() else None
+    if doc is None:
+        raise IdentityError(f"cannot read back the device identity {path}")
+    return doc
+
+
+def _apply(doc: dict, name: Optional[str], tags: Optional[Sequence[str]]) -> bool:
+    """Put ``name``/``tags`` (when given) into ``doc``; True when that changed it."""
     changed = False
     if name is not None and doc.get("name") != (name or None):
         if len(name) > 128 or "\n" in name:
@@ -133,12 +150,7 @@ def load_identity(directory: Optional[os.PathLike] = None, *, name: Optional[str
         doc["name"], changed = name or None, True
     if tags is not None and tuple(doc.get("tags") or ()) != check_tags(tags):
         doc["tags"], changed = list(check_tags(tags)), True
-    if changed:
-        try:
-            _write(path, doc)
-        except OSError as e:
-            raise IdentityError(f"cannot save the device identity in {path.parent}: {e.strerror or e}") from None
-    return DeviceIdentity(id=doc["id"], name=doc.get("name"), tags=check_tags(doc.get("tags") or ()))
+    return changed
 
 
 def current_identity() -> Optional[DeviceIdentity]:
