@@ -64,40 +64,59 @@ def parse_output(text: str) -> dict:
         line = raw.strip()
         if not line:
             continue
-        if line.startswith("Edge TPU Compiler version"):
-            out["compiler_version"] = line.rsplit(" ", 1)[-1]
-            continue
-        m = re.match(r"Model compiled successfully in (\d+) ms", line)
-        if m:
-            out["compile_ms"] = int(m.group(1))
-            continue
         if line.startswith("Operator") and "Status" in line:
             # stdout and the log both carry the table; the last one read wins
             in_table = True
             out["ops"] = []
+        elif _compile_line(line, out):
             continue
-        if ":" in line and not in_table:
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key in _SIZE_FIELDS:
-                out[_SIZE_FIELDS[key]] = parse_size(value)
-            elif key in _INT_FIELDS and value.isdigit():
-                out[_INT_FIELDS[key]] = int(value)
-            elif key == "Operation log":
-                out["log_file"] = value
-            continue
-        if in_table:
-            m = _OP_ROW.match(line)
-            if m:
-                status = m.group(3)
-                out["ops"].append({"op": m.group(1), "count": int(m.group(2)), "status": status,
-                                   "on_tpu": status == MAPPED})
+        elif in_table:
+            _table_row(line, out["ops"])
+        else:
+            _header_line(line, out)
+    return _with_totals(out)
+
+
+def _with_totals(out: dict) -> dict:
+    """Op counts on and off the TPU (unless the compiler printed them), the CPU reasons, fully mapped or not."""
     if out["ops"]:
         out.setdefault("tpu_ops", sum(r["count"] for r in out["ops"] if r["on_tpu"]))
         out.setdefault("cpu_ops", sum(r["count"] for r in out["ops"] if not r["on_tpu"]))
     out["cpu_reasons"] = sorted({r["status"] for r in out["ops"] if not r["on_tpu"]})
     out["fully_mapped"] = bool(out["ops"]) and out.get("cpu_ops", 0) == 0
     return out
+
+
+def _compile_line(line: str, out: dict) -> bool:
+    """The compiler's version or compile time (anywhere in the text); True when ``line`` was one."""
+    if line.startswith("Edge TPU Compiler version"):
+        out["compiler_version"] = line.rsplit(" ", 1)[-1]
+        return True
+    m = re.match(r"Model compiled successfully in (\d+) ms", line)
+    if m:
+        out["compile_ms"] = int(m.group(1))
+        return True
+    return False
+
+
+def _header_line(line: str, out: dict) -> None:
+    """``key: value`` sizes and counts and the log's name (before the op table)."""
+    if ":" in line:
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in _SIZE_FIELDS:
+            out[_SIZE_FIELDS[key]] = parse_size(value)
+        elif key in _INT_FIELDS and value.isdigit():
+            out[_INT_FIELDS[key]] = int(value)
+        elif key == "Operation log":
+            out["log_file"] = value
+
+
+def _table_row(line: str, ops: list) -> None:
+    m = _OP_ROW.match(line)
+    if m:
+        status = m.group(3)
+        ops.append({"op": m.group(1), "count": int(m.group(2)), "status": status, "on_tpu": status == MAPPED})
 
 
 def compile_model(model: Path, out_dir: Path, timeout: float = 600.0) -> dict:
