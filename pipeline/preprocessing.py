@@ -94,6 +94,40 @@ def _per_channel(values: tuple, channels: int, what: str, assumed: list) -> tupl
     raise PreprocessError(f"{what} needs 1 or {channels} values, got {len(values)}", param=what)
 
 
+def _preset(request: PreprocessRequest, rescales_itself: bool, assumed: list):
+    """The preset the request names, or the one assumed (noted in ``assumed``)."""
+    if request.preset is not None:
+        if request.preset not in PRESETS:
+            raise PreprocessError(
+                f"unknown --preprocess preset {request.preset!r}; choose from {', '.join(PRESETS)}")
+        return PRESETS[request.preset]
+    if request.mean is not None or request.std is not None:
+        return PRESETS["raw"]
+    if rescales_itself:
+        assumed.append("model starts with a rescaling layer: fed raw 0..255 pixels (preset 'raw')")
+        return PRESETS["raw"]
+    assumed.append("no --preprocess given: pixels scaled to [0, 1] (preset 'unit')")
+    return PRESETS["unit"]
+
+
+def _color(request: PreprocessRequest, preset, channels: int) -> ColorOrder:
+    color = ColorOrder(request.color) if request.color else preset.color
+    if channels == 1:
+        return ColorOrder.GRAY
+    if color == ColorOrder.GRAY:
+        raise PreprocessError(f"gray colour does not fit a {channels}-channel model input", param="color")
+    return color
+
+
+def _crop(request: PreprocessRequest, preset, resize: ResizeMode) -> float:
+    crop = request.crop_fraction if request.crop_fraction is not None else preset.crop_fraction
+    if resize == ResizeMode.STRETCH and request.crop_fraction is None:
+        crop = 1.0
+    if not 0.0 < crop <= 1.0:
+        raise PreprocessError(f"the crop fraction must be in (0, 1], got {crop}", param="crop_fraction")
+    return crop
+
+
 def resolve(input_shape: Sequence, request: PreprocessRequest, *, rescales_itself: bool = False) -> Preprocess:
     """Turn the model's input shape and the user's request into a full Preprocess.
 
@@ -102,30 +136,10 @@ def resolve(input_shape: Sequence, request: PreprocessRequest, *, rescales_itsel
     """
     layout, h, w, c = image_layout(input_shape)
     assumed: list = []
-    if request.preset is not None:
-        if request.preset not in PRESETS:
-            raise PreprocessError(
-                f"unknown --preprocess preset {request.preset!r}; choose from {', '.join(PRESETS)}")
-        preset = PRESETS[request.preset]
-    elif request.mean is not None or request.std is not None:
-        preset = PRESETS["raw"]
-    elif rescales_itself:
-        preset = PRESETS["raw"]
-        assumed.append("model starts with a rescaling layer: fed raw 0..255 pixels (preset 'raw')")
-    else:
-        preset = PRESETS["unit"]
-        assumed.append("no --preprocess given: pixels scaled to [0, 1] (preset 'unit')")
-    color = ColorOrder(request.color) if request.color else preset.color
-    if c == 1:
-        color = ColorOrder.GRAY
-    elif color == ColorOrder.GRAY:
-        raise PreprocessError(f"gray colour does not fit a {c}-channel model input", param="color")
+    preset = _preset(request, rescales_itself, assumed)
+    color = _color(request, preset, c)
     resize = ResizeMode(request.resize) if request.resize else preset.resize
-    crop = request.crop_fraction if request.crop_fraction is not None else preset.crop_fraction
-    if resize == ResizeMode.STRETCH and request.crop_fraction is None:
-        crop = 1.0
-    if not 0.0 < crop <= 1.0:
-        raise PreprocessError(f"the crop fraction must be in (0, 1], got {crop}", param="crop_fraction")
+    crop = _crop(request, preset, resize)
     mean = _per_channel(request.mean if request.mean is not None else preset.mean, c, "mean", assumed)
     std = _per_channel(request.std if request.std is not None else preset.std, c, "std", assumed)
     if any(s <= 0 for s in std):
