@@ -62,6 +62,17 @@ def parse_broker(url: str, *, username: Optional[str] = None, password: Optional
 
     Explicit ``username``/``password`` win over the URL's; a CA file implies TLS.
     """
+    parts, port = _split(url)
+    if not _PREFIX_RE.match(prefix or ""):
+        raise BrokerError(f"topic prefix {prefix!r} must be plain words separated by /")
+    user = _given_or_url(username, parts.username)
+    pw = _given_or_url(password, parts.password)
+    use_tls = bool(tls) or parts.scheme.lower() == "mqtts" or bool(ca_file)
+    return Broker(parts.hostname, port, use_tls, ca_file, user or None, pw or None, prefix)
+
+
+def _split(url: str) -> tuple:
+    """(the URL's parts, its port or the scheme's default); BrokerError for anything else in it."""
     parts = urllib.parse.urlsplit(url or "")
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
@@ -71,15 +82,15 @@ def parse_broker(url: str, *, username: Optional[str] = None, password: Optional
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise BrokerError(f"broker URL {url!r}: only mqtt[s]://[user[:password]@]HOST[:PORT] is understood")
     try:
-        port = parts.port or DEFAULT_PORTS[scheme]
+        return parts, parts.port or DEFAULT_PORTS[scheme]
     except ValueError:
         raise BrokerError(f"broker URL {url!r} has a bad port") from None
-    if not _PREFIX_RE.match(prefix or ""):
-        raise BrokerError(f"topic prefix {prefix!r} must be plain words separated by /")
-    user = username if username is not None else (urllib.parse.unquote(parts.username) if parts.username else None)
-    pw = password if password is not None else (urllib.parse.unquote(parts.password) if parts.password else None)
-    use_tls = bool(tls) or scheme == "mqtts" or bool(ca_file)
-    return Broker(parts.hostname, port, use_tls, ca_file, user or None, pw or None, prefix)
+
+
+def _given_or_url(given: Optional[str], in_url: Optional[str]) -> Optional[str]:
+    if given is not None:
+        return given
+    return urllib.parse.unquote(in_url) if in_url else None
 
 
 @dataclass(frozen=True)
