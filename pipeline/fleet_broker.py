@@ -70,16 +70,24 @@ def select(devices: list, wanted: list) -> tuple:
             for d in hits:
                 take(d)
             continue
-        hits = [d for d in devices if d.id == w] or [d for d in devices if d.name == w]
-        if not hits:
-            problems.append((w, "no such device on the broker"))
-        elif len(hits) > 1:
-            problems.append((w, f"{len(hits)} boards are named {w!r}; use the device id"))
-        elif not hits[0].online:
-            problems.append((hits[0].label, f"device offline (last seen {hits[0].last_seen or 'never'})"))
+        device, problem = _named(devices, w)
+        if problem:
+            problems.append(problem)
         else:
-            take(hits[0])
+            take(device)
     return chosen, problems
+
+
+def _named(devices: list, w: str) -> tuple:
+    """(the online board with id or name ``w``, None), or (None, (label, why it cannot be used))."""
+    hits = [d for d in devices if d.id == w] or [d for d in devices if d.name == w]
+    if not hits:
+        return None, (w, "no such device on the broker")
+    if len(hits) > 1:
+        return None, (w, f"{len(hits)} boards are named {w!r}; use the device id")
+    if not hits[0].online:
+        return None, (hits[0].label, f"device offline (last seen {hits[0].last_seen or 'never'})")
+    return hits[0], None
 
 
 class BrokerBench:
