@@ -105,6 +105,46 @@ def single_thread_costs(bundle, frames: list) -> tuple:
     return min(prep), min(inv), min(prep_cpu), min(inv_cpu)
 
 
+def _settings(cores: int) -> tuple:
+    """(sequential settings, pipelined settings): (mode, run_source keyword arguments) each."""
+    seq = [("sequential", dict(pipeline=False, threads=t)) for t in sorted({1, 2, cores})]
+    seq.append(("sequential", dict(pipeline=False, threads=None)))
+    pip = [("pipelined", {}),  # the defaults
+           ("pipelined", dict(pipeline=True, lanes=1, threads=cores)),
+           ("pipelined", dict(pipeline=True, lanes=1, threads=1))]
+    return seq, pip
+
+
+def _measure(bundle, bundle_path: Path, n_frames: int, rounds: int, settings: list, first_pipelined: int) -> tuple:
+    """FPS and CPU ms per frame of every setting per round, single-thread costs per round, the default's settings."""
+    with tempfile.TemporaryDirectory(prefix="edgepipe-fps-") as tmp:
+        folder = make_frames(ROOT / "sample_data" / "images", Path(tmp), n_frames)
+        frames, _ = list_images(folder)
+        fps = {i: [] for i in range(len(settings))}
+        cpu = {i: [] for i in fps}
+        costs = []
+        for r in range(rounds):
+            costs.append(single_thread_costs(bundle, frames))
+            for i, (_, kw) in enumerate(settings):
+                rep = run_source(bundle_path, str(folder), **kw)
+                assert not rep["errors"], rep["errors"]
+                fps[i].append(rep["throughput"]["fps"])
+                cpu[i].append(rep["settings"]["process_cpu_ms"] / rep["throughput"]["frames"])
+                if r == 0 and i == first_pipelined:
+                    default_settings = rep["settings"]
+    return fps, cpu, costs, default_settings
+
+
+def _labels(settings: list, default_settings: dict) -> list:
+    labels = []
+    for (mode, kw) in settings:
+        if not kw:
+            kw = {"workers": default_settings["workers"], "lanes": default_settings["lanes"], "threads": None}
+        labels.append((mode, ", ".join(f"{k}={v if v is not None else 'default'}" for k, v in kw.items()
+                                       if k != "pipeline")))
+    return labels
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="bundle directory (default: the sample MobileNetV2 int8, see above)")
@@ -117,30 +157,11 @@ def main() -> int:
     if bundle.manifest is None or bundle.manifest.preprocess is None:
         raise SystemExit(f"{bundle_path}: needs a bundle with preprocessing in its manifest")
     cores = _cores()
-    seq_settings = [("sequential", dict(pipeline=False, threads=t)) for t in sorted({1, 2, cores})]
-    seq_settings.append(("sequential", dict(pipeline=False, threads=None)))
-    pip_settings = [("pipelined", {}),  # the defaults
-                    ("pipelined", dict(pipeline=True, lanes=1, threads=cores)),
-                    ("pipelined", dict(pipeline=True, lanes=1, threads=1))]
-    with tempfile.TemporaryDirectory(prefix="edgepipe-fps-") as tmp:
-        folder = make_frames(ROOT / "sample_data" / "images", Path(tmp), args.frames)
-        frames, _ = list_images(folder)
-        fps = {i: [] for i in range(len(seq_settings) + len(pip_settings))}
-        cpu = {i: [] for i in fps}
-        costs = []
-        for r in range(args.rounds):
-            costs.append(single_thread_costs(bundle, frames))
-            for i, (_, kw) in enumerate(seq_settings + pip_settings):
-                rep = run_source(bundle_path, str(folder), **kw)
-                assert not rep["errors"], rep["errors"]
-                fps[i].append(rep["throughput"]["fps"])
-                cpu[i].append(rep["settings"]["process_cpu_ms"] / rep["throughput"]["frames"])
-                if r == 0 and i == len(seq_settings):
-                    default_settings = rep["settings"]
-    prep_ms = min(c[0] for c in costs)
-    inv_ms = min(c[1] for c in costs)
-    prep_cpu = min(c[2] for c in costs)
-    inv_cpu = min(c[3] for c in costs)
+    seq_settings, pip_settings = _settings(cores)
+    n_seq = len(seq_settings)
+    fps, cpu, costs, default_settings = _measure(bundle, bundle_path, args.frames, args.rounds,
+                                                 seq_settings + pip_settings, n_seq)
+    prep_ms, inv_ms, prep_cpu, inv_cpu = (min(c[k] for c in costs) for k in range(4))
     bound = cores * 1000.0 / (prep_ms + inv_ms)
     best = {i: max(v) for i, v in fps.items()}
     print(f"bundle {bundle.name} ({bundle_path}); {args.frames} real 1280x720 JPEGs; {cores} cores; "
@@ -150,17 +171,10 @@ def main() -> int:
     print(f"  (CPU time: preprocess {prep_cpu:.2f} ms + invoke {inv_cpu:.2f} ms = {prep_cpu + inv_cpu:.2f} ms per "
           f"frame; wall >> CPU means other processes share these cores)")
     print(f"{'mode':<11} {'settings':<34} {'FPS':>7} {'/bound':>7} {'CPU ms/frame':>12} {'cores busy':>10}")
-    labels = []
-    for (mode, kw) in seq_settings + pip_settings:
-        if not kw:
-            kw = {"workers": default_settings["workers"], "lanes": default_settings["lanes"], "threads": None}
-        labels.append((mode, ", ".join(f"{k}={v if v is not None else 'default'}" for k, v in kw.items()
-                                       if k != "pipeline")))
-    for i, (mode, text) in enumerate(labels):
+    for i, (mode, text) in enumerate(_labels(seq_settings + pip_settings, default_settings)):
         j = fps[i].index(best[i])  # the best round's own CPU figures
         print(f"{mode:<11} {text:<34} {best[i]:>7.1f} {best[i] / bound:>7.2f} {cpu[i][j]:>12.2f} "
               f"{best[i] * cpu[i][j] / 1000:>10.2f}")
-    n_seq = len(seq_settings)
     best_seq = max(best[i] for i in range(n_seq))
     default_pip = best[n_seq]
     print(f"default pipelined / bound          = {default_pip / bound:.2f}   (target >= 0.90)")
