@@ -99,6 +99,13 @@ class Bar:
         if self._bar is not None and n > self._bar.n:
             self._bar.update(n - self._bar.n)
 
+    def set_total(self, total: Optional[int]) -> None:
+        """Change the total, keeping the count (work found on the way, e.g. devices joining)."""
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.bar_format = FORMAT if total else FORMAT_OPEN
+            self._bar.refresh()
+
     def reset(self, total: Optional[int], desc: Optional[str] = None) -> None:
         """Start a new phase on the same line (warm-up, then timed runs)."""
         if self._bar is not None:

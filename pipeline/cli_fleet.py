@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import click
 
@@ -59,10 +58,14 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
 
     Uploads only what a device lacks (bundles are keyed by sha256), runs the
     jobs on all devices concurrently (one at a time per device), prints a
-    device x recipe table. Exit code 0 only when every job succeeded.
+    device x recipe table. Exit code 0 only when every job succeeded. On a
+    terminal (not with --json) a bar per device shows its current job and an
+    ETA on stderr; otherwise each event is one timestamped line on stderr.
     """
     from edgepipe.device.bundle import BundleError
-    from edgepipe.pipeline.fleet import bench_fleet, expand_settings
+    from edgepipe.device.progress import enabled
+    from edgepipe.pipeline.fleet import bench_fleet, device_label, expand_settings
+    from edgepipe.pipeline.fleet_progress import FleetProgress, job_names
     from edgepipe.pipeline.remote import pack_bundle
     from edgepipe.pipeline.reporting import quantized_slower, results_table, row, sort_rows
 
@@ -89,24 +92,23 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
         except Exception as e:
             raise click.ClickException(f"cannot open results database {path}: {e}") from None
 
-    t0 = time.monotonic()
-
-    def progress(dev, bundle, stage, detail):
-        click.echo(f"[{time.monotonic() - t0:6.1f}s] {dev:<21} {bundle:<28} {stage:<7} {detail}", err=True)
-
     if streams is not None and mode != "throughput":
         raise click.UsageError("--streams needs --mode throughput")
     params = dict(backend=backend, runs=runs, warmup=warmup, min_secs=min_secs, input=input_, seed=seed,
                   mode=mode, streams=streams, profile_ops=profile_ops or None)
     settings = expand_settings(params, threads=thread_list, delegates=delegate_list)
     n_devices = len(devices)
+    # On a terminal: a bar per device with its current job and an ETA; otherwise the timestamped event lines.
+    progress = FleetProgress(job_names(packed, settings), [device_label(u) for u in devices],
+                             on=enabled(as_json=as_json))
     try:
-        if broker_kw["broker"]:
-            result, n_devices = bench_over_broker(packed, settings, store=store, job_timeout=job_timeout,
-                                                  progress=progress, **broker_kw)
-        else:
-            result = bench_fleet(packed, list(devices), settings=settings, token=token, store=store,
-                                 job_timeout=job_timeout, force=force, on_event=progress)
+        with progress:  # the bars are closed before the table
+            if broker_kw["broker"]:
+                result, n_devices = bench_over_broker(packed, settings, store=store, job_timeout=job_timeout,
+                                                      progress=progress, **broker_kw)
+            else:
+                result = bench_fleet(packed, list(devices), settings=settings, token=token, store=store,
+                                     job_timeout=job_timeout, force=force, on_event=progress)
     finally:
         if store is not None:
             store.close()
