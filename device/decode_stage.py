@@ -63,13 +63,18 @@ def decoder_for(manifest: Any, task: Optional[Task], outputs: Sequence[Any],
                 raise
             return None, []  # a plain model we cannot decode: summarised as before
         notes = [note if manifest is None else note.replace("no manifest", "no decoder in the manifest")]
-    if wanted == Task.SEGMENTATION and spec.kind != DecoderKind.SEGMENTATION or (
-            wanted == Task.DETECTION and spec.kind == DecoderKind.SEGMENTATION):
-        raise DecodeError(f"task {wanted.value} does not fit the {spec.kind.value} decoder of this model")
+    _check_fits(wanted, spec)
     if thresholds.any():
         spec = spec.with_thresholds(score=thresholds.score, iou=thresholds.iou,
                                     max_detections=thresholds.max_detections)
     return spec, notes
+
+
+def _check_fits(wanted: Optional[Task], spec: DecoderSpec) -> None:
+    """DecodeError when the task asked for cannot come from this decoder."""
+    if wanted == Task.SEGMENTATION and spec.kind != DecoderKind.SEGMENTATION or (
+            wanted == Task.DETECTION and spec.kind == DecoderKind.SEGMENTATION):
+        raise DecodeError(f"task {wanted.value} does not fit the {spec.kind.value} decoder of this model")
 
 
 def task_of(spec: DecoderSpec) -> Task:

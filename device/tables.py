@@ -11,11 +11,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], right: Sequen
     for row in cells:
         for i, c in enumerate(row):
             widths[i] = max(widths[i], len(c))
-    numeric = set(right)
-    for i in range(len(headers)):
-        col = [row[i] for row in rows if i < len(row) and row[i] not in (None, "", "-")]
-        if col and all(isinstance(c, (int, float)) for c in col):
-            numeric.add(i)
+    numeric = set(right) | _numeric_columns(len(headers), rows)
 
     def fmt(row):
         return "  ".join((c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]))
@@ -24,6 +20,16 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], right: Sequen
     lines = [fmt(list(headers)), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in cells]
     return "\n".join(lines)
+
+
+def _numeric_columns(n: int, rows: Sequence[Sequence]) -> set:
+    """Indexes of the columns whose filled cells are all numbers."""
+    numeric = set()
+    for i in range(n):
+        col = [row[i] for row in rows if i < len(row) and row[i] not in (None, "", "-")]
+        if col and all(isinstance(c, (int, float)) for c in col):
+            numeric.add(i)
+    return numeric
 
 
 def format_bytes(n: float) -> str:
