@@ -75,33 +75,41 @@ def plot_png(results: Sequence[dict], quality: str, path, title: str) -> None:
     for ax, key, xlabel in ((axes[0], "p50_ms", "p50 latency (ms)"), (axes[1], "size", "model size (KiB)")):
         pts = [r for r in ok if r.get(key) is not None]
         if key == "size":
-            # Size and accuracy belong to the bundle: one dot per bundle, not per thread count.
-            seen, uniq = set(), []
-            for r in pts:
-                k = r.get("bundle") or r["label"]
-                if k not in seen:
-                    seen.add(k)
-                    uniq.append(dict(r, label=re.sub(r" t\d+$", "", r["label"])))
-            pts = uniq
-        scale = 1024.0 if key == "size" else 1.0
-        xs = [r[key] / scale for r in pts]
-        ys = [r[quality] for r in pts]
-        ax.scatter(xs, ys, color="#8899aa", s=28, zorder=2)
-        front = pareto_front(pts, lambda r: r[key], lambda r: r[quality])
-        fx = [pts[i][key] / scale for i in front]
-        fy = [pts[i][quality] for i in front]
-        ax.step(fx, fy, where="post", color="#d62728", zorder=3)
-        ax.scatter(fx, fy, color="#d62728", s=40, zorder=4)
-        for i in front:
-            ax.annotate(pts[i]["label"], (pts[i][key] / scale, pts[i][quality]), fontsize=7,
-                        xytext=(4, -10), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(quality)
-        ax.grid(alpha=0.3)
+            pts = _one_per_bundle(pts)
+        _panel(ax, pts, key, quality, xlabel, 1024.0 if key == "size" else 1.0)
     fig.suptitle(f"{title}: {quality} vs latency and size (red = Pareto front)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _one_per_bundle(pts: list) -> list:
+    """Size and accuracy belong to the bundle: one dot per bundle, not per thread count."""
+    seen, uniq = set(), []
+    for r in pts:
+        k = r.get("bundle") or r["label"]
+        if k not in seen:
+            seen.add(k)
+            uniq.append(dict(r, label=re.sub(r" t\d+$", "", r["label"])))
+    return uniq
+
+
+def _panel(ax, pts: list, key: str, quality: str, xlabel: str, scale: float) -> None:
+    """``quality`` against ``key`` (divided by ``scale``), the Pareto front as red steps with labels."""
+    xs = [r[key] / scale for r in pts]
+    ys = [r[quality] for r in pts]
+    ax.scatter(xs, ys, color="#8899aa", s=28, zorder=2)
+    front = pareto_front(pts, lambda r: r[key], lambda r: r[quality])
+    fx = [pts[i][key] / scale for i in front]
+    fy = [pts[i][quality] for i in front]
+    ax.step(fx, fy, where="post", color="#d62728", zorder=3)
+    ax.scatter(fx, fy, color="#d62728", s=40, zorder=4)
+    for i in front:
+        ax.annotate(pts[i]["label"], (pts[i][key] / scale, pts[i][quality]), fontsize=7,
+                    xytext=(4, -10), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(quality)
+    ax.grid(alpha=0.3)
 
 
 def html_page(title: str, headers, rows, png_name: str, quality: str, commands: str = "") -> str:

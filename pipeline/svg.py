@@ -185,21 +185,10 @@ def history(points: Sequence[dict], title: str, band: Optional[tuple] = None, wi
         body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#e5e5e5"/>'
                     f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" fill="#555">{fmt_ms(t)}</text>')
     if band:
-        lo, base, hi = band
-        body.append(f'<rect x="{left}" y="{sy(hi):.1f}" width="{width - right - left}" '
-                    f'height="{max(1.0, sy(lo) - sy(hi)):.1f}" fill="#54a24b" opacity=".15">'
-                    f'<title>baseline {fmt_ms(base)} ms, band {fmt_ms(lo)}..{fmt_ms(hi)}</title></rect>'
-                    f'<line x1="{left}" y1="{sy(base):.1f}" x2="{width - right}" y2="{sy(base):.1f}" '
-                    f'stroke="#54a24b" stroke-dasharray="4 3"/>')
+        body.append(_band(band, sy, left, width - right))
     path = " ".join(f"{sx(p['t']):.1f},{sy(p['p50']):.1f}" for p in pts)
     body.append(f'<polyline points="{path}" fill="none" stroke="{PALETTE[0]}" stroke-width="1.5"/>')
-    for p in pts:
-        x, y = sx(p["t"]), sy(p["p50"])
-        if p.get("p90"):
-            body.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{sy(p["p90"]):.1f}" stroke="#999"/>')
-        bad = band is not None and p["p50"] > band[2]
-        body.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{"#e45756" if bad else PALETTE[0]}">'
-                    f'<title>{esc(p.get("when", ""))}: p50 {fmt_ms(p["p50"])} ms</title></circle>')
+    body += [_history_point(p, sx, sy, band) for p in pts]
     body.append(f'<text x="{left}" y="{height - 8}" fill="#555">{esc(pts[0].get("when", ""))}</text>'
                 f'<text x="{width - right}" y="{height - 8}" text-anchor="end" fill="#555">'
                 f'{esc(pts[-1].get("when", ""))}</text>'
@@ -207,6 +196,27 @@ def history(points: Sequence[dict], title: str, band: Optional[tuple] = None, wi
                 f'p50 ms{" (log scale)" if sy.log else ""}, whisker p90'
                 f'{", green band: baseline" if band else ""}</text>')
     return _svg(width, height, body, title)
+
+
+def _band(band: tuple, sy: Scale, x0: float, x1: float) -> str:
+    """The baseline ``(lo, base, hi)`` as a green band with a dashed line at ``base``."""
+    lo, base, hi = band
+    return (f'<rect x="{x0}" y="{sy(hi):.1f}" width="{x1 - x0}" '
+            f'height="{max(1.0, sy(lo) - sy(hi)):.1f}" fill="#54a24b" opacity=".15">'
+            f'<title>baseline {fmt_ms(base)} ms, band {fmt_ms(lo)}..{fmt_ms(hi)}</title></rect>'
+            f'<line x1="{x0}" y1="{sy(base):.1f}" x2="{x1}" y2="{sy(base):.1f}" '
+            f'stroke="#54a24b" stroke-dasharray="4 3"/>')
+
+
+def _history_point(p: dict, sx: Scale, sy: Scale, band: Optional[tuple]) -> str:
+    """One run: its p90 whisker and its p50 dot, red above the baseline band."""
+    x, y = sx(p["t"]), sy(p["p50"])
+    out = ""
+    if p.get("p90"):
+        out += f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{sy(p["p90"]):.1f}" stroke="#999"/>'
+    bad = band is not None and p["p50"] > band[2]
+    return out + (f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{"#e45756" if bad else PALETTE[0]}">'
+                  f'<title>{esc(p.get("when", ""))}: p50 {fmt_ms(p["p50"])} ms</title></circle>')
 
 
 def scatter(points: Sequence[dict], front: Sequence[int], title: str, y_label: str, width: int = 560) -> str:
