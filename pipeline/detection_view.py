@@ -92,24 +92,27 @@ def _accuracy_rows(rows: list) -> list:
 
 
 def _gallery(rows: list) -> str:
-    out = []
-    for r in rows:
-        block = r.get("detections") or {}
-        ann = block.get("annotated") or {}
-        if not ann.get("path"):
-            continue
-        title = f"{esc(r['model'])} ({esc(r['recipe'])}) on {esc(r.get('source') or '?')}"
-        found = (f"{block.get('boxes', 0)} boxes in {block.get('frames', 0)} frames, classes "
-                 + esc(", ".join(f"{k} {v}" for k, v in (block.get("classes") or {}).items()) or "none"))
-        video = ann.get("kind") != "images"
-        uris = _video_frames(ann["path"]) if video and Path(ann["path"]).is_file() else (
-            [] if video else _frames(ann["path"]))
-        imgs = "".join(f'<img src="{u}" alt="annotated frame" style="max-width:{FRAME_WIDTH}px;margin:4px">'
-                       for u in uris)
-        where = f"; annotated video <code>{esc(str(ann['path']))}</code> ({ann.get('frames')} frames)" if video else ""
-        if imgs or video:
-            out.append(f"<h3>{title}</h3><p class=\"muted\">{found}{where}</p><div>{imgs}</div>")
-    return "".join(out)
+    return "".join(_gallery_entry(r) for r in rows)
+
+
+def _gallery_entry(r: dict) -> str:
+    """One report's annotated frames (stills from a video, or the JPEG folder), or ""."""
+    block = r.get("detections") or {}
+    ann = block.get("annotated") or {}
+    if not ann.get("path"):
+        return ""
+    title = f"{esc(r['model'])} ({esc(r['recipe'])}) on {esc(r.get('source') or '?')}"
+    found = (f"{block.get('boxes', 0)} boxes in {block.get('frames', 0)} frames, classes "
+             + esc(", ".join(f"{k} {v}" for k, v in (block.get("classes") or {}).items()) or "none"))
+    video = ann.get("kind") != "images"
+    uris = _video_frames(ann["path"]) if video and Path(ann["path"]).is_file() else (
+        [] if video else _frames(ann["path"]))
+    imgs = "".join(f'<img src="{u}" alt="annotated frame" style="max-width:{FRAME_WIDTH}px;margin:4px">'
+                   for u in uris)
+    where = f"; annotated video <code>{esc(str(ann['path']))}</code> ({ann.get('frames')} frames)" if video else ""
+    if not (imgs or video):
+        return ""
+    return f"<h3>{title}</h3><p class=\"muted\">{found}{where}</p><div>{imgs}</div>"
 
 
 def section(rows: list) -> str:
