@@ -120,16 +120,7 @@ def test_mutants_through_a_loopback_agent(tmp_path):
             data, sha = _tar({"model.tflite": m.path.read_bytes()})
             state = _push(agent, data, sha, figures, accepted)
             if state is not None:
-                figures[f"mutant jobs {state['status']}"] += 1
-                assert state["status"] in FINAL, f"{m.path.name}: {state}"
-                if state["status"] == "failed":
-                    assert state["error"] and "\n" not in state["error"], state["error"]
-                if state.get("crash"):
-                    figures["worker crashes contained"] += 1
-                    stages[f"{state['crash']['signal']} while {state['crash']['stage']}"] += 1
-                    print(f"  contained: {m.path.name} ({m.description}): {state['error']}")
-                if "timed out" in (state.get("error") or ""):
-                    figures["jobs timed out (worker killed)"] += 1
+                _count_mutant_job(m, state, figures, stages)
             if n % GOOD_EVERY == GOOD_EVERY - 1:
                 job = agent.call("POST", "/v1/jobs", body={**JOB, "bundle": good[1]})[1]
                 accepted[job["id"]] = "good"
@@ -137,14 +128,7 @@ def test_mutants_through_a_loopback_agent(tmp_path):
                 figures["good jobs"] += 1
                 assert state["status"] == "done", (m.path.name, m.description, state)
         info = agent.call("GET", "/v1/info")[1]["agent"]
-        lost = []
-        # Every job it accepted still answers, finished (it remembers the last MAX_JOBS_KEPT).
-        for job_id in list(accepted)[-MAX_JOBS_KEPT:]:
-            try:
-                if agent.call("GET", f"/v1/jobs/{job_id}")[1]["status"] not in FINAL:
-                    lost.append(job_id)
-            except ClientError:
-                lost.append(job_id)
+        lost = _lost_jobs(agent, accepted)
         alive = agent.proc.poll() is None
     finally:
         code = agent.stop()
@@ -165,6 +149,32 @@ def test_mutants_through_a_loopback_agent(tmp_path):
     assert figures["tracebacks in agent output"] == 0, log[-5000:]
     assert figures["good jobs"] == MUTANTS // GOOD_EVERY
     assert info["crashes_contained"] == figures["worker crashes contained"]
+
+
+def _count_mutant_job(m, state: dict, figures: Counter, stages: Counter) -> None:
+    """Check one mutant job's final state (one-line error) and count what happened to it."""
+    figures[f"mutant jobs {state['status']}"] += 1
+    assert state["status"] in FINAL, f"{m.path.name}: {state}"
+    if state["status"] == "failed":
+        assert state["error"] and "\n" not in state["error"], state["error"]
+    if state.get("crash"):
+        figures["worker crashes contained"] += 1
+        stages[f"{state['crash']['signal']} while {state['crash']['stage']}"] += 1
+        print(f"  contained: {m.path.name} ({m.description}): {state['error']}")
+    if "timed out" in (state.get("error") or ""):
+        figures["jobs timed out (worker killed)"] += 1
+
+
+def _lost_jobs(agent: Agent, accepted: dict) -> list:
+    """Accepted jobs that no longer answer as finished (the agent remembers the last MAX_JOBS_KEPT)."""
+    lost = []
+    for job_id in list(accepted)[-MAX_JOBS_KEPT:]:
+        try:
+            if agent.call("GET", f"/v1/jobs/{job_id}")[1]["status"] not in FINAL:
+                lost.append(job_id)
+        except ClientError:
+            lost.append(job_id)
+    return lost
 
 
 def _push(agent: Agent, data: bytes, sha: str, figures: Counter, accepted: dict):
