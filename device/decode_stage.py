@@ -154,7 +154,8 @@ class DecodeStage:
     def report_block(self, annotated: Optional[dict] = None) -> dict:
         out = self.summary.to_dict()
         how = self.decoder.assumption
-        out.update(decoder=self.spec.to_dict(), assumed=list(self.notes) + ([how] if not any(how in n for n in self.notes) else []))
+        said = any(how in n for n in self.notes)
+        out.update(decoder=self.spec.to_dict(), assumed=list(self.notes) + ([] if said else [how]))
         if annotated:
             out["annotated"] = annotated
         return out

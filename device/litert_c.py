@@ -227,7 +227,8 @@ class CompiledModel:
         bufs, names = [], []
         for i in range(n.value):
             tensor, name, ttype = _VP(), C.c_char_p(), _TensorType()
-            _check(getattr(lib, f"LiteRtGetSignature{side}TensorByIndex")(sig, i, C.byref(tensor)), f"reading {low} {i}")
+            get = getattr(lib, f"LiteRtGetSignature{side}TensorByIndex")
+            _check(get(sig, i, C.byref(tensor)), f"reading {low} {i}")
             _check(lib.LiteRtGetTensorName(tensor, C.byref(name)), f"naming {low} {i}")
             _check(lib.LiteRtGetRankedTensorType(tensor, C.byref(ttype)), f"typing {low} {i}")
             names.append((name.value or b"").decode("utf-8", "replace"))

@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from edgepipe.device import delegates as _dl
-from edgepipe.device.delegates import CpuFallback, RuntimeLoadError, find_delegates, parse_delegate  # noqa: F401 (re-exported)
+from edgepipe.device.delegates import (CpuFallback, RuntimeLoadError, find_delegates,  # noqa: F401 (re-exported)
+                                       parse_delegate)
 from edgepipe.device.errors import EdgepipeError
 from edgepipe.device.flatcheck import known_crash
 from edgepipe.device.tensorspec import TensorSpec  # noqa: F401 (re-exported)

@@ -17,7 +17,8 @@ def broker_options(required: bool = False):
     def deco(f):
         opts = [
             click.option("--broker", envvar=BROKER_ENV, required=required, default=None,
-                         metavar="mqtt[s]://HOST[:PORT]", help=f"MQTT broker the boards dial out to [env: {BROKER_ENV}]."),
+                         metavar="mqtt[s]://HOST[:PORT]",
+                         help=f"MQTT broker the boards dial out to [env: {BROKER_ENV}]."),
             click.option("--username", envvar=USER_ENV, default=None,
                          help=f"Broker user name (default {DEFAULT_USER} when a password is given) [env: {USER_ENV}]."),
             click.option("--password", envvar=PASSWORD_ENV, default=None,

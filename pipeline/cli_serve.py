@@ -63,9 +63,9 @@ def serve(db_path, baseline, tolerance, host, port, token, max_body_kb, quiet, *
             return
         lat = (rep.get("latency_ms") or {}).get("p50")
         when = _dt.datetime.now().strftime("%H:%M:%S")
-        model = rep.get("model") or {}
+        model, device = rep.get("model") or {}, rep.get("device") or {}
         click.echo(f"{when} {'new ' if new else 'dup '} {rep.get('kind')} "
-                   f"{(rep.get('device') or {}).get('name') or (rep.get('device') or {}).get('hostname')} {model.get('name')}"
+                   f"{device.get('name') or device.get('hostname')} {model.get('name')}"
                    + (f" p50={lat:.2f}ms" if isinstance(lat, (int, float)) else ""))
 
     try:

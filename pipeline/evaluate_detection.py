@@ -197,8 +197,8 @@ def format_detection_results(results) -> str:
                          "mAP@.5:.95"], rows)
 
 
-__all__ = ["DetectionEvalError", "all_detection", "detect_folder", "evaluate_detection", "find_reference", "format_detection_results",
-           "is_detection", "load_box_labels"]
+__all__ = ["DetectionEvalError", "all_detection", "detect_folder", "evaluate_detection", "find_reference",
+           "format_detection_results", "is_detection", "load_box_labels"]
 
 
 def all_detection(paths: Sequence[Path]) -> bool:

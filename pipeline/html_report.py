@@ -25,7 +25,8 @@ def render_html(rows: list, *, comparison: Optional[list] = None, source: str = 
     parts += [views.matrix(rows), views.latency_charts(rows), views.stage_breakdown(rows), views.pareto(rows),
               detection_view.section(rows), views.results(rows), views.cold_start(rows)]
     nav = ('<nav><a href="#matrix">matrix</a> <a href="#latency">latency</a> <a href="#stages">stages</a> '
-           '<a href="#pareto">accuracy</a> <a href="#detection">detection</a> <a href="#results">table</a> <a href="#cold">cold start</a>'
+           '<a href="#pareto">accuracy</a> <a href="#detection">detection</a> <a href="#results">table</a> '
+           '<a href="#cold">cold start</a>'
            + (' <a href="#comparison">comparison</a>' if comparison is not None else "") + "</nav>")
     return render_page("".join(parts), status=f"{len(rows)} configurations from {source}, generated {now}",
                        nav=nav)

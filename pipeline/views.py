@@ -140,7 +140,8 @@ def stage_breakdown(rows: list) -> str:
              for r in runs]
     body = [[config_label(r)] + [(r["stages"].get(s) or {}).get("p50") for s in names] + [r.get("p50"), r.get("fps")]
             for r in runs]
-    return ('<section id="stages"><h2>Per-stage breakdown of runs</h2>' + svg.stacked(items, names, "stage time, ms (mean per frame)")
+    return ('<section id="stages"><h2>Per-stage breakdown of runs</h2>'
+            + svg.stacked(items, names, "stage time, ms (mean per frame)")
             + table(["run"] + [f"{s} p50 ms" for s in names] + ["end-to-end p50 ms", "FPS"], body) + "</section>")
 
 

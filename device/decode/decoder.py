@@ -71,12 +71,14 @@ def infer_decoder(outputs: Sequence[Any]) -> Tuple[DecoderSpec, str]:
     shapes = [shape_of(o) for o in outputs]
     if len(outputs) == 4:
         _, how = postprocessed_roles(outputs)
-        return DecoderSpec(kind=DecoderKind.POSTPROCESSED), f"no manifest: 4 outputs read as post-processed detections ({how})"
+        return (DecoderSpec(kind=DecoderKind.POSTPROCESSED),
+                f"no manifest: 4 outputs read as post-processed detections ({how})")
     if len(outputs) == 1:
         s = shapes[0]
         if len(s) == 3 and s[0] == 1 and 5 <= min(s[1:]) and min(s[1:]) * 4 <= max(s[1:]):
             return (DecoderSpec(kind=DecoderKind.YOLO),
-                    f"no manifest: the single {s} output is read as YOLO boxes (xywh centre, class scores, no objectness)")
+                    f"no manifest: the single {s} output is read as YOLO boxes "
+                    "(xywh centre, class scores, no objectness)")
         if len(s) == 4 and s[0] == 1 and s[1] >= 8 and s[2] >= 8 and s[3] <= 1024:
             what = "a foreground score" if s[3] == 1 else f"{s[3]} class scores per pixel"
             return (DecoderSpec(kind=DecoderKind.SEGMENTATION),

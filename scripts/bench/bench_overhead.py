@@ -96,8 +96,8 @@ def bare_p50(model: Path, threads: int, runs: int, warmup: int) -> float:
 
 
 def edgerun_p50(bundle: Path, threads: int, runs: int, warmup: int) -> float:
-    cmd = [sys.executable, "-m", "edgepipe.device.cli", "bench", str(bundle), "--runs", str(runs), "--warmup", str(warmup),
-           "--min-secs", "0", "--json"]
+    cmd = [sys.executable, "-m", "edgepipe.device.cli", "bench", str(bundle), "--runs", str(runs),
+           "--warmup", str(warmup), "--min-secs", "0", "--json"]
     if threads > 0:
         cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -112,7 +112,8 @@ INPROC = textwrap.dedent("""
     from ai_edge_litert.interpreter import Interpreter
     from edgepipe.device.bench import run_bench
     from edgepipe.device.runtime import load_model
-    bundle, threads, runs, warmup, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    bundle = sys.argv[1]
+    threads, runs, warmup, rounds = (int(a) for a in sys.argv[2:6])
     thr = threads if threads > 0 else None
     it = Interpreter(model_path=bundle + "/model.tflite", num_threads=thr)
     it.allocate_tensors()

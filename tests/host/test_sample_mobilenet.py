@@ -144,7 +144,8 @@ def test_real_torchvision_checkpoint_reads_completely():
     assert len(state) == 314
     assert state["features.0.0.weight"].shape == (32, 3, 3, 3)
     assert state["classifier.1.weight"].shape == (1000, 1280)
-    learned = sum(v.size for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    learned = sum(v.size for k, v in state.items() if not k.endswith(buffers))
     assert learned == 3_504_872  # torchvision's documented parameter count
     assert all(np.isfinite(v).all() for v in state.values())
 
