@@ -252,27 +252,33 @@ class _Evaluator:
             self._refs[ref_key] = ref.predict(x)
         return self._refs[ref_key]
 
-    def measure(self, bundle_path: Path, ref_key: str, ref_keras: Path) -> dict:
+    def measure(self, bundle_path: Path, ref_key: str, ref_keras: Path) -> tuple:
+        """(the point's accuracy fields, an ``eval`` report for the results store)."""
         from edgepipe.pipeline import metrics
-        from edgepipe.pipeline.evaluate import load_inputs, open_bundle, run_bundle
+        from edgepipe.pipeline.evaluate import BundleEval, eval_report, load_inputs, open_bundle, run_bundle
 
+        t0 = time.perf_counter()
         b = open_bundle(bundle_path)
         ds = self.dataset(b)
         x = load_inputs(ds.paths, b.manifest.preprocess)
         out = run_bundle(b, x, threads=None)
         ref = self.reference(ref_key, ref_keras, b.manifest.preprocess)
         res = {"size": b.manifest.model_size, "images": len(ds.paths)}
-        if ds.labelled:
-            res.update(metrics.accuracy_block(out, ds.labels))
+        acc = metrics.accuracy_block(out, ds.labels) if ds.labelled else {}
+        res.update(acc)
         agr = metrics.compare_outputs(out, ref)
         res.update({"agreement": agr.top1_agreement, "snr_db": metrics.json_number(agr.snr_db),
                     "cosine": agr.cosine})
-        return res
+        m = b.manifest
+        ev = BundleEval(bundle=b.name, path=str(b.path), recipe=m.recipe, size=m.model_size, sha256=m.model_sha256,
+                        images=len(ds.paths), accuracy=acc, agreement=agr.to_dict(), reference=str(ref_keras),
+                        seconds=time.perf_counter() - t0, notes=[ds.note] if ds.note else [])
+        return res, eval_report(ev, self.spec.data_dir)
 
 
 def measure_latency(bundle: Path, point: Point, spec: Spec, device_url: Optional[str],
-                    token: Optional[str]) -> dict:
-    """p50/mean latency of one bundle at the point's threads/delegate."""
+                    token: Optional[str]) -> tuple:
+    """(p50/mean latency of one bundle at the point's threads/delegate, the bench report)."""
     b = spec.bench
     if device_url:
         from edgepipe.pipeline.remote import AgentClient, pack_bundle
@@ -294,13 +300,18 @@ def measure_latency(bundle: Path, point: Point, spec: Spec, device_url: Optional
     lat = rep.get("latency_ms") or {}
     return {"p50_ms": lat.get("p50"), "mean_ms": lat.get("mean"), "p90_ms": lat.get("p90"),
             "device": (rep.get("device") or {}).get("hostname"),
-            "backend": (rep.get("runtime") or {}).get("backend")}
+            "backend": (rep.get("runtime") or {}).get("backend")}, rep
 
 
 def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
                  token: Optional[str] = None, say: Callable[[str], None] = lambda m: None,
-                 tick: Callable[[dict], None] = lambda r: None) -> list:
-    """Measure every point of ``spec`` (reusing cached ones); returns result dicts in grid order."""
+                 tick: Callable[[dict], None] = lambda r: None,
+                 keep: Callable[[str, Optional[list]], None] = lambda key, reports: None) -> list:
+    """Measure every point of ``spec`` (reusing cached ones); returns result dicts in grid order.
+
+    ``keep(point key, reports)`` gets each measured point's bench (and eval) reports, or None for a
+    point reused from the cache (see :mod:`edgepipe.pipeline.ablate_store`).
+    """
     out_dir = Path(out_dir)
     check_data(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,6 +328,7 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
         for p in pts:
             if p.key() in cached:
                 results[p.key()] = {**cached[p.key()], "cached": True}
+                keep(p.key(), None)
                 tick(results[p.key()])
         if not todo:
             continue
@@ -327,6 +339,7 @@ def run_ablation(spec: Spec, out_dir: Path, *, device_url: Optional[str] = None,
         for p in todo:
             res = study.measure(p, bundles, ref_key, keras_path)
             _append(out_dir, digest, p.key(), res)
+            keep(p.key(), study.reports)
             results[p.key()] = res
             tick(res)
     return [results[p.key()] for p in points if p.key() in results]
@@ -339,9 +352,11 @@ class _Study:
         self.spec, self.device_url, self.token, self.say = spec, device_url, token, say
         self.evaluator = _Evaluator(spec)
         self.evals: dict = {}
+        self.reports: list = []  # the last point's bench/eval reports
 
     def measure(self, p: Point, bundles: dict, ref_key: str, ref_keras: Path) -> dict:
         t0 = time.perf_counter()
+        self.reports = []
         bundle, err = bundles.get(p.recipe, (None, "not converted"))
         res = {"point": p.to_dict(), "label": p.label(), "bundle": str(bundle) if bundle else None}
         if err or bundle is None:
@@ -351,9 +366,13 @@ class _Study:
                 if p.bundle_key() not in self.evals:
                     self.say(f"evaluating {p.bundle_key()}")
                     self.evals[p.bundle_key()] = self.evaluator.measure(bundle, ref_key, ref_keras)
-                res.update(self.evals[p.bundle_key()])
+                fields, ev = self.evals[p.bundle_key()]
+                res.update(fields)
+                self.reports.append(ev)  # shared by the bundle's points: stored once (same id)
                 self.say(f"timing {p.label()}")
-                res.update(measure_latency(bundle, p, self.spec, self.device_url, self.token))
+                lat, rep = measure_latency(bundle, p, self.spec, self.device_url, self.token)
+                res.update(lat)
+                self.reports.append(rep)
             except AblateError as e:
                 res["error"] = str(e)
             except Exception as e:  # noqa: BLE001 - one bad point must not cost the study

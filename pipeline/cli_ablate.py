@@ -14,6 +14,7 @@ Examples:
   edgepipe ablate examples/ablate/fashion_mnist_arch.toml --out runs/fm-arch
   edgepipe ablate examples/ablate/mobilenet_v2.toml --out runs/mnv2
   edgepipe ablate examples/ablate/mobilenet_v2.toml --out runs/mnv2-pi --device http://pi.local:8751
+  edgepipe ablate examples/ablate/mobilenet_v2.toml --out runs/mnv2 --db postgresql://ci@db.lan/edgepipe
 Re-running with the same --out reuses every point already measured.
 """
 
@@ -24,15 +25,20 @@ Re-running with the same --out reuses every point already measured.
               help="Folder for results, plots and the resume cache (required unless --dry-run).")
 @click.option("--device", "device_url", help="Time on an 'edgerun agent' at this URL instead of locally.")
 @click.option("--token", envvar="EDGERUN_TOKEN", help="Bearer token of the agent at --device [env: EDGERUN_TOKEN].")
+@click.option("--db", "db_path", default=None, metavar="PATH|URL",
+              help="Also store every point's bench and eval reports in this results database (a SQLite file "
+                   "or postgresql://...), for `edgepipe report` and the dashboard.")
 @click.option("--dry-run", is_flag=True, help="Validate the spec and list the points, measure nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
+def ablate(spec_path, out_dir, device_url, token, db_path, dry_run, as_json, quiet):
     """Measure every point of SPEC.toml: size, p50 latency, accuracy/agreement.
 
-    Writes results.json, table.md, pareto.png and index.html into --out.
-    Points measured by an earlier (or interrupted) run of the same spec are
-    reused from --out/points.jsonl.
+    Writes results.json, table.md, pareto.png and index.html into --out, and
+    each point's full reports into --out/reports/. Points measured by an
+    earlier (or interrupted) run of the same spec are reused from
+    --out/points.jsonl; with --db their kept reports are stored as well
+    (reports the database has already are not stored twice).
     """
     from edgepipe.pipeline.ablate_spec import SpecError, load_spec
 
@@ -49,6 +55,7 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
     if out_dir is None:
         raise click.ClickException("--out: required (the folder receiving results and the resume cache)")
     from edgepipe.pipeline.ablate import AblateError, quality_key, run_ablation
+    from edgepipe.pipeline.ablate_store import PointReports
 
     from edgepipe.device import progress as pg
 
@@ -73,9 +80,12 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
     from edgepipe.pipeline.cli_samples import not_built_hint
     from edgepipe.pipeline.samples import SampleDataError, SampleNotBuiltError
 
+    store = _open_store(db_path)
+    keep = PointReports(out_dir, store)
     try:
         with bar:
-            results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick)
+            results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick,
+                                   keep=keep)
     except SampleNotBuiltError as e:
         raise click.ClickException(f"model.source: {e}; {not_built_hint(e.name)}") from None
     except (AblateError, SampleDataError) as e:
@@ -84,19 +94,53 @@ def ablate(spec_path, out_dir, device_url, token, dry_run, as_json, quiet):
         click.echo(f"interrupted: re-run the same command to resume ({state['n']} point(s) kept)",
                    err=True)
         sys.exit(130)
+    finally:
+        if store is not None:
+            store.close()
     quality = quality_key(results)
     cmd = f"edgepipe ablate {spec_path} --out {out_dir}" + (f" --device {device_url}" if device_url else "")
     headers, rows = _write_outputs(spec, results, quality, out_dir, cmd, say)
+    stored = _stored_line(keep.tally, store)
     if as_json:
-        click.echo(json.dumps({"name": spec.name, "quality": quality, "out": str(out_dir),
-                               "results": results}, indent=2))
+        doc = {"name": spec.name, "quality": quality, "out": str(out_dir), "results": results}
+        if store is not None:
+            doc["stored"] = {"new": keep.tally.new, "already": keep.tally.known, "failed": keep.tally.failed,
+                             "db": str(store.path)}
+        click.echo(json.dumps(doc, indent=2))
     else:
         from edgepipe.device.tables import format_table
 
         click.echo(format_table(headers, rows, right=range(1, 7)))
         click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")
+        if stored:
+            click.echo(stored)
+    if keep.tally.failed:
+        click.echo(f"warning: {keep.tally.failed} report(s) not stored: {keep.tally.error}", err=True)
     if results and all(r.get("error") for r in results):
         raise click.ClickException("every point failed; see the table above")
+
+
+def _open_store(db_path):
+    """The results store for --db (None without it); a bad path or URL fails before any work."""
+    if db_path is None:
+        return None
+    from edgepipe.pipeline.store import open_store
+
+    from edgepipe.device.errors import EdgepipeError
+
+    try:
+        return open_store(db_path)  # a SQLite file or a postgresql:// URL
+    except EdgepipeError as e:  # its message names the database (a URL without its password)
+        raise click.ClickException(f"--db: {e}") from None
+    except Exception as e:  # noqa: BLE001 - sqlite3/OS errors: one line, the flag named
+        raise click.ClickException(f"--db: cannot open the results database ({type(e).__name__}: {e})") from None
+
+
+def _stored_line(tally, store) -> str:
+    if store is None:
+        return ""
+    return f"stored {tally.new} new report(s) in {store.path}" + (
+        f" ({tally.known} already there)" if tally.known else "")
 
 
 def _write_outputs(spec, results: list, quality: str, out_dir: Path, cmd: str, say) -> tuple:
