@@ -91,3 +91,27 @@ def test_plain_lines_when_off():
         prog("dev:1", "a", "done", "p50 1.00 ms")
     (line,) = out.getvalue().splitlines()
     assert line.startswith("[") and "dev:1" in line and "done" in line and "p50 1.00 ms" in line
+
+
+def test_broker_bench_shows_boards_as_they_join(tmp_path, monkeypatch):
+    """--broker: the boards are known only once they answer; each gets its line under the overall bar."""
+    pytest.importorskip("tqdm")
+    from mqtt_broker import Mosquitto, missing_reason
+
+    if missing_reason() is not None:
+        pytest.skip(missing_reason())
+    from test_broker_fleet import AgentProc, wait_online  # the same `edgerun agent --broker` processes
+
+    bundle = make_bundle(tmp_path / "b", "float.tflite", "tiny-fp32", "fp32")
+    with Mosquitto() as mq:
+        board = AgentProc(tmp_path / "agents", mq.url, "pi-bar").start()
+        try:
+            wait_online(mq.url, {"pi-bar"})
+            monkeypatch.setenv("EDGEPIPE_PROGRESS", "1")
+            res = CliRunner().invoke(edgepipe, ["bench", str(bundle), "--broker", mq.url, "--devices", "pi-bar",
+                                                "--runs", "3", "--no-db", "--threads", "1,2"])
+        finally:
+            board.stop()
+    assert res.exit_code == 0, res.output
+    assert "pi-bar: 100%" in res.stderr and "all devices: 100%" in res.stderr and "2/2" in res.stderr
+    assert "ETA" not in res.stdout and "2/2 jobs succeeded on 1 device(s)" in res.stdout
