@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -37,14 +38,33 @@ def _report_rows(db: Path) -> list:
     return json.loads(r.stdout)["rows"]
 
 
-def test_point_reports_are_kept_and_stored_once(tmp_path):
-    """Fast: real bench reports through the keep callback into a real SQLite store."""
+@pytest.fixture(scope="module")
+def pg():
+    from pgcluster import PgCluster, missing_reason
+
+    if missing_reason():
+        pytest.skip(missing_reason())
+    with PgCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_db(request, tmp_path):
+    """Makes fresh empty databases of one kind: a SQLite path or a postgresql:// URL."""
+    if request.param == "sqlite":
+        return lambda: str(tmp_path / f"{uuid.uuid4().hex[:8]}.db")
+    cluster = request.getfixturevalue("pg")
+    return lambda: cluster.create_db("a" + uuid.uuid4().hex[:12])
+
+
+def test_point_reports_are_kept_and_stored_once(tmp_path, new_db):
+    """Fast: real bench reports through the keep callback into a real store (SQLite and PostgreSQL)."""
     from edgepipe.device.bench import run_bench
     from edgepipe.pipeline.ablate_store import PointReports
     from edgepipe.pipeline.store import open_store
 
     reps = [run_bench(MODEL, threads=t, runs=3, warmup=1) for t in (1, 2)]
-    with open_store(tmp_path / "a.db") as store:
+    with open_store(new_db()) as store:
         keep = PointReports(tmp_path / "out", store)
         keep("fp32 t1", [reps[0]])
         keep("fp32 t2", [reps[1], reps[0]])  # e.g. an eval report shared by a bundle's points: once
@@ -52,7 +72,7 @@ def test_point_reports_are_kept_and_stored_once(tmp_path):
         again = PointReports(tmp_path / "out", store)  # a re-run: the point comes from the cache
         again("fp32 t1", None)
         assert (again.tally.new, again.tally.known) == (0, 1) and store.count() == 2
-    with open_store(tmp_path / "b.db") as store:  # a later run with --db stores the kept reports
+    with open_store(new_db()) as store:  # a later run with --db stores the kept reports
         keep = PointReports(tmp_path / "out", store)
         keep("fp32 t1", None)
         keep("fp32 t2", None)
