@@ -189,7 +189,8 @@ def _requantize(r, results, model_path, method, progress, val_dir):
         raise fail(e) from None
     where = "validation" if res.on_validation else "calibration (no --val)"
     progress(f"int8: agreement on {res.eval_images} {where} images: "
-             + ", ".join(f"{k} {v:.4f}" for k, v in res.agreement.items()) + f"; kept {res.chosen}")
+             + ", ".join(f"{k} {v:.4f} ({res.snr_db[k]:.1f} dB)" for k, v in res.agreement.items())
+             + f"; kept {res.chosen}")
     fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
     return dataclasses.replace(r, size=len(res.tflite),
                                ratio_to_fp32=round(len(res.tflite) / fp32, 4) if fp32 else None)

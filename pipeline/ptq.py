@@ -191,19 +191,22 @@ class Requantized:
     method: Method
     chosen: str  # the method kept (``minmax`` when the asked one did not agree better)
     agreement: Dict[str, float]  # method name -> top-1 agreement with the float model
+    snr_db: Dict[str, float]  # method name -> output SNR against the float model (breaks agreement ties)
     eval_images: int
     on_validation: bool  # False: measured on the calibration images (no validation set given)
 
     def to_dict(self) -> dict:
         """The manifest's ``extra["calibration_method"]`` block."""
         return {"asked": self.method.name, "chosen": self.chosen, "agreement": self.agreement,
-                "eval_images": self.eval_images,
+                "snr_db": {k: round(v, 2) for k, v in self.snr_db.items()}, "eval_images": self.eval_images,
                 "measured_on": "validation images" if self.on_validation else "calibration images"}
 
 
 def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=None,
                     on_step=lambda msg: None) -> Requantized:
     """Re-quantize an ``int8`` bundle with ``method``'s ranges when that agrees better with float.
+
+    Better: higher top-1 agreement, or the same agreement and a higher output SNR.
 
     Calibration uses the images the manifest records; agreement is measured
     on ``eval_dir`` (or, without it, on the calibration images, and said so).
@@ -222,12 +225,14 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
     on_step(f"calibrating {len(calib)} images for {method.name} ranges")
     cal = calibrate(keras, calib)
     model = cal.quantize(method)
-    agree = {"minmax": metrics.top1_agreement(selective.run_tflite(b.model_path.read_bytes(), ex), ref),
-             method.name: metrics.top1_agreement(selective.run_tflite(model, ex), ref)}
-    won = agree[method.name] > agree["minmax"]
+    outs = {"minmax": selective.run_tflite(b.model_path.read_bytes(), ex),
+            method.name: selective.run_tflite(model, ex)}
+    agree = {k: metrics.top1_agreement(o, ref) for k, o in outs.items()}
+    snr = {k: metrics.snr_db(o, ref) for k, o in outs.items()}
+    won = (agree[method.name], snr[method.name]) > (agree["minmax"], snr["minmax"])
     res = Requantized(tflite=model if won else b.model_path.read_bytes(), method=method,
-                      chosen=method.name if won else "minmax", agreement=agree, eval_images=int(len(ex)),
-                      on_validation=eval_dir is not None)
+                      chosen=method.name if won else "minmax", agreement=agree, snr_db=snr,
+                      eval_images=int(len(ex)), on_validation=eval_dir is not None)
     if won:
         selective._rewrite_bundle(b, res, key="calibration_method")
     else:  # the model stays; the manifest learns what was tried

@@ -154,7 +154,10 @@ def test_convert_with_calib_method_measures_on_val(tmp_path):
     block = manifest["extra"]["calibration_method"]
     assert block["measured_on"] == "validation images" and block["eval_images"] == 300
     assert block["asked"] == "percentile:99.99" and block["chosen"] in ("minmax", "percentile:99.99")
-    assert set(block["agreement"]) == {"minmax", "percentile:99.99"}
+    assert set(block["agreement"]) == set(block["snr_db"]) == {"minmax", "percentile:99.99"}
+    better = (block["agreement"]["percentile:99.99"], block["snr_db"]["percentile:99.99"]) > \
+        (block["agreement"]["minmax"], block["snr_db"]["minmax"])
+    assert block["chosen"] == ("percentile:99.99" if better else "minmax")
     assert all(0.9 < a <= 1.0 for a in block["agreement"].values())
 
 
