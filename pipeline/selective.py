@@ -159,8 +159,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
             return _plain_int8(shipped, shipped_agreement, target, int(ex.shape[0]), t_start)
 
     # Layers are ranked on the evaluation images too, so nothing is tuned to the calibration images.
-    say(f"measuring per-layer error on {min(len(ex), 32)} {'evaluation' if eval_x is not None else 'calibration'}"
-        " images")
+    say(f"measuring per-layer error on {min(len(ex), 32)} of the images agreement is measured on")
     try:
         dbg = debugged or debug_int8(keras_model, calib, debug=ex)
     except LayerErrorError as e:
