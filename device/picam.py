@@ -4,7 +4,8 @@ libcamera's ISP can deliver up to two scaled output streams per frame for free.
 :func:`plan_streams` asks for one at the size the model's preprocessing needs
 (so the CPU resize is a no-op or nearly so) and, when annotated output is
 wanted, a second full-resolution stream to draw on. The ``main`` stream is
-RGB888 (BGR in memory); the ``lores`` stream is YUV420 on a Pi 4 (its only
+RGB888 (BGR in memory) or, at the model's size, BGR888 (RGB in memory: no
+channel swap before normalizing); the ``lores`` stream is YUV420 on a Pi 4 (its only
 format there), converted here (:func:`yuv420_to_image`).
 
 picamera2 is imported by :func:`open_picamera` only, so this module loads
@@ -31,18 +32,21 @@ DEFAULT_ASPECT = 4 / 3  # when the camera does not say its sensor size
 class StreamPlan:
     """What to ask picamera2 for: the model stream's size and, optionally, a display stream.
 
-    Without a display stream the model frames come from ``main`` (RGB888);
-    with one, ``main`` is the display stream and the model frames come from
-    ``lores`` (YUV420).
+    Without a display stream the model frames come from ``main`` (``order``:
+    RGB when sized for a model, else BGR as OpenCV draws); with one, ``main``
+    is the display stream and the model frames come from ``lores`` (YUV420).
     """
 
     model: Size
     display: Optional[Size] = None
+    order: ColorOrder = ColorOrder.BGR
 
     def config_kwargs(self) -> dict:
         """Keyword arguments for ``Picamera2.create_preview_configuration``."""
         if self.display is None:
-            return {"main": {"size": self.model, "format": "RGB888"}}
+            # libcamera names formats by word order: "BGR888" is R, G, B in memory.
+            fmt = "BGR888" if self.order == ColorOrder.RGB else "RGB888"
+            return {"main": {"size": self.model, "format": fmt}}
         return {"main": {"size": self.display, "format": "RGB888"},
                 "lores": {"size": self.model, "format": "YUV420"}}
 
@@ -85,7 +89,7 @@ def plan_streams(spec: Optional[Preprocess], display: bool, sensor: Optional[Siz
     if display and (size[0] > display_size[0] or size[1] > display_size[1]):
         # lores may not be larger than main; the model then gets main itself.
         return StreamPlan(model=display_size)
-    return StreamPlan(model=size, display=display_size if display else None)
+    return StreamPlan(model=size, display=display_size if display else None, order=ColorOrder.RGB)
 
 
 @lru_cache(maxsize=1)
@@ -148,11 +152,11 @@ class PiCamera:
     def grab(self) -> Tuple[Any, ColorOrder, Optional[np.ndarray]]:
         """One frame: (model frame, its channel order, display frame or None).
 
-        The model frame is a BGR array (``main``) or an RGB PIL image
-        converted from ``lores``; preprocessing takes either as it is.
+        The model frame is an array from ``main`` (in ``plan.order``) or an
+        RGB PIL image converted from ``lores``; preprocessing takes either.
         """
         if self.plan.display is None:
-            return self.cam.capture_array("main"), ColorOrder.BGR, None
+            return self.cam.capture_array("main"), self.plan.order, None
         (main, lores), _meta = self.cam.capture_arrays(["main", "lores"])
         w, h = self.plan.model
         return yuv420_to_image(lores, w, h), ColorOrder.RGB, main
@@ -179,7 +183,7 @@ def start_picamera(factory: Callable[[int], Any], index: int, spec: Optional[Pre
     actual = cam.camera_configuration() if hasattr(cam, "camera_configuration") else config
     model_stream = actual.get("lores" if plan.display else "main") or {}
     size = tuple(model_stream.get("size") or plan.model)
-    plan = StreamPlan(model=(int(size[0]), int(size[1])), display=plan.display)
+    plan = StreamPlan(model=(int(size[0]), int(size[1])), display=plan.display, order=plan.order)
     cam.start()
     return PiCamera(cam, plan)
 

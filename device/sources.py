@@ -320,7 +320,7 @@ def open_picamera(spec: str, index: int = 0, model: Optional[Preprocess] = None,
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SourceError(f"no usable Raspberry Pi camera {index} ({msg}); check the ribbon cable and "
                           "'rpicam-hello --list-cameras'") from None
-    order = ColorOrder.BGR if cam.plan.display is None else ColorOrder.RGB
+    order = ColorOrder.RGB if cam.plan.display is not None else cam.plan.order
 
     def grab():
         t0 = now_ns()

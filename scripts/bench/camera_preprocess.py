@@ -5,14 +5,14 @@ Three ways a camera frame reaches the model input (float32 224x224x3):
 
 * ``cpu-resize``: picamera2 delivers 640x480 RGB888 and edgepipe resizes it
   (what `edgerun run --source picamera` did before the ISP streams);
-* ``isp-main``: the ISP delivers ``main`` at the model's stream size (BGR),
-  preprocessing only normalizes (no annotation wanted);
+* ``isp-main``: the ISP delivers ``main`` at the model's stream size
+  (BGR888: R, G, B in memory), preprocessing only normalizes (no annotation wanted);
 * ``isp-lores``: the ISP delivers a YUV420 ``lores`` stream at that size
   (annotating: ``main`` stays 640x480 for drawing); converted to RGB here,
   then normalized.
 
 Frames are real photos from sample_data/images laid out as the camera
-would (BGR arrays, or I420 with rows padded to 64 bytes). The per-frame time
+would (RGB or BGR arrays, or I420 with rows padded to 64 bytes). The per-frame time
 is the minimum and the median over --reps repetitions: the minimum is what
 the code costs when the CPU is not shared; target <= 1 ms at 224x224
 (`isp-lores` for MobileNet). No assertion: this prints what it measured.
@@ -84,15 +84,15 @@ def main() -> int:
         w, h = model_stream_size(spec)
         for label, size, make in (
                 ("cpu-resize", (640, 480), lambda im, wh: (np.asarray(im.resize(wh))[:, :, ::-1].copy(), None)),
-                ("isp-main", (w, h), lambda im, wh: (np.asarray(im.resize(wh))[:, :, ::-1].copy(), None)),
+                ("isp-main", (w, h), lambda im, wh: (np.asarray(im.resize(wh)).copy(), "rgb")),
                 ("isp-lores", (w, h), lambda im, wh: (None, as_i420(im.resize(wh))))):
             frames = [make(Image.open(p).convert("RGB"), size) for p in photos]
             cycle = iter(range(10 ** 9))
 
             def one():
-                bgr, yuv = frames[next(cycle) % len(frames)]
-                if yuv is None:
-                    return load_image(bgr, spec, order=ColorOrder.BGR)
+                arr, yuv = frames[next(cycle) % len(frames)]
+                if yuv is None or isinstance(yuv, str):
+                    return load_image(arr, spec, order=ColorOrder.RGB if yuv else ColorOrder.BGR)
                 return load_image(yuv420_to_image(yuv, *size), spec)
 
             lo, med = timed(one, args.reps)

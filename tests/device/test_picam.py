@@ -143,8 +143,8 @@ def test_picamera_asks_the_isp_for_the_model_size(fake_picamera2):
         f = next(iter(src))
         info = src.info()
     cam = fake_picamera2.instances[0]
-    assert cam.config == {"main": {"size": (224, 224), "format": "RGB888"}, "lores": None}
-    assert f.data.shape == (224, 224, 3) and f.order == ColorOrder.BGR and f.display is None
+    assert cam.config == {"main": {"size": (224, 224), "format": "BGR888"}, "lores": None}  # R, G, B in memory
+    assert f.data.shape == (224, 224, 3) and f.order == ColorOrder.RGB and f.display is None
     assert info["model_stream"] == [224, 224] and "display_stream" not in info
     assert cam.calls[-2:] == ["stop", "close"]
 
@@ -168,7 +168,8 @@ def test_picamera_with_annotation_gets_lores_yuv_and_a_display_frame(fake_picame
 def test_picamera_without_a_model_keeps_640x480(fake_picamera2):
     with open_source("picamera") as src:
         f = next(iter(src))
-    assert fake_picamera2.instances[0].config["main"]["size"] == (640, 480) and f.data.shape == (480, 640, 3)
+    assert fake_picamera2.instances[0].config["main"] == {"size": (640, 480), "format": "RGB888"}
+    assert f.data.shape == (480, 640, 3) and f.order == ColorOrder.BGR
 
 
 def test_picamera_failure_is_one_line(fake_picamera2, monkeypatch):
@@ -195,6 +196,6 @@ def test_edgerun_run_on_picamera_asks_for_the_models_size(fake_picamera2, make_b
     pre = load_bundle(bundle).manifest.preprocess
     rep = run_source(bundle, "picamera", max_frames=3)
     cam = fake_picamera2.instances[0]
-    assert cam.config["main"] == {"size": model_stream_size(pre), "format": "RGB888"}
+    assert cam.config["main"] == {"size": model_stream_size(pre), "format": "BGR888"}
     assert rep["throughput"]["frames"] == 3 and not rep["errors"]
     assert rep["input"]["model_stream"] == list(model_stream_size(pre))
