@@ -55,7 +55,7 @@ class Method:
 
     @classmethod
     def parse(cls, text: str) -> "Method":
-        """``minmax``, ``percentile:99.99``, ``mse``, each optionally with ``+bias``, then optionally `` per-tensor``."""
+        """``minmax``, ``percentile:99.99`` or ``mse``, optionally ``+bias``, then optionally `` per-tensor``."""
         parts = text.split()
         per_channel = not (len(parts) == 2 and parts[1] == "per-tensor")
         base = parts[0] if parts else ""

@@ -14,7 +14,8 @@ def test_method_names_parse_and_bad_ones_say_why():
     assert Method.parse("mse").name == "mse" and Method("mse", False).name == "mse per-tensor"
     assert Method.parse("mse+bias per-tensor") == Method("mse", False, True)
     assert Method.parse("minmax+bias").name == "minmax+bias"
-    for bad in ("entropy", "entropy+bias", "+bias", "percentile:40", "percentile:x", "mse per-layer", "", "minmax per-tensor extra"):
+    for bad in ("entropy", "entropy+bias", "+bias", "percentile:40", "percentile:x", "mse per-layer", "",
+                "minmax per-tensor extra"):
         with pytest.raises(PTQError) as e:
             Method.parse(bad)
         assert "\n" not in str(e.value) and "not a calibration method" in str(e.value)
