@@ -149,7 +149,7 @@ class BundleStore:
         scratch.mkdir(parents=True)
         try:
             tar_path = scratch / "bundle.tar"
-            _receive(stream, length, tar_path, sha)
+            receive_checked(stream, length, tar_path, sha)
             if final.is_dir() and not force:
                 self.touch(sha)
                 return final, False
@@ -212,8 +212,8 @@ class BundleStore:
         self._clear_refusal(sha)
 
 
-def _receive(stream: BinaryIO, length: int, tar_path: Path, sha: str) -> None:
-    """Copy exactly ``length`` bytes to ``tar_path``, checking their sha256."""
+def receive_checked(stream: BinaryIO, length: int, tar_path: Path, sha: str) -> None:
+    """Copy exactly ``length`` bytes to ``tar_path``, checking their sha256 (bundles and data uploads)."""
     h = hashlib.sha256()
     left = length
     with open(tar_path, "wb") as out:

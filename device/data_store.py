@@ -15,7 +15,6 @@ no queued or running job needs (``in_use``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import uuid
@@ -24,7 +23,7 @@ from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 
-from edgepipe.device.bundle_store import SHA_RE, UploadError
+from edgepipe.device.bundle_store import SHA_RE, UploadError, receive_checked
 
 DATA_DIR = ".data"
 DEFAULT_MAX_BYTES = 64 << 20
@@ -91,7 +90,7 @@ class DataStore:
                                    "bytes; send it in smaller batches")
         tmp = self.root / f".{uuid.uuid4().hex}.part"
         try:
-            _receive(stream, length, tmp, sha)
+            receive_checked(stream, length, tmp, sha)
             with open(tmp, "rb") as f:
                 read_header(f, length)
             with self._lock:
@@ -141,21 +140,6 @@ def read_header(f: BinaryIO, length: int) -> tuple:
     if expected != length:
         raise UploadError(422, f"data is {length} bytes but its header says {expected}")
     return tuple(int(d) for d in shape), dtype.name
-
-
-def _receive(stream: BinaryIO, length: int, path: Path, sha: str) -> None:
-    h = hashlib.sha256()
-    left = length
-    with open(path, "wb") as out:
-        while left > 0:
-            chunk = stream.read(min(left, 1 << 16))
-            if not chunk:
-                raise UploadError(400, "upload ended before Content-Length bytes arrived")
-            h.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-    if h.hexdigest() != sha:
-        raise UploadError(400, f"digest mismatch: the body's sha256 is {h.hexdigest()}, not {sha}")
 
 
 __all__ = ["DATA_DIR", "DataStore", "check_data_digest", "read_header"]

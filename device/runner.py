@@ -27,6 +27,7 @@ from edgepipe.device.bundle import load_bundle
 from edgepipe.device.postprocess import Postprocessor, infer_task
 from edgepipe.device.runloop import STAGES, FrameLoop, LoopStats, StopRun, make_prep, probe_lanes
 from edgepipe.device.sources import Source, SourceError, open_source
+from edgepipe.device.throughput import cores as usable_cores
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
 from edgepipe.device.errors import EdgepipeError
 
@@ -35,13 +36,6 @@ MAX_WARNED_SKIPS = 5
 
 class RunError(EdgepipeError):
     """A run that cannot start; the message is one line for the user."""
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _image_input(loaded) -> Any:
@@ -208,7 +202,7 @@ def _plan(src: Source, model: _Model, pipeline: Optional[bool], workers: Optiona
           queue_depth: Optional[int], threads: Optional[int]) -> _Plan:
     many = not (src.kind == "image")
     use_pipeline = many if pipeline is None else bool(pipeline)
-    cores = _cores()
+    cores = usable_cores()
     n_workers = max(1, workers or cores)
     cpu = model.loaded.delegate.split(":")[0].lower() in ("cpu", "xnnpack")
     # Lanes x threads should not exceed the cores: XNNPACK's pool threads spin while they wait.
@@ -243,7 +237,7 @@ def _drive(src: Source, model: _Model, plan: _Plan, model_path, load: dict, max_
     frames = islice(iter(src), max_frames) if max_frames else iter(src)
     if plan.pipelined and not lanes and plan.lanes > 1:
         try:
-            n_lanes, out.probe, frames, prep = probe_lanes(frames, prep, model.loaded, plan.lanes, _cores())
+            n_lanes, out.probe, frames, prep = probe_lanes(frames, prep, model.loaded, plan.lanes, usable_cores())
             plan = replace(plan, lanes=n_lanes)
         except SourceError as e:
             out.errors.append(str(e))

@@ -247,7 +247,7 @@ def test_consumer_can_stop_the_run_cleanly(float_bundle, photos, assert_valid_re
 def test_default_lanes_follow_the_costlier_stage(float_bundle, photos):
     """Auto lanes: the tiny model invokes in microseconds, preprocessing a photo takes milliseconds,
     so one interpreter keeps up and no copy is made; an explicit --lanes is obeyed."""
-    from edgepipe.device.runner import _cores
+    from edgepipe.device.throughput import cores as _cores
 
     _, r = _run(float_bundle, str(photos), pipeline=True)
     probe = r["settings"]["lane_probe"]
