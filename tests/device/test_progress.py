@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_works_without_tqdm():
             "b = progress.Bar(3, 'x', on=True); b.update(); b.note('y'); b.reset(5); b.close()\n"
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"EDGEPIPE_PROGRESS": "1", "PATH": "/usr/bin"})
+                         env=dict(os.environ, EDGEPIPE_PROGRESS="1"))
     assert res.stdout.strip() == "ok", res.stderr
 
 

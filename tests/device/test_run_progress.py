@@ -41,7 +41,8 @@ def test_no_bar_with_json_or_quiet_or_when_not_a_terminal(edgerun, tmp_path):
     assert j.returncode == 0, j.stderr
     assert json.loads(j.stdout)["kind"] == "run" and "run:" not in j.stderr and "ETA" not in j.stderr
     q = edgerun("run", MODEL, "--source", IMAGES, "--max-frames", "3", "--quiet", env=FORCE)
-    assert q.returncode == 0 and q.stderr.strip() == "", q.stderr
+    # --quiet: no bar (a runtime or emulation warning may still reach stderr)
+    assert q.returncode == 0 and "ETA" not in q.stderr and "frames/s" not in q.stderr, q.stderr
     plain = edgerun("run", MODEL, "--source", IMAGES, "--max-frames", "3", env={"EDGEPIPE_PROGRESS": ""})
     assert plain.returncode == 0 and "ETA" not in plain.stderr and "frames/s" in plain.stderr
 
