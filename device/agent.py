@@ -66,48 +66,42 @@ class AgentHandler(JSONHandler):
         raise HTTPError_(405, f"{method} not allowed on jobs")
 
     def _bundle(self, method: str, sha: str, query: str, core: JobCore):
-        store = core.store
+        """``PUT /v1/bundles/{sha256}[?force=1]``: one bundle tar; GET describes it."""
         check_digest(sha)
+        force = urllib.parse.parse_qs(query).get("force", ["0"])[-1] in ("1", "true", "yes")
+        return self._blob(method, sha, core.store, ("bundle", "bundles"), force,
+                          lambda n: core.store.put(sha, self.rfile, n, force=force)[1])
+
+    def _data(self, method: str, sha: str, core: JobCore):
+        """``PUT /v1/data/{sha256}``: one ``.npy`` of preprocessed inputs for evaluate jobs; GET describes it."""
+        check_data_digest(sha)
+        return self._blob(method, sha, core.data, ("data", "data"), False,
+                          lambda n: core.data.put(sha, self.rfile, n))
+
+    def _blob(self, method: str, sha: str, store, names: tuple, force: bool, put: Callable[[int], bool]):
+        """GET/PUT of one content-addressed blob in ``store``; ``put(length)`` reads the body, True when new.
+
+        A blob already held is not received again (unless ``force``): its body
+        is drained and only its last-used time is refreshed.
+        """
+        noun, route = names
         if method in ("GET", "HEAD"):
             d = store.describe(sha)
             if d is None:
-                raise HTTPError_(404, "bundle not on this device")
+                raise HTTPError_(404, f"{noun} not on this device")
             return 200, d
         if method != "PUT":
-            raise HTTPError_(405, f"{method} not allowed on bundles")
-        force = urllib.parse.parse_qs(query).get("force", ["0"])[-1] in ("1", "true", "yes")
+            raise HTTPError_(405, f"{method} not allowed on {route}")
         n = self.body_length(limit=store.max_bytes)
         if store.has(sha) and not force:
             self._drain(n)
             store.touch(sha)
             return 200, {**store.describe(sha), "new": False}
         try:
-            _, new = store.put(sha, self.rfile, n, force=force)
+            new = put(n)
         finally:
             self._body_done = True
         return (201 if new else 200), {**store.describe(sha), "new": new}
-
-    def _data(self, method: str, sha: str, core: JobCore):
-        """``PUT /v1/data/{sha256}``: one ``.npy`` of preprocessed inputs for evaluate jobs; GET describes it."""
-        data = core.data
-        check_data_digest(sha)
-        if method in ("GET", "HEAD"):
-            d = data.describe(sha)
-            if d is None:
-                raise HTTPError_(404, "data not on this device")
-            return 200, d
-        if method != "PUT":
-            raise HTTPError_(405, f"{method} not allowed on data")
-        n = self.body_length(limit=data.max_bytes)
-        if data.has(sha):
-            self._drain(n)
-            data.touch(sha)
-            return 200, {**data.describe(sha), "new": False}
-        try:
-            new = data.put(sha, self.rfile, n)
-        finally:
-            self._body_done = True
-        return (201 if new else 200), {**data.describe(sha), "new": new}
 
     def _drain(self, n: int) -> None:
         while n > 0:
