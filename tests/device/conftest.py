@@ -2,6 +2,7 @@
 
 - the tiny committed models under tests/data/models (scripts/make_test_models.py)
 - ``make_bundle``: a real bundle directory around one of them
+- ``agent_server``: a started loopback agent (HTTP front end + job core), stopped at teardown
 - ``assert_valid_report``: checks a report against the JSON Schema with jsonschema
 - markers: ``timing`` tests skip under emulation (EDGEPIPE_EMULATED=1, set by
   scripts/test-arm64.sh); ``edgetpu`` / ``picamera`` skip without the hardware
@@ -182,6 +183,38 @@ def make_bundle(tmp_path):
         return d
 
     return make
+
+
+@pytest.fixture
+def agent_server(tmp_path):
+    """``agent_server(token=..., max_bytes=..., quota_bytes=..., keep_warm=...)`` -> a started loopback agent.
+
+    A real :class:`AgentServer` over a real job core whose bundle store is
+    ``tmp_path / "store"`` (data blobs under ``store/.data``); every server it
+    started is stopped, and its worker process closed, at teardown.
+    """
+    from edgepipe.device.agent import Agent, AgentServer
+    from edgepipe.device.bundle_store import DEFAULT_QUOTA, BundleStore
+
+    started = []
+
+    def start(*, token: str, max_bytes: int = 1 << 20, quota_bytes: int = DEFAULT_QUOTA, keep_warm: int = 2):
+        worker = Agent(BundleStore(tmp_path / "store", max_bytes=max_bytes, quota_bytes=quota_bytes),
+                       keep_warm=keep_warm)
+        try:
+            server = AgentServer(worker, "127.0.0.1", 0, token=token)
+        except BaseException:
+            worker.close()
+            raise
+        started.append((server, worker))
+        server.start_background()
+        return server
+
+    yield start
+    for server, worker in reversed(started):
+        server.shutdown()
+        server.server_close()
+        worker.close()
 
 
 @pytest.fixture(scope="session")

@@ -39,15 +39,8 @@ def tar_of(directory: Path = None, members=None) -> tuple:
 
 
 @pytest.fixture
-def agent(tmp_path):
-    store = BundleStore(tmp_path / "store", max_bytes=1 << 20)
-    worker = Agent(store, keep_warm=2)
-    server = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
-    server.start_background()
-    yield server
-    server.shutdown()
-    server.server_close()
-    worker.close()
+def agent(agent_server):
+    return agent_server(token=TOKEN, keep_warm=2)
 
 
 def call(server, method, path, token=TOKEN, **kw):

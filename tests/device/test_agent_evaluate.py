@@ -11,8 +11,6 @@ import time
 import numpy as np
 import pytest
 
-from edgepipe.device.agent import Agent, AgentServer
-from edgepipe.device.bundle_store import BundleStore
 from edgepipe.device.evaluate_job import MAX_OUTPUT_VALUES, decode_array
 from edgepipe.device.http import ClientError, request
 from edgepipe.device.runtime import load_model
@@ -23,14 +21,8 @@ TOKEN = "eval-token"
 
 
 @pytest.fixture
-def agent(tmp_path):
-    worker = Agent(BundleStore(tmp_path / "store", max_bytes=1 << 20, quota_bytes=4 << 20), keep_warm=1)
-    server = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
-    server.start_background()
-    yield server
-    server.shutdown()
-    server.server_close()
-    worker.close()
+def agent(agent_server):
+    return agent_server(token=TOKEN, quota_bytes=4 << 20, keep_warm=1)
 
 
 def call(server, method, path, **kw):
@@ -119,23 +111,16 @@ def test_data_bounds_and_refusals_come_with_a_reason(agent, tmp_path):
     assert "\n" not in state["error"]
 
 
-def test_outputs_too_large_to_return_are_refused(tmp_path):
-    worker = Agent(BundleStore(tmp_path / "store", max_bytes=8 << 20), keep_warm=0)
-    server = AgentServer(worker, "127.0.0.1", 0, token=TOKEN)
-    server.start_background()
-    try:
-        d, sha = shipped(server, tmp_path, "seg_halves.tflite")  # 3072 output values per image
-        lm = load_model(d / "model.tflite")
-        rows = MAX_OUTPUT_VALUES // int(np.prod(lm.outputs[0].shape[1:])) + 1
-        data, dsha = npy(np.zeros((rows, *lm.inputs[0].shape[1:]), np.float32))
-        put_data(server, data, dsha)
-        state = wait(server, call(server, "POST", "/v1/jobs",
-                                  body={"kind": "evaluate", "bundle": sha, "data": dsha})[1]["id"])
-        assert state["status"] == "failed" and "send fewer images per job" in state["error"], state
-    finally:
-        server.shutdown()
-        server.server_close()
-        worker.close()
+def test_outputs_too_large_to_return_are_refused(agent_server, tmp_path):
+    server = agent_server(token=TOKEN, max_bytes=8 << 20, keep_warm=0)
+    d, sha = shipped(server, tmp_path, "seg_halves.tflite")  # 3072 output values per image
+    lm = load_model(d / "model.tflite")
+    rows = MAX_OUTPUT_VALUES // int(np.prod(lm.outputs[0].shape[1:])) + 1
+    data, dsha = npy(np.zeros((rows, *lm.inputs[0].shape[1:]), np.float32))
+    put_data(server, data, dsha)
+    state = wait(server, call(server, "POST", "/v1/jobs",
+                              body={"kind": "evaluate", "bundle": sha, "data": dsha})[1]["id"])
+    assert state["status"] == "failed" and "send fewer images per job" in state["error"], state
 
 
 def test_data_store_evicts_least_recently_used_blobs_no_job_needs(tmp_path):
