@@ -16,7 +16,8 @@ from typing import Callable, Optional
 from edgepipe.device.bundle_store import UploadError, check_digest
 from edgepipe.device.data_store import check_data_digest
 from edgepipe.device.http import HTTPError_, JSONHandler, Server, check_bind
-from edgepipe.device.jobs import JobCore, JobRefused, parse_job
+from edgepipe.device.job_spec import JobRefused, parse_job
+from edgepipe.device.jobs import JobCore
 
 DEFAULT_PORT = 8751
 # The HTTP front end's name for the job core (tests and `edgepipe ablate --device` build one).

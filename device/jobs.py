@@ -1,4 +1,4 @@
-"""The agent's job core: validation, the queue, job states on disk, the worker.
+"""The agent's job core: the queue, job states on disk, the worker.
 
 Front ends (HTTP in :mod:`edgepipe.device.agent`, MQTT later) only call
 :class:`JobCore`: ``submit``, ``get``, ``list``, ``cancel``, ``close``. Jobs
@@ -6,6 +6,7 @@ run one at a time in a child process (:mod:`edgepipe.device.worker`) so they
 never skew each other's timings and a crashing model takes down only the
 worker. Every state change is written to ``<store>/.jobs/<id>.json``
 (atomically), so a restarted agent still answers for every job it accepted.
+Requests are validated before they get here (:mod:`edgepipe.device.job_spec`).
 """
 from __future__ import annotations
 
@@ -23,33 +24,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
-from edgepipe.device.bundle_store import SHA_RE, BundleStore, UploadError, check_digest
+from edgepipe.device.bundle_store import BundleStore
 from edgepipe.device.data_store import DATA_DIR, DataStore
-from edgepipe.device.errors import EdgepipeError
+# Requests are validated in job_spec; re-exported so front ends keep importing them from here.
+from edgepipe.device.job_spec import JobRefused, JobSpec, parse_job
 from edgepipe.device.worker import JobRequest, Outcome, Result, WorkerHandle
 
 DEFAULT_TIMEOUT = 600.0
-MAX_TIMEOUT = 4 * 3600.0
 MAX_JOBS_KEPT = 500  # finished jobs remembered (and answered for)
 MAX_QUEUED = 200
 JOBS_DIR = ".jobs"
 _JOB_FILE_LIMIT = 8 << 20
-
-# Job parameters: name -> (types, (min, max)). Unknown keys are refused so a
-# typo never silently runs with defaults; bounds keep one job from holding the
-# worker for ever (the timeout is the last word).
-_INT, _NUM = (int,), (int, float)
-_COMMON = {"threads": (_INT, (1, 256)), "delegate": ((str,), None), "backend": ((str,), None),
-           "timeout": (_NUM, (1, MAX_TIMEOUT))}
-BENCH_PARAMS = {**_COMMON, "runs": (_INT, (1, 100_000)), "warmup": (_INT, (0, 10_000)),
-                "min_secs": (_NUM, (0, 3600)), "input": ((str,), None), "seed": (_INT, (0, 2**32 - 1)),
-                "mode": ((str,), None), "streams": (_INT, (1, 64)), "profile_ops": ((bool,), None)}
-RUN_PARAMS = {**_COMMON, "source": ((str,), None), "pipeline": ((bool,), None),
-              "max_frames": (_INT, (1, 1_000_000))}
-# evaluate: the bundle over an uploaded .npy blob of preprocessed inputs (PUT /v1/data/{sha256}).
-EVALUATE_PARAMS = {**_COMMON, "data": ((str,), None)}
-KIND_PARAMS = {"bench": BENCH_PARAMS, "run": RUN_PARAMS, "evaluate": EVALUATE_PARAMS}
-MAX_STR = 4096
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -63,25 +48,6 @@ class JobState(str, Enum):
     @property
     def final(self) -> bool:
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
-
-
-class JobRefused(EdgepipeError):
-    """A job request that cannot be accepted; ``status`` is the HTTP-style code (400, 404, 409, 422, 429)."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """A validated job request."""
-
-    kind: str  # bench | run | evaluate
-    bundle: str  # the bundle tar's sha256
-    params: dict
-    timeout: Optional[float] = None  # None: the agent's default
 
 
 def _now() -> str:
@@ -120,41 +86,6 @@ class Job:
                    queued_at=d.get("queued_at") or _now(), started_at=d.get("started_at"),
                    finished_at=d.get("finished_at"), stage=d.get("stage"), report=d.get("report"),
                    error=d.get("error"), crash=d.get("crash"))
-
-
-def parse_job(doc) -> JobSpec:
-    """Validate a job request (the JSON body of ``POST /v1/jobs``); raises :class:`JobRefused` (400)."""
-    if not isinstance(doc, dict):
-        raise JobRefused(400, "job must be a JSON object")
-    kind = doc.get("kind")
-    if kind not in KIND_PARAMS:
-        raise JobRefused(400, "job kind must be 'bench', 'run' or 'evaluate'")
-    bundle = doc.get("bundle")
-    try:
-        check_digest(bundle if isinstance(bundle, str) else "")
-    except UploadError as e:
-        raise JobRefused(400, f"bundle: {e.reason}") from None
-    allowed = KIND_PARAMS[kind]
-    params = {}
-    for key, value in doc.items():
-        if key in ("kind", "bundle") or value is None:
-            continue
-        if key not in allowed:
-            raise JobRefused(400, f"unknown {kind} job parameter {key!r} (known: {', '.join(sorted(allowed))})")
-        types, bounds = allowed[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise JobRefused(400, f"{key} must be {'/'.join(t.__name__ for t in types)}")
-        if bounds and not bounds[0] <= value <= bounds[1]:
-            raise JobRefused(400, f"{key} must be >= {bounds[0]:g} and <= {bounds[1]:g}")
-        if isinstance(value, str) and len(value) > MAX_STR:
-            raise JobRefused(400, f"{key} is longer than {MAX_STR} characters")
-        params[key] = value
-    if kind == "run" and "source" not in params:
-        raise JobRefused(400, "a run job needs a source (DIR, FILE, VIDEO, camera[:N] or picamera)")
-    if kind == "evaluate" and not (isinstance(params.get("data"), str) and SHA_RE.match(params["data"])):
-        raise JobRefused(400, "an evaluate job needs data: the sha256 of an uploaded .npy (PUT /v1/data/{sha256})")
-    timeout = params.pop("timeout", None)
-    return JobSpec(kind, bundle, params, float(timeout) if timeout is not None else None)
 
 
 class JobJournal:
