@@ -102,11 +102,15 @@ Examples:
 @click.option("--calib-method", default=None, metavar="METHOD",
               help="int8 activation ranges: minmax (default), percentile:P (e.g. percentile:99.99) or mse, "
                    "optionally 'per-tensor' after it; kept only when it agrees better with float.")
+@click.option("--try-int16", type=click.IntRange(0, 64), default=0, show_default=True, metavar="N",
+              help="With --target-agreement: first try 16-bit activations (int8 weights) for the worst 1, 2, 4 "
+                   "... N layers, and keep layers float only when that does not reach the target or is slower "
+                   "than fp32. Off by default: LiteRT runs 16-bit convolutions on slow reference kernels on CPU.")
 @click.option("--list-recipes", is_flag=True, is_eager=True, expose_value=False, callback=_list_recipes,
               help="Show what each recipe does and exit.")
 def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean, std, color, resize,
             crop_fraction, input_size, io_type, labels, task, decoder_file, name, cache_dir, no_cache, no_edgetpu,
-            as_json, target_agreement, val_dir, calib_method):
+            as_json, target_agreement, val_dir, calib_method, try_int16):
     """Convert MODEL (.keras, .h5, a SavedModel directory or a float .tflite) into TFLite bundles, one per recipe.
 
     A .tflite is quantized with the LiteRT quantizer (ai-edge-quantizer); the
@@ -141,6 +145,8 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
 
     if target_agreement is not None and not any(r.name == "int8" for r in chosen):
         raise click.ClickException("--target-agreement: needs the int8 recipe in --recipes")
+    if try_int16 and target_agreement is None:
+        raise click.ClickException("--try-int16: needs --target-agreement")
     if target_agreement is not None and model.suffix.lower() == ".tflite":
         raise click.ClickException("--target-agreement: needs a Keras or SavedModel source, not a .tflite")
     method = _calib_method(calib_method, chosen, model)
@@ -151,7 +157,8 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     except (ConvertError, ValueError, OSError) as e:
         raise fail(e) from None
     if target_agreement is not None:
-        results = [_selective(r, results, model, target_agreement, progress, val_dir, method) for r in results]
+        results = [_selective(r, results, model, target_agreement, progress, val_dir, method, try_int16)
+                   for r in results]
     elif method is not None:
         results = [_requantize(r, results, model, method, progress, val_dir) for r in results]
     _report(results, model, out_dir, as_json)
@@ -243,7 +250,7 @@ def _summary(results) -> str:
     return format_table(["recipe", "size", "vs fp32", "time", "cache", "Edge TPU", "bundle"], rows)
 
 
-def _selective(r, results, model_path, target: float, progress, val_dir=None, method=None):
+def _selective(r, results, model_path, target: float, progress, val_dir=None, method=None, try_int16=0):
     """``--target-agreement``: rework the int8 bundle of this run; the result's size follows."""
     import dataclasses
 
@@ -254,7 +261,8 @@ def _selective(r, results, model_path, target: float, progress, val_dir=None, me
 
     progress(f"int8: searching the fewest float layers for agreement >= {target}")
     try:
-        sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress, eval_dir=val_dir, method=method)
+        sel = apply_to_bundle(r.bundle, model_path, target, on_step=progress, eval_dir=val_dir, method=method,
+                              try_int16=try_int16)
     except (SelectiveError, ValueError, OSError) as e:
         raise fail(e) from None
     progress(_selective_summary(sel, target))
@@ -268,7 +276,12 @@ def _selective(r, results, model_path, target: float, progress, val_dir=None, me
 
 
 def _selective_summary(sel, target: float) -> str:
-    """One line: agreement reached, and which layers stayed float at what latency cost."""
+    """One line: agreement reached, and which layers stayed float (or went 16-bit) at what latency cost."""
+    if sel.int16_chosen:
+        step = sel.a16w8["steps"][sel.a16w8["chosen_step"]]
+        return (f"int8: agreement {sel.agreement:.4f} (plain int8 {sel.baseline_agreement:.4f}) with "
+                f"{step['int16_layers']} layer(s) at 16-bit activations: {', '.join(step['layers'])}; "
+                f"p50 {step['p50_ms']:.3f} ms (fp32 {sel.a16w8['fp32_p50_ms']:.3f} ms)")
     if sel.latency and len(sel.latency) == len(sel.kept) + 1:
         kept = [f"{e.layer} ({c['cost_ms']:+.3f} ms)" for e, c in zip(sel.kept, sel.latency[1:])]
     else:

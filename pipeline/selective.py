@@ -8,7 +8,11 @@ grows, roughly monotonically, with every layer kept in float), and finally
 tries to drop each kept layer again in case a later one made it redundant.
 
 Everything is recorded: which layers stayed float, their error score (why),
-the agreement after each step, and the latency each kept layer costs.
+the agreement after each step, and the latency each kept layer costs. With
+``try_int16`` (:func:`apply_to_bundle`), 16-bit activations for the worst
+layers are tried first (:mod:`edgepipe.pipeline.mixed_precision`); the search
+itself lives in :mod:`edgepipe.pipeline.float_search`, running and timing
+models in :mod:`edgepipe.pipeline.model_run`.
 
 Entry point for ``edgepipe convert --target-agreement``::
 
@@ -21,22 +25,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
 from edgepipe.pipeline import metrics
-from edgepipe.pipeline.layer_error import Debugged, LayerError, LayerErrorError, debug_int8
+# Re-exported: ptq, scripts and tests measure with these through this module.
+from edgepipe.pipeline.model_run import float_outputs, p50_ms, run_tflite  # noqa: F401
+from edgepipe.pipeline.model_run import load_bytes as _load_bytes  # noqa: F401
+from edgepipe.pipeline.float_search import Search as _Search, float_layer_costs as _float_layer_costs
+from edgepipe.pipeline.layer_error import Debugged, LayerErrorError, debug_int8
 from edgepipe.device.errors import EdgepipeError
 
 SUPPORTED_RECIPES = ("int8",)
-MAX_TIMED_LAYERS = 12
 
 
 class SelectiveError(EdgepipeError, ValueError):
@@ -57,11 +63,18 @@ class SelectiveResult:
     eval_images: int = 0
     seconds: float = 0.0
     ranks: dict = field(default_factory=dict)  # tensor -> 1-based sensitivity rank
+    a16w8: Optional[dict] = None  # MixedResult.to_dict(): the 16-bit activation steps tried first
+
+    @property
+    def int16_chosen(self) -> bool:
+        """The returned model is the 16-bit-activation step, not a float-kept one."""
+        return bool(self.a16w8) and self.a16w8.get("chosen_step") is not None
 
     def to_dict(self) -> dict:
-        """The manifest's ``extra["selective"]`` block."""
+        """The manifest's ``extra["selective"]`` block (``a16w8`` only when 16-bit steps were tried)."""
         return {
-            "method": "denylist most sensitive layers (QuantizationDebugger rmse/scale ranking)",
+            "method": ("16-bit activations for the worst layers (ai-edge-quantizer a16w8)" if self.int16_chosen
+                       else "denylist most sensitive layers (QuantizationDebugger rmse/scale ranking)"),
             "target_agreement": self.target,
             "reached": self.reached,
             "agreement": self.agreement,
@@ -77,54 +90,8 @@ class SelectiveResult:
             "steps": list(self.steps),
             "latency": list(self.latency),
             "seconds": round(self.seconds, 2),
+            **({"a16w8": self.a16w8} if self.a16w8 else {}),
         }
-
-
-def _load_bytes(model: bytes, threads: Optional[int]):
-    """A device-runtime model from bytes (the runtime loads files; the file goes once loaded)."""
-    from edgepipe.device.runtime import load_model
-
-    fd, path = tempfile.mkstemp(suffix=".tflite", prefix="edgepipe-sel-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model)
-        return load_model(path, threads=threads)
-    finally:
-        os.unlink(path)
-
-
-def run_tflite(model: bytes, x: np.ndarray, *, threads: Optional[int] = 1) -> np.ndarray:
-    """Float outputs (first output, one row per input) of a TFLite model via the device runtime."""
-    lm = _load_bytes(model, threads)
-    return np.stack([lm.predict([x[i:i + 1]])[0].reshape(-1) for i in range(x.shape[0])])
-
-
-def p50_ms(model: bytes, x: np.ndarray, *, runs: int = 30, warmup: int = 3,
-           threads: Optional[int] = 1) -> float:
-    """Median invoke latency of ``model`` on one input (ms), via the device runtime."""
-    lm = _load_bytes(model, threads)
-    spec = lm.inputs[0]
-    lm.set_input(0, spec.quantize(x[:1]).reshape(spec.shape))
-    for _ in range(warmup):
-        lm.invoke()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter_ns()
-        lm.invoke()
-        samples.append((time.perf_counter_ns() - t0) / 1e6)
-    return float(np.median(samples))
-
-
-def float_outputs(keras_model, x: np.ndarray) -> np.ndarray:
-    """The float reference: the Keras model's first output, one row per input."""
-    from edgepipe.pipeline.tfenv import captured_output
-
-    with captured_output():
-        y = keras_model(x, training=False)
-    if isinstance(y, (list, tuple)):
-        y = y[0]
-    y = np.asarray(y)
-    return y.reshape(y.shape[0], -1)
 
 
 def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.ndarray],
@@ -230,94 +197,10 @@ def _keras_model(keras_model):
         raise SelectiveError(f"needs a Keras model ({first})", param="target_agreement") from None
 
 
-class _Search:
-    """Agreement of float-kept layer sets (each quantized and run once), and the search over them."""
-
-    def __init__(self, dbg: Debugged, ex: np.ndarray, ref: np.ndarray, target: float,
-                 threads: Optional[int], say: Callable[[str], None]):
-        self.dbg, self.ex, self.ref, self.target, self.threads, self.say = dbg, ex, ref, target, threads, say
-        self.cache: dict = {}
-        self.steps: list = []
-        self.baseline = self.agreement_of([])
-        self.steps.append({"float_layers": 0, "agreement": self.baseline})
-
-    def _entry(self, kept: Sequence[LayerError]) -> tuple:
-        key = frozenset(e.tensor for e in kept)
-        if key not in self.cache:
-            model = self.dbg.quantize([e.tensor for e in kept])
-            out = run_tflite(model, self.ex, threads=self.threads)
-            self.cache[key] = (metrics.top1_agreement(out, self.ref), model)
-            self.say(f"{len(kept)} float layer(s): agreement {self.cache[key][0]:.4f}")
-        return self.cache[key]
-
-    def agreement_of(self, kept: Sequence[LayerError]) -> float:
-        return self._entry(kept)[0]
-
-    def model_of(self, kept: Sequence[LayerError]) -> bytes:
-        return self._entry(kept)[1]
-
-    def reaches(self, kept: Sequence[LayerError]) -> bool:
-        return self.agreement_of(kept) >= self.target
-
-    def _check(self, ranked: list, k: int) -> bool:
-        a = self.agreement_of(ranked[:k])
-        self.steps.append({"float_layers": k, "agreement": a})
-        return a >= self.target
-
-    def shortest_prefix(self, ranked: list, limit: int) -> list:
-        """The shortest prefix of ``ranked`` reaching the target (the longest tried when none does)."""
-        if self.baseline >= self.target:
-            return []
-        # Exponential probe, then binary search on the prefix length.
-        lo, hi, k = 0, None, 1
-        while k <= limit:
-            if self._check(ranked, k):
-                hi = k
-                break
-            lo = k
-            k = limit if k * 2 > limit and k < limit else k * 2
-        if hi is None:
-            return list(ranked[:lo])
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._check(ranked, mid):
-                hi = mid
-            else:
-                lo = mid
-        return list(ranked[:hi])
-
-    def prune(self, kept: list) -> list:
-        """Drop each kept layer again: a later layer may have fixed what an earlier one was kept for."""
-        for e in list(kept):
-            trial = [x for x in kept if x.tensor != e.tensor]
-            a = self.agreement_of(trial)
-            self.steps.append({"float_layers": len(trial), "agreement": a, "dropped": e.layer})
-            if a >= self.target:
-                kept = trial
-        return kept
-
-
-def _float_layer_costs(dbg: Debugged, kept: list, ex: np.ndarray, threads: Optional[int],
-                       say: Callable[[str], None]) -> list:
-    """p50 latency as the kept layers go float one by one (or all at once past a handful)."""
-    say("timing the cost of each float layer")
-    prev = p50_ms(dbg.quantize([]), ex, threads=threads)
-    latency = [{"layer": None, "float_layers": 0, "p50_ms": prev, "cost_ms": 0.0}]
-    # One re-quantization + benchmark per kept layer; past a handful the
-    # per-layer split is noise, so only the total is measured.
-    steps_to_time = range(1, len(kept) + 1) if len(kept) <= MAX_TIMED_LAYERS else [len(kept)]
-    for i in steps_to_time:
-        cur = p50_ms(dbg.quantize([e.tensor for e in kept[:i]]), ex, threads=threads)
-        latency.append({"layer": kept[i - 1].layer if len(steps_to_time) > 1 else "(all kept)",
-                        "tensor": kept[i - 1].tensor if len(steps_to_time) > 1 else None,
-                        "float_layers": i, "p50_ms": cur, "cost_ms": cur - prev})
-        prev = cur
-    return latency
-
-
 def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=None,
                     eval_limit: int = 300, measure_latency: bool = True,
-                    on_step: Optional[Callable[[str], None]] = None, method=None) -> SelectiveResult:
+                    on_step: Optional[Callable[[str], None]] = None, method=None,
+                    try_int16: int = 0) -> SelectiveResult:
     """Re-make an ``int8`` bundle so it reaches ``target`` agreement; rewrites it atomically.
 
     Calibration uses the images recorded in the bundle's manifest (same
@@ -326,7 +209,10 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     images. The manifest gets ``extra["selective"]`` (which layers, why, and
     the latency each one costs) and the new model's digest and size.
     ``method`` (an ``edgepipe.pipeline.ptq.Method``): search on top of those
-    activation ranges instead of the converter's min-max.
+    activation ranges instead of the converter's min-max. ``try_int16``: first
+    try 16-bit activations for up to that many of the worst layers
+    (:mod:`edgepipe.pipeline.mixed_precision`); that model ships when it
+    reaches ``target`` and is not slower than fp32, else the float search runs.
     """
     from edgepipe.pipeline import calibration
 
@@ -335,20 +221,16 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
     calib = calibration.load_arrays(cset, m.preprocess)
     ex = _eval_arrays(eval_dir, b, eval_limit)
-    debugged = None
-    if method is not None and method.name != "minmax":
-        from edgepipe.pipeline import ptq
-
-        keras = _keras_model(keras_model_path)
-        try:
-            layers = debug_int8(keras, calib, debug=ex if ex is not None else calib).layers
-            debugged = ptq.for_selective(ptq.calibrate(keras, calib), method, layers)
-        except (ptq.PTQError, LayerErrorError) as e:
-            raise SelectiveError(str(e)) from None
-    res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
-                         measure_latency=measure_latency, on_step=on_step,
-                         shipped=b.model_path.read_bytes(), debugged=debugged)
-    if not res.kept:
+    shipped = b.model_path.read_bytes()
+    debugged, mixed = _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step)
+    if mixed is not None and mixed.model is not None:
+        res = _a16w8_result(mixed, shipped, calib if ex is None else ex, target, len(debugged.layers))
+    else:
+        res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
+                             measure_latency=measure_latency, on_step=on_step,
+                             shipped=shipped, debugged=debugged)
+        res.a16w8 = None if mixed is None else mixed.to_dict()
+    if not res.kept and not res.int16_chosen:
         # The plain int8 model stays; only the manifest learns what was tried.
         from edgepipe.device.bundle import write_manifest
 
@@ -356,6 +238,37 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     else:
         _rewrite_bundle(b, res)
     return res
+
+
+def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step):
+    """(debugged for the float search or None, the 16-bit steps or None): one calibration serves both."""
+    if (method is None or method.name == "minmax") and not try_int16:
+        return None, None
+    from edgepipe.pipeline import mixed_precision, ptq
+
+    keras = _keras_model(keras_model_path)
+    x = ex if ex is not None else calib
+    try:
+        dbg = debug_int8(keras, calib, debug=x)
+        cal = ptq.calibrate(keras, calib)
+        ranged = method is not None and method.name != "minmax"
+        debugged = ptq.for_selective(cal, method, dbg.layers) if ranged else dbg
+        mixed = None if not try_int16 else mixed_precision.try_before_float(
+            keras, cal, method or ptq.Method(), dbg.layers, calib, x, target, try_int16,
+            measure_latency=measure_latency, on_step=on_step)
+    except (ptq.PTQError, LayerErrorError, mixed_precision.MixedPrecisionError) as e:
+        raise SelectiveError(str(e)) from None
+    return debugged, mixed
+
+
+def _a16w8_result(mixed, shipped: bytes, x: np.ndarray, target: float, layers_total: int) -> SelectiveResult:
+    """The chosen 16-bit-activation step as the search's result (no layer float)."""
+    step = mixed.steps[mixed.chosen]
+    return SelectiveResult(
+        tflite=mixed.model, target=float(target), agreement=step.agreement,
+        baseline_agreement=metrics.top1_agreement(run_tflite(shipped, x), mixed.reference), reached=True, kept=[],
+        layers_total=layers_total, steps=[], eval_images=int(len(x)), seconds=mixed.seconds,
+        a16w8=mixed.to_dict())
 
 
 def _int8_bundle(bundle_path):
