@@ -90,55 +90,74 @@ def run(bundle, source, pipeline, max_frames, threads, delegate, backend, edgetp
     """
     from edgepipe.device import progress as pg
     from edgepipe.device.errors import EdgepipeError
-    from edgepipe.device.postprocess import json_line
     from edgepipe.device.decode_stage import Thresholds
-    from edgepipe.device.runner import StopRun, run_source
+    from edgepipe.device.runner import run_source
     from edgepipe.device.sources import open_source
 
-    to_stdout = out in (None, "-")
-    if as_json and to_stdout:
+    if as_json and out in (None, "-"):
         raise fail("--json prints the report on stdout: send the predictions elsewhere with --out FILE")
-    try:
-        sink = sys.stdout if to_stdout else open(out, "w", encoding="utf-8")
-    except OSError as e:
-        raise fail(f"cannot write {out}: {e.strerror or e}") from None
-    bar = pg.Bar(None, "run", unit="frame", on=False)
-    above = _above_bar(lambda: bar.active and to_stdout and _isatty(sys.stdout))
-
-    def on_prediction(rec: dict) -> None:
-        try:
-            with above():
-                sink.write(json_line(rec) + "\n")
-                if to_stdout:
-                    sink.flush()  # stream: a consumer sees each frame as it is done
-        except BrokenPipeError:
-            # `edgerun run ... | head`: the reader left. Stop cleanly, keep the report.
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            raise StopRun("the output pipe was closed") from None
-        bar.update()
-
+    sink = _Predictions(out)
     try:
         preflight(bundle, isolate=isolate, delegates=[delegate], threads=threads, backend=backend,
                   edgetpu_device=edgetpu_device)
         # Opened here (same spec, same order as run_source would) so the bar knows how many frames come.
         with open_source(source, live=live) as src:
-            bar = pg.Bar(frames_total(src, max_frames), "run", unit="frame",
-                         on=pg.enabled(as_json=as_json or quiet))
-            with bar:  # closed (and cleared) before the summary
+            sink.bar = pg.Bar(frames_total(src, max_frames), "run", unit="frame",
+                              on=pg.enabled(as_json=as_json or quiet))
+            with sink.bar:  # closed (and cleared) before the summary
                 report = run_source(bundle, src, pipeline=pipeline, max_frames=max_frames, threads=threads,
                                     delegate=delegate, backend=backend, edgetpu_device=edgetpu_device,
                                     workers=workers, lanes=lanes, queue_depth=queue_depth, top_k=top_k,
-                                    live=live, on_prediction=on_prediction, task=task, annotate=annotate,
+                                    live=live, on_prediction=sink, task=task, annotate=annotate,
                                     thresholds=Thresholds(score_threshold, iou_threshold, max_detections))
     except EdgepipeError as e:  # bundle, source, load, runtime and crash-probe failures: one line each
         raise fail(e) from None
     except KeyboardInterrupt:
         raise fail("interrupted") from None
     finally:
-        if not to_stdout:
-            sink.close()
+        sink.close()
     finish(report, report_path=report_path, as_json=as_json, quiet=quiet)
+
+
+class _Predictions:
+    """Where the predictions go, one JSON line per frame: stdout (streamed) or --out FILE.
+
+    Called with each prediction record; on a terminal that also shows the
+    progress bar (``bar``, replaced once the frame count is known) the line is
+    written above the bar.
+    """
+
+    def __init__(self, out: Optional[str]):
+        from edgepipe.device import progress as pg
+        from edgepipe.device.postprocess import json_line
+
+        self._json_line = json_line
+        self.to_stdout = out in (None, "-")
+        try:
+            self.file = sys.stdout if self.to_stdout else open(out, "w", encoding="utf-8")
+        except OSError as e:
+            raise fail(f"cannot write {out}: {e.strerror or e}") from None
+        self.bar = pg.Bar(None, "run", unit="frame", on=False)
+        self._above = _above_bar(lambda: self.bar.active and self.to_stdout and _isatty(sys.stdout))
+
+    def __call__(self, rec: dict) -> None:
+        try:
+            with self._above():
+                self.file.write(self._json_line(rec) + "\n")
+                if self.to_stdout:
+                    self.file.flush()  # stream: a consumer sees each frame as it is done
+        except BrokenPipeError:
+            # `edgerun run ... | head`: the reader left. Stop cleanly, keep the report.
+            from edgepipe.device.runner import StopRun
+
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise StopRun("the output pipe was closed") from None
+        self.bar.update()
+
+    def close(self) -> None:
+        if not self.to_stdout:
+            self.file.close()
 
 
 def frames_total(src, max_frames: Optional[int]) -> Optional[int]:

@@ -56,42 +56,22 @@ def ablate(spec_path, out_dir, device_url, token, db_path, dry_run, as_json, qui
         raise click.ClickException("--out: required (the folder receiving results and the resume cache)")
     from edgepipe.pipeline.ablate import AblateError, quality_key, run_ablation
     from edgepipe.pipeline.ablate_store import PointReports
-
-    from edgepipe.device import progress as pg
-
-    talk = not (quiet or as_json)
-    state = {"n": 0}
-    # On a terminal: one bar with ETA over the points; otherwise the plain "[n/N]" lines.
-    bar = pg.Bar(len(points), "ablate", unit="point", on=talk and pg.enabled())
-
-    def say(msg: str) -> None:
-        if talk:
-            bar.write(f"edgepipe: {msg}") if bar.active else click.echo(f"edgepipe: {msg}", err=True)
-
-    def tick(res: dict) -> None:
-        state["n"] += 1
-        if talk:
-            tag = "cached" if res.get("cached") else ("FAILED" if res.get("error") else "done")
-            p50 = res.get("p50_ms")
-            detail = res.get("error") or (f"p50 {p50:.3f} ms" if p50 is not None else "")
-            line = f"[{state['n']}/{len(points)}] {res.get('label')}: {tag} {detail}"
-            bar.message(line, at_start=False) if bar.active else click.echo(line, err=True)
-
     from edgepipe.pipeline.cli_samples import not_built_hint
     from edgepipe.pipeline.samples import SampleDataError, SampleNotBuiltError
 
+    progress = _Progress(len(points), talk=not (quiet or as_json))
     store = _open_store(db_path)
     keep = PointReports(out_dir, store)
     try:
-        with bar:
-            results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=say, tick=tick,
-                                   keep=keep)
+        with progress.bar:
+            results = run_ablation(spec, out_dir, device_url=device_url, token=token, say=progress.say,
+                                   tick=progress.tick, keep=keep)
     except SampleNotBuiltError as e:
         raise click.ClickException(f"model.source: {e}; {not_built_hint(e.name)}") from None
     except (AblateError, SampleDataError) as e:
         raise fail(e) from None
     except KeyboardInterrupt:
-        click.echo(f"interrupted: re-run the same command to resume ({state['n']} point(s) kept)",
+        click.echo(f"interrupted: re-run the same command to resume ({progress.n} point(s) kept)",
                    err=True)
         sys.exit(130)
     finally:
@@ -99,7 +79,42 @@ def ablate(spec_path, out_dir, device_url, token, db_path, dry_run, as_json, qui
             store.close()
     quality = quality_key(results)
     cmd = f"edgepipe ablate {spec_path} --out {out_dir}" + (f" --device {device_url}" if device_url else "")
-    headers, rows = _write_outputs(spec, results, quality, out_dir, cmd, say)
+    table = _write_outputs(spec, results, quality, out_dir, cmd, progress.say)
+    _print_results(spec, results, quality, out_dir, table, keep, store, as_json=as_json)
+    if keep.tally.failed:
+        click.echo(f"warning: {keep.tally.failed} report(s) not stored: {keep.tally.error}", err=True)
+    if results and all(r.get("error") for r in results):
+        raise click.ClickException("every point failed; see the table above")
+
+
+class _Progress:
+    """What an ablation says while it runs: one bar with ETA over the points on a terminal, otherwise
+    plain ``[n/N]`` lines on stderr; nothing when ``talk`` is off (--quiet, --json)."""
+
+    def __init__(self, total: int, talk: bool):
+        from edgepipe.device import progress as pg
+
+        self.total, self.talk, self.n = total, talk, 0
+        self.bar = pg.Bar(total, "ablate", unit="point", on=talk and pg.enabled())
+
+    def say(self, msg: str) -> None:
+        if self.talk:
+            self.bar.write(f"edgepipe: {msg}") if self.bar.active else click.echo(f"edgepipe: {msg}", err=True)
+
+    def tick(self, res: dict) -> None:
+        """One point finished (measured, cached or failed)."""
+        self.n += 1
+        if self.talk:
+            tag = "cached" if res.get("cached") else ("FAILED" if res.get("error") else "done")
+            p50 = res.get("p50_ms")
+            detail = res.get("error") or (f"p50 {p50:.3f} ms" if p50 is not None else "")
+            line = f"[{self.n}/{self.total}] {res.get('label')}: {tag} {detail}"
+            self.bar.message(line, at_start=False) if self.bar.active else click.echo(line, err=True)
+
+
+def _print_results(spec, results: list, quality: str, out_dir: Path, table: tuple, keep, store, *,
+                   as_json: bool) -> None:
+    """The results as JSON, or the table, what was written and what was stored."""
     stored = _stored_line(keep.tally, store)
     if as_json:
         doc = {"name": spec.name, "quality": quality, "out": str(out_dir), "results": results}
@@ -107,17 +122,14 @@ def ablate(spec_path, out_dir, device_url, token, db_path, dry_run, as_json, qui
             doc["stored"] = {"new": keep.tally.new, "already": keep.tally.known, "failed": keep.tally.failed,
                              "db": str(store.path)}
         click.echo(json.dumps(doc, indent=2))
-    else:
-        from edgepipe.device.tables import format_table
+        return
+    from edgepipe.device.tables import format_table
 
-        click.echo(format_table(headers, rows, right=range(1, 7)))
-        click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")
-        if stored:
-            click.echo(stored)
-    if keep.tally.failed:
-        click.echo(f"warning: {keep.tally.failed} report(s) not stored: {keep.tally.error}", err=True)
-    if results and all(r.get("error") for r in results):
-        raise click.ClickException("every point failed; see the table above")
+    headers, rows = table
+    click.echo(format_table(headers, rows, right=range(1, 7)))
+    click.echo(f"\nwrote {out_dir}/index.html, pareto.png, table.md, results.json")
+    if stored:
+        click.echo(stored)
 
 
 def _open_store(db_path):

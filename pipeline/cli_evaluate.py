@@ -26,7 +26,7 @@ class _Bar:
     """A click progress bar on stderr, opened per stage, silent with --json or --quiet."""
 
     def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.total = enabled, None, 0
+        self.enabled, self.bar, self.total = enabled, None, 0  # total: images to evaluate, when known
 
     def start(self, label: str, total: int):
         self.close()
@@ -42,6 +42,21 @@ class _Bar:
         if self.bar:
             self.bar.__exit__(None, None, None)
             self.bar = None
+
+    def progress(self, msg: str, n: int) -> None:
+        """The evaluation's progress callback: ``n`` images done, or a stage message.
+
+        Reading and running stages get a bar over ``total`` images; other
+        messages close the bar and are printed (unless silent).
+        """
+        if n:
+            self.step(n)
+        elif msg:
+            if msg.startswith(("reading", "running")) and not msg.startswith("running float"):
+                self.start(msg, self.total or 1)
+            elif self.enabled:
+                self.close()
+                click.echo(f"edgepipe: {msg}", err=True)
 
 
 def format_results(results) -> str:
@@ -109,22 +124,11 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
         return evaluate_detectors(bundles, data, reference, labels_file, threads, db_path, as_json, quiet)
 
     bar = _Bar(enabled=not (as_json or quiet))
-    n_images = {"n": 0}
-
-    def progress(msg: str, n: int) -> None:
-        if n:
-            bar.step(n)
-        elif msg:
-            if msg.startswith(("reading", "running")) and not msg.startswith("running float"):
-                bar.start(msg, n_images["n"] or 1)
-            elif not (as_json or quiet):
-                bar.close()
-                click.echo(f"edgepipe: {msg}", err=True)
-
+    progress = bar.progress
     try:
         # Count once for the bars (cheap listing; the real load validates again).
         try:
-            n_images["n"] = len(load_dataset(data, labels_file=labels_file, limit=limit).paths)
+            bar.total = len(load_dataset(data, labels_file=labels_file, limit=limit).paths)
         except EvalError:
             pass
         runner = _device_runner(device_url, token, delegate, threads, batch, progress)
@@ -139,6 +143,11 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
     finally:
         bar.close()
     stored = _store(results, data, db_path, runner) if db_path is not None else None
+    _output(results, layers, stored, runner, data=data, db_path=db_path, as_json=as_json)
+
+
+def _output(results, layers: dict, stored, runner, *, data, db_path, as_json: bool) -> None:
+    """The results as JSON on stdout, or the table, notes and (with --device) where each bundle ran."""
     if as_json:
         out = {"data": str(data), "results": [_result_dict(r, runner) for r in results]}
         if stored is not None:
@@ -146,10 +155,10 @@ def evaluate(bundles, data, reference, labels_file, limit, threads, db_path, n_l
         if layers:
             out["layers"] = layers
         click.echo(json.dumps(out, indent=2))
-    else:
-        _print_results(results, layers, stored, db_path)
-        if runner is not None:
-            _print_device(results, runner)
+        return
+    _print_results(results, layers, stored, db_path)
+    if runner is not None:
+        _print_device(results, runner)
 
 
 def _device_runner(url, token, delegate, threads, batch, progress):

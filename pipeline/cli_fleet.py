@@ -62,35 +62,19 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     terminal (not with --json) a bar per device shows its current job and an
     ETA on stderr; otherwise each event is one timestamped line on stderr.
     """
-    from edgepipe.device.bundle import BundleError
     from edgepipe.device.progress import enabled
     from edgepipe.pipeline.fleet import bench_fleet, device_label, expand_settings
     from edgepipe.pipeline.fleet_progress import FleetProgress, job_names
-    from edgepipe.pipeline.remote import pack_bundle
-    from edgepipe.pipeline.reporting import quantized_slower, results_table, row, sort_rows
 
     if bool(devices) == bool(broker_kw["broker"]):
         raise click.UsageError("give --device URL (agents that listen) or --broker URL (boards that dial out)")
     thread_list = _list(threads, "--threads", int)
     delegate_list = _list(delegate, "--delegate", str)
-    packed = []
-    for b in bundles:
-        try:
-            packed.append(pack_bundle(b))
-        except (BundleError, OSError) as e:
-            raise click.ClickException(f"{b}: {e}") from None
+    packed = _pack(bundles)
     for url in devices:
         if not url.startswith(("http://", "https://")):
             raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--device")
-
-    store = None
-    if not no_db:
-        from edgepipe.pipeline.store import default_db, open_store
-        path = db_path or default_db()
-        try:
-            store = open_store(path)  # a SQLite file or a postgresql:// URL
-        except Exception as e:
-            raise click.ClickException(f"cannot open results database {path}: {e}") from None
+    store = None if no_db else _open_results(db_path)
 
     if streams is not None and mode != "throughput":
         raise click.UsageError("--streams needs --mode throughput")
@@ -112,6 +96,38 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
     finally:
         if store is not None:
             store.close()
+    _print_outcomes(result, store, n_devices, force=force, as_json=as_json)
+    sys.exit(0 if result.ok else 1)
+
+
+def _pack(bundles) -> list:
+    """Each BUNDLE as an upload-ready tar (keyed by sha256); a bad one is a one-line error."""
+    from edgepipe.device.bundle import BundleError
+    from edgepipe.pipeline.remote import pack_bundle
+
+    packed = []
+    for b in bundles:
+        try:
+            packed.append(pack_bundle(b))
+        except (BundleError, OSError) as e:
+            raise click.ClickException(f"{b}: {e}") from None
+    return packed
+
+
+def _open_results(db_path):
+    """The results store at ``--db`` (a SQLite file or a postgresql:// URL), or the default database."""
+    from edgepipe.pipeline.store import default_db, open_store
+
+    path = db_path or default_db()
+    try:
+        return open_store(path)
+    except Exception as e:
+        raise click.ClickException(f"cannot open results database {path}: {e}") from None
+
+
+def _print_outcomes(result, store, n_devices: int, *, force: bool, as_json: bool) -> None:
+    """The device x recipe table, warnings, failures and a summary line (or all of it as JSON)."""
+    from edgepipe.pipeline.reporting import quantized_slower, results_table, row, sort_rows
 
     ok_rows = sort_rows(dict(row(o.report), device=o.device) for o in result.outcomes if o.report)
     if as_json:
@@ -122,20 +138,19 @@ def bench(bundles, devices, token, db_path, no_db, threads, delegate, backend, r
                           "error": o.error, "crash": o.crash, "uploaded": o.uploaded, "stored": o.stored,
                           "report": o.report} for o in result.outcomes],
             "warnings": quantized_slower(ok_rows)}, indent=2))
-    else:
-        if ok_rows:
-            click.echo(results_table(ok_rows))
-        for w in quantized_slower(ok_rows):
-            click.echo(f"warning: {w}")
-        for o in result.failed():
-            click.echo(f"{o.status.upper():<8}{o.device}  {o.bundle}: {o.error}")
-        if not force and any(o.status == "refused" for o in result.outcomes):
-            click.echo("hint: a bundle that crashed a device's runtime is refused there until it is sent "
-                       "again with --force")
-        n_ok = sum(o.status == "ok" for o in result.outcomes)
-        where = "not stored" if store is None else f"stored in {store.path}"
-        click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {n_devices} device(s); reports {where}")
-    sys.exit(0 if result.ok else 1)
+        return
+    if ok_rows:
+        click.echo(results_table(ok_rows))
+    for w in quantized_slower(ok_rows):
+        click.echo(f"warning: {w}")
+    for o in result.failed():
+        click.echo(f"{o.status.upper():<8}{o.device}  {o.bundle}: {o.error}")
+    if not force and any(o.status == "refused" for o in result.outcomes):
+        click.echo("hint: a bundle that crashed a device's runtime is refused there until it is sent "
+                   "again with --force")
+    n_ok = sum(o.status == "ok" for o in result.outcomes)
+    where = "not stored" if store is None else f"stored in {store.path}"
+    click.echo(f"{n_ok}/{len(result.outcomes)} jobs succeeded on {n_devices} device(s); reports {where}")
 
 
 def _list(value, hint: str, kind):
