@@ -5,18 +5,19 @@ Pipelined: a reader thread captures frames in order and hands each to a pool of
 preprocessing workers, then to the interpreter lane(s), through a bounded
 queue; the calling thread takes results in frame order and postprocesses them.
 ``invoke`` releases the GIL, so decoding frame n+1 overlaps inference on frame
-n. Lanes are interpreter copies with identical settings (same numerics).
+n. Lanes are interpreter copies of one model (same numerics); a lane probe
+(``edgepipe.device.lane_probe``) may route the first frames through several
+pools of them to measure which split of the cores is fastest.
 """
 from __future__ import annotations
 
 import io
-import math
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -59,6 +60,35 @@ class LoopStats:
         self.t_last: Optional[int] = None
 
 
+class LanePool:
+    """Interpreters with the same settings, lent to at most ``width`` frames at a time."""
+
+    def __init__(self, models: Sequence[Any], width: Optional[int] = None):
+        self._free: "queue.Queue" = queue.Queue()
+        for m in models:
+            self._free.put(m)
+        self.size = len(models)
+        self.width = min(self.size, width or self.size)
+        self._slots = threading.BoundedSemaphore(self.width)
+
+    def narrowed(self, width: int) -> "LanePool":
+        """The same interpreters, at most ``width`` of them busy at once (one copy can never run twice at once:
+        both pools lend from one queue)."""
+        view = LanePool((), None)
+        view._free, view.size, view.width = self._free, self.size, max(1, min(self.size, width))
+        view._slots = threading.BoundedSemaphore(view.width)
+        return view
+
+    @contextmanager
+    def lend(self) -> Iterator[Any]:
+        with self._slots:
+            model = self._free.get()
+            try:
+                yield model
+            finally:
+                self._free.put(model)
+
+
 def make_prep(pre, tensor, sizes: bool = False) -> Callable[[Frame], _Prepared]:
     """Frame -> model input (timed); an unreadable frame becomes an error record, not an exception.
 
@@ -90,9 +120,10 @@ def _infer(model, x: np.ndarray) -> List[np.ndarray]:
 class FrameLoop:
     """Runs frames through prep -> a free interpreter lane -> postprocess -> emit, in frame order."""
 
-    def __init__(self, models: "queue.Queue", prep, post: Postprocessor, emit: Callable[[dict], None],
+    def __init__(self, models: LanePool, prep, post: Postprocessor, emit: Callable[[dict], None],
                  decode: Any = None):
-        """``decode``: a :class:`edgepipe.device.decode_stage.DecodeStage` for detection/segmentation."""
+        """``models``: the interpreter lanes; ``decode``: a :class:`edgepipe.device.decode_stage.DecodeStage`
+        for detection/segmentation."""
         self.models = models
         self.prep = prep
         self.post = post
@@ -102,26 +133,24 @@ class FrameLoop:
         if decode is not None:
             self.st.samples["decode"] = []
 
-    def infer(self, p: _Prepared) -> _Result:
+    def infer(self, p: _Prepared, route: Optional[Callable[[], LanePool]] = None) -> _Result:
+        """Invoke on a free lane of ``route()`` (the probe's pick for this frame) or of the loop's own pool."""
         if p.x is None:
             return _Result(None, p)
-        model = self.models.get()
-        try:
+        with (route() if route is not None else self.models).lend() as model:
             t0 = now_ns()
             raw = _infer(model, p.x)
             return _Result(raw, p, ns_to_ms(now_ns() - t0))
-        finally:
-            self.models.put(model)
 
-    def finish(self, frame: Frame, res: _Result) -> None:
-        """Postprocess and emit one frame, in order, on the calling thread."""
+    def finish(self, frame: Frame, res: _Result) -> bool:
+        """Postprocess and emit one frame, in order, on the calling thread; False for an unreadable frame."""
         st = self.st
         if st.t_first is None:
             st.t_first = frame.t0_ns
         if res.raw is None:
             st.skipped.append(res.prep.error or f"{frame.name}: skipped")
             self.emit({"frame": frame.index, "source": frame.name, "error": res.prep.error})
-            return
+            return False
         t0 = now_ns()
         record = {"frame": frame.index, "source": frame.name}
         t_post = t0
@@ -140,12 +169,15 @@ class FrameLoop:
         st.latency.append(ns_to_ms(t1 - frame.t0_ns))
         st.frames += 1
         st.t_last = t1
+        return True
 
     def sequential(self, frames) -> None:
         for frame in frames:
             self.finish(frame, self.infer(self.prep(frame)))
 
-    def pipelined(self, frames, workers: int, lanes: int, depth: int) -> None:
+    def pipelined(self, frames, workers: int, lanes: int, depth: int, probe: Any = None) -> None:
+        """``lanes``: invoke threads (the widest pool); ``probe``: a :class:`edgepipe.device.lane_probe.LaneProbe`
+        that routes each frame (by its position) and is told when it is emitted."""
         done = object()
         q: "queue.Queue" = queue.Queue(maxsize=depth)
         stop = threading.Event()
@@ -163,10 +195,11 @@ class FrameLoop:
 
         def reader() -> None:
             try:
-                for frame in frames:
+                for n, frame in enumerate(frames):
                     fp = prep_pool.submit(self.prep, frame)
-                    fi = infer_pool.submit(lambda f=fp: self.infer(f.result()))
-                    if not put((frame, fi)):
+                    route = probe.route(n) if probe is not None else None
+                    fi = infer_pool.submit(lambda f=fp, r=route: self.infer(f.result(), r))
+                    if not put((n, frame, fi)):
                         return
             except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
                 put(e)
@@ -182,10 +215,15 @@ class FrameLoop:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                frame, fut = item
-                self.finish(frame, fut.result())
+                n, frame, fut = item
+                res = fut.result()
+                ok = self.finish(frame, res)
+                if probe is not None:
+                    probe.emitted(n, ok, frame.capture_ms + res.prep.ms, res.invoke_ms)
         finally:
             stop.set()
+            if probe is not None:
+                probe.close()  # frames waiting for the probe's choice go on (or are cancelled below)
             while True:  # unblock the reader, then let in-flight work end
                 try:
                     q.get_nowait()
@@ -196,37 +234,4 @@ class FrameLoop:
             infer_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def probe_lanes(frames, prep, loaded, n_lanes: int, cores: int):
-    """Pick the number of interpreter lanes from frame 0.
-
-    With every core busy, invoking takes ``cores * i / (p + i)`` cores, where
-    p is frame 0's capture + preprocess time and i a warm invoke on it: one
-    lane when invoke is clearly the cheaper stage, more as it grows (a copy
-    that is not needed costs memory, not CPU). Frame 0 is then run first as
-    usual, with its preprocessing reused.
-    """
-    first = next(frames, None)
-    if first is None:
-        return n_lanes, None, iter(()), prep
-    p0 = prep(first)
-
-    def cached(frame: Frame) -> _Prepared:
-        return p0 if frame is first else prep(frame)
-
-    rest = chain([first], frames)
-    if p0.x is None:  # unreadable frame 0: no figures, keep the default
-        return n_lanes, None, rest, cached
-    loaded.set_input(0, p0.x)
-    samples = []
-    for _ in range(2):
-        t0 = now_ns()
-        loaded.invoke()
-        samples.append(ns_to_ms(now_ns() - t0))
-    i_ms, p_ms = min(samples), p0.ms + first.capture_ms
-    # A quarter core of slack: an invoke thread that must be busy all the time falls behind on
-    # every hiccup (GIL hand-offs, the postprocessing thread), so near the edge take one more lane.
-    chosen = max(1, min(n_lanes, math.ceil(cores * i_ms / (p_ms + i_ms) + 0.25)))
-    return chosen, {"first": first, "invoke_ms": i_ms, "preprocess_ms": p_ms, "lanes": chosen}, rest, cached
-
-
-__all__ = ["FrameLoop", "LoopStats", "STAGES", "StopRun", "make_prep", "probe_lanes"]
+__all__ = ["FrameLoop", "LanePool", "LoopStats", "STAGES", "StopRun", "make_prep"]

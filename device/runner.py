@@ -3,8 +3,9 @@
 Two modes with identical predictions (the frame loop is ``edgepipe.device.runloop``):
 sequential, and pipelined, where decoding/preprocessing runs in worker threads
 overlapped with ``invoke`` through bounded queues. On the CPU delegate several
-interpreter copies ("lanes", same settings, same numerics) may invoke in
-parallel when invoke is the costlier stage, so every core stays busy.
+interpreter copies ("lanes", same numerics) may invoke in parallel; unless
+lanes, threads or workers are given, the first frames of a file or video run
+measure which split of the cores is fastest (``edgepipe.device.lane_probe``).
 
 Per-stage timings (capture, preprocess, invoke = set_input + invoke +
 get_output, postprocess) and end-to-end latency use :func:`edgepipe.device.timing.stats`
@@ -15,7 +16,6 @@ kept.
 from __future__ import annotations
 
 import os
-import queue
 import time
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -25,11 +25,13 @@ import numpy as np
 
 from edgepipe.device.bundle import load_bundle
 from edgepipe.device.postprocess import Postprocessor, infer_task
-from edgepipe.device.runloop import STAGES, FrameLoop, LoopStats, StopRun, make_prep, probe_lanes
+from edgepipe.device.runloop import STAGES, FrameLoop, LanePool, LoopStats, StopRun, make_prep
 from edgepipe.device.sources import Source, SourceError, open_source
 from edgepipe.device.throughput import cores as usable_cores
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
 from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.lane_probe import lanes_that_fit as _lanes_that_fit  # the memory guard (throughput uses it)
+from edgepipe.device.lane_probe import open_probe
 
 MAX_WARNED_SKIPS = 5
 
@@ -47,13 +49,16 @@ def _image_input(loaded) -> Any:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How the frames will flow: mode, preprocessing workers, interpreter lanes, queue depth."""
+    """How the frames will flow: mode, preprocessing workers, interpreter lanes, queue depth, whether the
+    first frames measure the lanes/threads split (``threads``: what the probe chose)."""
 
     pipelined: bool
     workers: int
     lanes: int
     depth_asked: Optional[int] = None
     depth: int = 1
+    probe: bool = False
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -80,6 +85,9 @@ class _Outcome:
     lane_ms: List[float] = field(default_factory=list)
     cpu_ms: float = 0.0
     predictions: int = 0
+    annotated: Optional[dict] = None
+    info: dict = field(default_factory=dict)
+    dropped: int = 0
 
 
 def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline: Optional[bool] = None,
@@ -96,7 +104,9 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
     ``picamera``). ``pipeline`` None picks pipelined for folders, video and
     cameras, sequential for one image. ``workers`` preprocessing threads and
     ``lanes`` interpreter copies (CPU delegate only) default to the core
-    count; ``loaded`` reuses a warm model (the agent's). ``on_prediction``
+    count, and when none of them nor ``threads`` is given a file or video
+    run measures the lanes/threads split on its first frames
+    (``edgepipe.device.lane_probe``); ``loaded`` reuses a warm model (the agent's). ``on_prediction``
     gets each record in frame order. ``task`` (detection, segmentation, ...)
     overrides the manifest's; ``thresholds`` (a decode_stage.Thresholds)
     override the decoder's; ``annotate`` writes annotated frames there (a
@@ -124,23 +134,31 @@ def run_source(bundle_path: os.PathLike, source: Union[str, Source], *, pipeline
         plan = _plan(src, model, pipeline, workers, lanes, queue_depth, threads)
         annotated = _start_annotating(model, annotate, src)
         try:
-            runner, plan, out = _drive(src, model, plan, model_path, load, max_frames, lanes, on_prediction)
+            runner, plan, out = _drive(src, model, plan, model_path, load, max_frames, on_prediction)
         finally:
             annotated = _finish_annotating(model, annotated)
-        info, dropped = src.info(), src.dropped
+        out.annotated, out.info, out.dropped = annotated, src.info(), src.dropped
     finally:
         if owned:
             src.close()
+    settings = {"threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
+                "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path)}
+    return _finish_report(bundle, model_path, model, plan, runner, out, src, settings, device, start)
+
+
+def _finish_report(bundle, model_path, model: "_Model", plan: "_Plan", runner: FrameLoop, out: "_Outcome",
+                   src: Source, settings: dict, device: dict, start: dict) -> dict:
+    """The run report: the device's end state, stats, detections, warnings and errors."""
+    from edgepipe.device import sysinfo
+
     end = sysinfo.snapshot()
     device["temperature_c"]["end"] = end["temperature_c"]
     device["throttled"]["end"] = end["throttled"]
-    settings = {"threads": threads, "delegate": delegate, "backend": backend, "max_frames": max_frames,
-                "top_k": top_k, "live": src.live, "model_path": os.fspath(model_path)}
-    report = _run_report(bundle, model_path, model, plan, runner.st, out, device, info, dropped, settings)
+    report = _run_report(bundle, model_path, model, plan, runner.st, out, device, out.info, out.dropped, settings)
     if model.decode is not None:
-        report["detections"] = model.decode.report_block(annotated)
-        out.errors.extend([annotated["error"]] if annotated and annotated.get("error") else [])
-    report["warnings"].extend(_warnings(start, end, model.loaded, runner.st, dropped, src) + out.warnings)
+        report["detections"] = model.decode.report_block(out.annotated)
+        out.errors.extend([out.annotated["error"]] if out.annotated and out.annotated.get("error") else [])
+    report["warnings"].extend(_warnings(start, end, model.loaded, runner.st, out.dropped, src) + out.warnings)
     report["errors"].extend(out.errors)
     return report
 
@@ -200,74 +218,63 @@ def _prepare_model(bundle, model_path, loaded, load: dict, top_k: int, task: Opt
 
 def _plan(src: Source, model: _Model, pipeline: Optional[bool], workers: Optional[int], lanes: Optional[int],
           queue_depth: Optional[int], threads: Optional[int]) -> _Plan:
-    many = not (src.kind == "image")
+    many = src.kind != "image"
     use_pipeline = many if pipeline is None else bool(pipeline)
     cores = usable_cores()
-    n_workers = max(1, workers or cores)
     cpu = model.loaded.delegate.split(":")[0].lower() in ("cpu", "xnnpack")
-    # Lanes x threads should not exceed the cores: XNNPACK's pool threads spin while they wait.
-    n_lanes = 1
-    if use_pipeline:
-        n_lanes = max(1, lanes or (cores // (threads or 1) if cpu and many and not src.live else 1))
-        if not lanes and n_lanes > 1:
-            n_lanes = _lanes_that_fit(n_lanes, model.loaded.model_size)
-    if n_lanes > 1 and not cpu:
+    if not use_pipeline:
+        return _Plan(False, max(1, workers or cores), 1, queue_depth)
+    if (lanes or 1) > 1 and not cpu:
         raise RunError(f"several interpreter lanes need the CPU delegate (got {model.loaded.delegate}); "
                        "use --lanes 1")
-    return _Plan(use_pipeline, n_workers, n_lanes, queue_depth)
-
-
-def _lanes_that_fit(n_lanes: int, model_size: int) -> int:
-    """Each copy holds its own packed weights (~ the model's size twice): keep all copies within a quarter
-    of the free memory, so a big model on a small board stays at one."""
-    from edgepipe.device import sysinfo
-
-    free_mb = (sysinfo.memory_mb() or {}).get("available")
-    if not free_mb:
-        return n_lanes
-    fit = int(free_mb * 1e6 * 0.25 // max(1, 2 * model_size))
-    return max(1, min(n_lanes, fit))
+    auto = cpu and many and not src.live  # files and video on the CPU: several lanes unless told otherwise
+    # Lanes x threads within the cores: XNNPACK's pool threads spin while they wait.
+    n_lanes = lanes or (_lanes_that_fit(max(1, cores // (threads or 1)), model.loaded.model_size) if auto else 1)
+    # Nothing given: the first frames measure the split (a live source cannot wait for it).
+    probe = auto and cores > 1 and not (lanes or threads or workers)
+    return _Plan(True, max(1, workers or cores), n_lanes, queue_depth, probe=probe)
 
 
 def _drive(src: Source, model: _Model, plan: _Plan, model_path, load: dict, max_frames: Optional[int],
-           lanes: Optional[int], on_prediction) -> Tuple[FrameLoop, _Plan, _Outcome]:
-    """Probe lanes, load the extra copies, then run the frame loop; errors after frame 0 are recorded."""
+           on_prediction) -> Tuple[FrameLoop, _Plan, _Outcome]:
+    """Load the lanes (or the probe's candidates), then run the frame loop; errors after frame 0 are recorded."""
     out = _Outcome()
     prep = make_prep(model.pre, model.tensor, sizes=model.decode is not None)
     frames = islice(iter(src), max_frames) if max_frames else iter(src)
-    if plan.pipelined and not lanes and plan.lanes > 1:
-        try:
-            n_lanes, out.probe, frames, prep = probe_lanes(frames, prep, model.loaded, plan.lanes, usable_cores())
-            plan = replace(plan, lanes=n_lanes)
-        except SourceError as e:
-            out.errors.append(str(e))
-            frames = iter(())
-    plan = replace(plan, depth=max(1, plan.depth_asked or (1 if src.live else 2 * (plan.workers + plan.lanes))))
-    models: "queue.Queue" = queue.Queue()
-    models.put(model.loaded)
+    probe = None
+    if plan.probe:  # the candidates' interpreters load before the clock starts
+        probe = open_probe(model.loaded, usable_cores(), lambda n: _lanes_that_fit(n, model.loaded.model_size),
+                           lambda n, t: _load_copies(n, model_path, dict(load, threads=t), model.zeros, out))
+    if probe is not None:
+        pool = LanePool([model.loaded])  # every frame is routed by the probe
+    else:
+        pool = LanePool([model.loaded] + _load_copies(plan.lanes - 1, model_path, load, model.zeros, out))
+    width = probe.width if probe is not None else pool.size
+    depth = plan.depth_asked or (1 if src.live else 2 * (plan.workers + width))
+    plan = replace(plan, lanes=width, depth=max(1, depth))
 
     def emit(rec: dict) -> None:
         out.predictions += 1
         if on_prediction is not None:
             on_prediction(rec)
 
-    runner = FrameLoop(models, prep, model.post, emit, model.decode)
-    _load_lanes(models, plan.lanes, model_path, load, model.zeros, out)
-    if out.probe is not None:
-        out.probe["first"].t0_ns = now_ns()  # frame 0 waited for the lane setup: its clock starts now
+    runner = FrameLoop(pool, prep, model.post, emit, model.decode)
     cpu0 = time.process_time()
-    _loop(runner, frames, plan, out)
+    _loop(runner, frames, plan, out, probe)
     out.cpu_ms = (time.process_time() - cpu0) * 1000.0
+    if probe is not None and probe.chosen is not None:
+        plan = replace(plan, lanes=probe.chosen.lanes, threads=probe.chosen.threads)
+        out.probe = probe.report()
     return runner, plan, out
 
 
-def _load_lanes(models: "queue.Queue", n_lanes: int, model_path, load: dict, zeros: np.ndarray,
-                out: _Outcome) -> None:
-    """Extra interpreter copies load before the clock starts: a copy loading while frames run would steal
-    the CPU the measurement is about."""
+def _load_copies(n: int, model_path, load: dict, zeros: np.ndarray, out: _Outcome) -> list:
+    """Interpreter copies load before the clock starts: a copy loading while frames run would steal the CPU the
+    measurement is about. A copy that fails is a warning; the run goes on with the ones it has."""
     from edgepipe.device.runtime import load_model
 
-    for _ in range(n_lanes - 1):
+    copies = []
+    for _ in range(max(0, n)):
         t0 = now_ns()
         try:
             m = load_model(model_path, **load)
@@ -277,13 +284,14 @@ def _load_lanes(models: "queue.Queue", n_lanes: int, model_path, load: dict, zer
             out.warnings.append(f"extra interpreter lane failed to load: {e}")
             break
         out.lane_ms.append(ns_to_ms(now_ns() - t0))
-        models.put(m)
+        copies.append(m)
+    return copies
 
 
-def _loop(runner: FrameLoop, frames, plan: _Plan, out: _Outcome) -> None:
+def _loop(runner: FrameLoop, frames, plan: _Plan, out: _Outcome, probe=None) -> None:
     try:
         if plan.pipelined:
-            runner.pipelined(frames, plan.workers, plan.lanes, plan.depth)
+            runner.pipelined(frames, plan.workers, plan.lanes, plan.depth, probe)
         else:
             runner.sequential(frames)
     except KeyboardInterrupt:
@@ -338,36 +346,36 @@ def _run_report(bundle, model_path, model: _Model, plan: _Plan, st: LoopStats, o
     wall_ms = ns_to_ms(st.t_last - st.t_first) if st.frames and st.t_last and st.t_first else None
     runtime = model.loaded.runtime_dict()
     runtime["load"] = "cold" if model.cold else "warm"
+    if plan.threads is not None:
+        runtime["threads"] = plan.threads  # the probe's pick ran most frames
     info.update(unreadable=len(st.skipped), assumed=model.assumed + list(model.pre.assumed),
                 preprocess=model.pre.to_dict(), task=model.post.task.value)
     p = plan
     settings = dict(settings, pipeline=p.pipelined, workers=p.workers, lanes=p.lanes, queue_depth=p.depth,
                     wall_ms=wall_ms, process_cpu_ms=out.cpu_ms, predictions=out.predictions,
-                    lane_load_ms=out.lane_ms or None,
-                    lane_probe={k: v for k, v in out.probe.items() if k != "first"} if out.probe else None)
+                    lane_load_ms=out.lane_ms or None, lane_probe=out.probe)
     return new_report(
         "run", device=device, runtime=runtime, model=model_block(bundle, model_path),
         load_ms=dict(model.loaded.load_ms) if model.cold else None,
         latency_ms=stats(st.latency),
         stages_ms={s: stats(v) for s, v in st.samples.items()},
-        throughput=_throughput(st, p, wall_ms, dropped), peak_rss_mb=sysinfo.peak_rss_mb(), input=info, settings=settings,
+        throughput=_throughput(st, p, wall_ms, dropped), peak_rss_mb=sysinfo.peak_rss_mb(), input=info,
+        settings=settings,
     )
 
 
 def _throughput(st: LoopStats, p: _Plan, wall_ms: Optional[float], dropped: int) -> dict:
-    if not p.pipelined:
-        return {"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None, "mode": "sequential", "workers": 1,
-                "queue_depth": None, "frames": st.frames, "frames_dropped": dropped,
-                "frames_skipped": len(st.skipped)}
-    return {"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None, "mode": "pipelined",
-            "workers": p.workers, "queue_depth": p.depth, "frames": st.frames, "frames_dropped": dropped,
+    return {"fps": (st.frames / (wall_ms / 1000.0)) if wall_ms else None,
+            "mode": "pipelined" if p.pipelined else "sequential", "workers": p.workers if p.pipelined else 1,
+            "queue_depth": p.depth if p.pipelined else None, "frames": st.frames, "frames_dropped": dropped,
             "frames_skipped": len(st.skipped)}
 
 
 def _warnings(start: dict, end: dict, loaded, st: LoopStats, dropped: int, src: Source) -> List[str]:
     out: List[str] = []
     try:
-        from edgepipe.device.bench import resource_warnings as bench_warnings  # governor, throttling, heat, CPU fallback
+        # governor, throttling, heat, CPU fallback
+        from edgepipe.device.bench import resource_warnings as bench_warnings
         out.extend(bench_warnings(start, end, loaded, None))
     except ImportError:
         pass

@@ -10,13 +10,18 @@ run, on the same frames: the single-thread preprocess time (decode + resize
 
 * sequential with threads 1, 2, ... cores and the runtime default; the best is
   "best sequential";
-* pipelined with the defaults (one preprocessing worker and one interpreter
-  lane per core) and a few other settings.
+* pipelined with the defaults (one preprocessing worker per core; the lane
+  probe measures its candidates -- one single-thread interpreter per core, one
+  interpreter using every core, one single-thread interpreter -- on the first
+  frames and keeps the fastest for the rest) and the probe's candidates given
+  explicitly. The probe's frames count in the default's FPS: they are frames
+  of the run, some at a slower setting.
 
-Targets (issue 3): default pipelined >= 0.9 x bound, and close to the bound's
+Targets (issue 15): default pipelined >= 0.93 x bound, and close to the bound's
 ratio over best sequential. Nothing is asserted: the CPU may be shared, so
 settings are interleaved over --rounds rounds and the best round of each is
-reported (noise only ever slows a run down).
+reported (noise only ever slows a run down). The default's line also shows
+what the probe picked in each round and the rates it measured.
 
     .venv-device/bin/python scripts/bench/pipeline_fps.py --bundle out/mobilenet_v2-int8
     (make it with: .venv/bin/edgepipe convert <mobilenet_v2.keras> --preprocess imagenet \\
@@ -42,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from edgepipe.device.bundle import load_bundle  # noqa: E402
 from edgepipe.device.preprocess import list_images, load_image, to_model_input  # noqa: E402
-from edgepipe.device.runner import _cores, run_source  # noqa: E402
+from edgepipe.device.runner import run_source  # noqa: E402
 from edgepipe.device.runtime import load_model  # noqa: E402
+from edgepipe.device.throughput import cores as _cores  # noqa: E402
 
 DEFAULT_OUT = ROOT / ".cache" / "edgepipe" / "bench-bundles"
 
@@ -109,20 +115,22 @@ def _settings(cores: int) -> tuple:
     """(sequential settings, pipelined settings): (mode, run_source keyword arguments) each."""
     seq = [("sequential", dict(pipeline=False, threads=t)) for t in sorted({1, 2, cores})]
     seq.append(("sequential", dict(pipeline=False, threads=None)))
-    pip = [("pipelined", {}),  # the defaults
+    pip = [("pipelined", {}),  # the defaults (lanes/threads measured by the probe)
+           ("pipelined", dict(pipeline=True, lanes=cores, threads=1)),
            ("pipelined", dict(pipeline=True, lanes=1, threads=cores)),
            ("pipelined", dict(pipeline=True, lanes=1, threads=1))]
     return seq, pip
 
 
 def _measure(bundle, bundle_path: Path, n_frames: int, rounds: int, settings: list, first_pipelined: int) -> tuple:
-    """FPS and CPU ms per frame of every setting per round, single-thread costs per round, the default's settings."""
+    """FPS and CPU ms per frame of every setting per round, single-thread costs per round, the default's settings
+    per round."""
     with tempfile.TemporaryDirectory(prefix="edgepipe-fps-") as tmp:
         folder = make_frames(ROOT / "sample_data" / "images", Path(tmp), n_frames)
         frames, _ = list_images(folder)
         fps = {i: [] for i in range(len(settings))}
         cpu = {i: [] for i in fps}
-        costs = []
+        costs, default_settings = [], []
         for r in range(rounds):
             costs.append(single_thread_costs(bundle, frames))
             for i, (_, kw) in enumerate(settings):
@@ -130,8 +138,8 @@ def _measure(bundle, bundle_path: Path, n_frames: int, rounds: int, settings: li
                 assert not rep["errors"], rep["errors"]
                 fps[i].append(rep["throughput"]["fps"])
                 cpu[i].append(rep["settings"]["process_cpu_ms"] / rep["throughput"]["frames"])
-                if r == 0 and i == first_pipelined:
-                    default_settings = rep["settings"]
+                if i == first_pipelined:
+                    default_settings.append(rep["settings"])
     return fps, cpu, costs, default_settings
 
 
@@ -139,10 +147,26 @@ def _labels(settings: list, default_settings: dict) -> list:
     labels = []
     for (mode, kw) in settings:
         if not kw:
-            kw = {"workers": default_settings["workers"], "lanes": default_settings["lanes"], "threads": None}
+            probe = default_settings.get("lane_probe") or {}
+            kw = {"workers": default_settings["workers"], "lanes": default_settings["lanes"],
+                  "threads": probe.get("threads")}
+            mode = "default"
         labels.append((mode, ", ".join(f"{k}={v if v is not None else 'default'}" for k, v in kw.items()
                                        if k != "pipeline")))
     return labels
+
+
+def _print_probes(default_settings: list, fps: list) -> None:
+    """What the default's lane probe measured and picked in each round."""
+    for r, (s, f) in enumerate(zip(default_settings, fps)):
+        probe = s.get("lane_probe")
+        if not probe:
+            print(f"  round {r + 1}: no lane probe ({s['lanes']} lane(s)); {f:.1f} FPS")
+            continue
+        rates = ", ".join(f"{c['name']} ({c['lanes']}x{c['threads']}) "
+                          f"{c['fps']:.1f}" if c["fps"] else f"{c['name']} -" for c in probe["candidates"])
+        print(f"  round {r + 1}: probe over {probe['frames']} frames / {probe['ms']:.0f} ms measured {rates} FPS "
+              f"-> {probe['chosen']}; run {f:.1f} FPS")
 
 
 def main() -> int:
@@ -171,13 +195,15 @@ def main() -> int:
     print(f"  (CPU time: preprocess {prep_cpu:.2f} ms + invoke {inv_cpu:.2f} ms = {prep_cpu + inv_cpu:.2f} ms per "
           f"frame; wall >> CPU means other processes share these cores)")
     print(f"{'mode':<11} {'settings':<34} {'FPS':>7} {'/bound':>7} {'CPU ms/frame':>12} {'cores busy':>10}")
-    for i, (mode, text) in enumerate(_labels(seq_settings + pip_settings, default_settings)):
+    j = fps[n_seq].index(max(fps[n_seq]))
+    for i, (mode, text) in enumerate(_labels(seq_settings + pip_settings, default_settings[j])):
         j = fps[i].index(best[i])  # the best round's own CPU figures
         print(f"{mode:<11} {text:<34} {best[i]:>7.1f} {best[i] / bound:>7.2f} {cpu[i][j]:>12.2f} "
               f"{best[i] * cpu[i][j] / 1000:>10.2f}")
     best_seq = max(best[i] for i in range(n_seq))
     default_pip = best[n_seq]
-    print(f"default pipelined / bound          = {default_pip / bound:.2f}   (target >= 0.90)")
+    _print_probes(default_settings, fps[n_seq])
+    print(f"default pipelined / bound          = {default_pip / bound:.2f}   (target >= 0.93)")
     print(f"default pipelined / best sequential = {default_pip / best_seq:.2f}   "
           f"(bound / best sequential = {bound / best_seq:.2f})")
     j = fps[n_seq].index(default_pip)

@@ -1,0 +1,268 @@
+"""The lane probe: its candidates, a choice that follows the measured rates, and probe frames that are ordinary
+frames of the run (emitted once, in order, with the predictions of any other setting)."""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepipe.device import runner as runner_mod
+from edgepipe.device.lane_probe import (Candidate, LaneProbe, ProbeLimits, build_pools, candidates,
+                                        copies_needed, open_probe)
+from edgepipe.device.runloop import FrameLoop, LanePool, _Prepared
+from edgepipe.device.runner import run_source
+from edgepipe.device.sources import Frame
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = ROOT / "sample_data" / "images"
+
+
+def test_candidates_cover_lanes_threads_and_one_lane_within_memory():
+    assert candidates(2, 8) == (Candidate("lanes", 2, 1), Candidate("threads", 1, 2), Candidate("single", 1, 1))
+    assert candidates(4, 8)[-1] == Candidate("split", 2, 2)  # 4 + 1 copies, then two 2-thread ones
+    assert [c.name for c in candidates(4, 6)] == ["lanes", "threads", "single"]  # no room for the split
+    assert candidates(4, 3)[0] == Candidate("lanes", 2, 1)  # lanes narrowed to what fits beside the 4-thread copy
+    assert candidates(2, 2) == (Candidate("threads", 1, 2), Candidate("single", 1, 1))
+    assert candidates(1, 8) == () and candidates(2, 1) == ()
+    assert copies_needed(candidates(4, 8)) == {1: 4, 4: 1, 2: 2}
+
+
+class FakeClock:
+    """A clock the test moves by hand (ns)."""
+
+    def __init__(self):
+        self.t = 0
+
+    def __call__(self) -> int:
+        return self.t
+
+
+def _pools(cands):
+    return build_pools(cands, {t: [object() for _ in range(n)] for t, n in copies_needed(cands).items()})
+
+
+def _drive(probe: LaneProbe, clock: FakeClock, ms_per_frame: dict, n_frames: int) -> list:
+    """Route and emit frames one by one, each taking its candidate's time; the pools each frame was routed to."""
+    routed = []
+    for n in range(n_frames):
+        route = probe.route(n)
+        pool = route()
+        routed.append(pool)
+        name = next((c.name for c in probe.cands if probe._pools.get(c.name) is pool), None)
+        clock.t += int(ms_per_frame.get(name, 1.0) * 1e6)
+        probe.emitted(n, True, 3.0, 2.0)
+    return routed
+
+
+def test_the_fastest_measured_candidate_wins_whatever_its_place():
+    cands = candidates(2, 8)
+    for fast in ("lanes", "threads", "single"):
+        clock = FakeClock()
+        probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=4, rounds=2, max_ms=10_000), clock)
+        ms = {c.name: 20.0 for c in cands}
+        ms[fast] = 10.0
+        _drive(probe, clock, ms, 40)
+        assert probe.chosen.name == fast
+        rep = probe.report()
+        assert rep["chosen"] == fast and rep["method"] == "measured" and rep["frames"] == 24
+        rates = {c["name"]: c["fps"] for c in rep["candidates"]}
+        assert rates[fast] == pytest.approx(100.0) and all(rates[n] == pytest.approx(50.0) for n in rates if n != fast)
+        assert (rep["lanes"], rep["threads"]) == (probe.chosen.lanes, probe.chosen.threads)
+        assert rep["preprocess_ms"] == 3.0 and rep["invoke_ms"] == 2.0
+
+
+def test_best_round_counts_and_frame_zero_has_no_interval():
+    """A candidate slowed down in one round (other load) keeps its better round; frame 0 only starts the clock."""
+    cands = candidates(2, 2)  # threads, single
+    clock = FakeClock()
+    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=3, rounds=2, max_ms=10_000), clock)
+    per_frame = [100, 50, 50, 20, 20, 20, 10, 10, 10, 20, 20, 20]  # threads: 50 then 10 ms; single: 20 ms
+    for n, ms in enumerate(per_frame):
+        probe.route(n)
+        clock.t += ms * 1_000_000
+        probe.emitted(n, True)
+    rates = probe.rates()
+    assert rates["threads"] == pytest.approx(100.0) and rates["single"] == pytest.approx(50.0)
+    assert probe.chosen.name == "threads"
+    assert [c["frames"] for c in probe.report()["candidates"]] == [5, 6]
+
+
+def test_time_budget_ends_the_probe_at_a_trial_boundary():
+    cands = candidates(2, 8)
+    clock = FakeClock()
+    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=4, rounds=2, max_ms=50), clock)
+    routed = _drive(probe, clock, {"lanes": 20.0, "threads": 5.0, "single": 5.0}, 12)
+    rep = probe.report()
+    assert rep["frames"] == 4  # the first trial alone took 80 ms: the second never starts
+    assert probe.chosen.name == "lanes" and routed[4] is routed[11] is routed[0]
+    assert [c["fps"] is None for c in rep["candidates"]] == [False, True, True]
+
+
+def test_a_short_source_or_a_stopped_loop_still_chooses():
+    cands = candidates(2, 8)
+    clock = FakeClock()
+    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=4, rounds=2), clock)
+    _drive(probe, clock, {"lanes": 30.0, "threads": 10.0}, 7)  # the source ends inside the second trial
+    assert probe.chosen is None
+    probe.close()
+    assert probe.chosen.name == "threads" and probe.report()["frames"] == 7
+    empty = LaneProbe(cands, _pools(cands))
+    empty.close()
+    assert empty.chosen == cands[0] and all(c["fps"] is None for c in empty.report()["candidates"])
+
+
+def test_a_frame_after_the_probe_waits_for_the_choice():
+    cands = candidates(2, 2)
+    clock = FakeClock()
+    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), clock)
+    for n in range(4):
+        probe.route(n)
+    after = probe.route(4)  # routed while frames 0-3 are still in flight
+    got = []
+    t = threading.Thread(target=lambda: got.append(after()))
+    t.start()
+    t.join(0.05)
+    assert not got  # no choice yet
+    for n, ms in enumerate((5, 5, 1, 1)):
+        clock.t += ms * 1_000_000
+        probe.emitted(n, True)
+    t.join(10)
+    assert got and got[0] is probe._pools["single"] and probe.chosen.name == "single"
+
+
+class FakeModel:
+    """An interpreter whose invoke sleeps ``ms`` and whose output is a function of the input alone; it fails
+    loudly if two frames use it at once."""
+
+    outputs = (object(),)
+
+    def __init__(self, ms: float):
+        self.ms = ms
+        self.busy = threading.Lock()
+        self.x = None
+
+    def set_input(self, i, x):
+        assert self.busy.acquire(blocking=False), "one interpreter used by two frames at once"
+        self.x = x
+
+    def invoke(self):
+        time.sleep(self.ms / 1000.0)
+
+    def get_output(self, i):
+        y = self.x * 3.0 + 1.0
+        self.busy.release()
+        return y
+
+
+def _frames(n: int):
+    for i in range(n):
+        yield Frame(index=i, name=f"f{i}", data=None, t0_ns=time.perf_counter_ns(), capture_ms=0.0)
+
+
+def _prep(frame: Frame) -> _Prepared:
+    if frame.index == 5:
+        return _Prepared(None, 0.0, "f5: unreadable")
+    return _Prepared(np.full((1, 2), float(frame.index), np.float32), 0.1)
+
+
+def _loop(probe, n_frames: int, depth: int = 4):
+    recs = []
+    loop = FrameLoop(LanePool([FakeModel(0.0)]), _prep, lambda raw: {"y": raw[0].tolist()}, recs.append)
+    loop.pipelined(_frames(n_frames), 2, probe.width if probe else 1, depth, probe)
+    return recs
+
+
+def test_probe_frames_are_emitted_once_in_order_and_the_fast_candidate_keeps_the_run():
+    """Real threads, sleeping fake interpreters: 'threads' invokes in 1 ms, the others in 60 ms (a gap no busy
+    machine closes); every frame comes out once, in order, with the output of an unprobed run."""
+    cands = candidates(2, 8)
+    speed = {1: 60.0, 2: 1.0}
+    models = {t: [FakeModel(speed[t]) for _ in range(n)] for t, n in copies_needed(cands).items()}
+    probe = LaneProbe(cands, build_pools(cands, models), ProbeLimits(trial_frames=3, rounds=1, max_ms=10_000))
+    recs = _loop(probe, 30)
+    plain = _loop(None, 30)
+    assert recs == plain and [r["frame"] for r in recs] == list(range(30))
+    assert recs[5] == {"frame": 5, "source": "f5", "error": "f5: unreadable"}
+    assert recs[7]["y"] == [[22.0, 22.0]]
+    assert probe.chosen.name == "threads"
+    rates = probe.rates()
+    assert rates["threads"] > 3 * max(rates["lanes"], rates["single"])
+
+
+def test_open_probe_loads_the_missing_copies_and_reuses_the_run_interpreter():
+    loaded = FakeModel(0.0)
+    loaded.threads = 1
+    asked = []
+
+    def load(n, threads):
+        asked.append((n, threads))
+        return [FakeModel(0.0) for _ in range(n)]
+
+    probe = open_probe(loaded, 2, lambda n: n, load)
+    assert sorted(asked) == [(1, 1), (1, 2)] and [c.name for c in probe.cands] == ["lanes", "threads", "single"]
+    asked.clear()
+    assert open_probe(loaded, 2, lambda n: 1, load) is None and asked == []  # one copy fits: nothing to measure
+    failing = open_probe(loaded, 2, lambda n: n, lambda n, t: [] if t == 2 else [FakeModel(0.0)] * n)
+    assert [c.name for c in failing.cands] == ["lanes", "single"]  # the 2-thread copy failed to load
+
+
+# --------------------------------------------------------------------------- run_source with a real model
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir()
+    src = sorted(IMAGES.glob("*.jpg"))[:20]
+    assert len(src) == 20, f"needs sample photos in {IMAGES}"
+    for p in src:
+        shutil.copy(p, d / p.name)
+    (d / "z_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
+    return d
+
+
+@pytest.fixture
+def conv_bundle(make_bundle, models_dir):
+    return make_bundle(models_dir / "conv_stack_f32.tflite", name="convf", labels=["a", "b", "c", "d"])
+
+
+def test_probed_run_predicts_like_a_sequential_one(conv_bundle, folder, monkeypatch, assert_valid_report):
+    monkeypatch.setattr(runner_mod, "usable_cores", lambda: 2)  # probe on a one-core CI runner too
+    probed, seq = [], []
+    r = run_source(conv_bundle, str(folder), on_prediction=probed.append)
+    run_source(conv_bundle, str(folder), pipeline=False, on_prediction=seq.append)
+    assert probed == seq and [x["frame"] for x in probed] == list(range(21))
+    assert_valid_report(r)
+    probe = r["settings"]["lane_probe"]
+    assert probe["method"] == "measured" and probe["frames"] == 21  # the folder ends inside the probe
+    assert [c["name"] for c in probe["candidates"]] == ["lanes", "threads", "single"]
+    measured = [c for c in probe["candidates"] if c["fps"] is not None]
+    assert max(measured, key=lambda c: c["fps"])["name"] == probe["chosen"]
+    assert (r["settings"]["lanes"], r["runtime"]["threads"]) == (probe["lanes"], probe["threads"])
+    assert r["throughput"]["frames"] == 20 and r["settings"]["predictions"] == 21 and r["errors"] == []
+    assert r["settings"]["threads"] is None  # what the user asked stays as asked
+
+
+def test_no_probe_when_told_or_live(conv_bundle, folder, monkeypatch):
+    from edgepipe.device.runner import StopRun
+
+    monkeypatch.setattr(runner_mod, "usable_cores", lambda: 2)
+    for kw in (dict(lanes=2), dict(threads=1), dict(workers=2), dict(pipeline=False)):
+        r = run_source(conv_bundle, str(folder), max_frames=3, **kw)
+        assert r["settings"]["lane_probe"] is None, kw
+    assert run_source(conv_bundle, str(folder), max_frames=3, threads=1)["settings"]["lanes"] == 2
+
+    seen = []
+
+    def stop_at_4(rec):  # a consumer that leaves inside the probe: the run ends cleanly, nothing waits for ever
+        if len(seen) == 4:
+            raise StopRun("reader left")
+        seen.append(rec)
+
+    r = run_source(conv_bundle, str(folder), on_prediction=stop_at_4)
+    assert r["throughput"]["frames"] == 4 and "stopped after 4 frame(s): reader left" in r["warnings"]
+    assert r["settings"]["lane_probe"]["frames"] == 4
