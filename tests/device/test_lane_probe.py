@@ -266,3 +266,23 @@ def test_no_probe_when_told_or_live(conv_bundle, folder, monkeypatch):
     r = run_source(conv_bundle, str(folder), on_prediction=stop_at_4)
     assert r["throughput"]["frames"] == 4 and "stopped after 4 frame(s): reader left" in r["warnings"]
     assert r["settings"]["lane_probe"]["frames"] == 4
+
+
+def test_report_contract_takes_old_and_new_lane_probe_blocks(conv_bundle, folder, monkeypatch):
+    """settings.lane_probe is optional and open: reports from the formula probe stay valid, new fields are checked."""
+    import copy
+
+    from edgepipe.device.contracts import report_problem
+
+    monkeypatch.setattr(runner_mod, "usable_cores", lambda: 2)
+    r = run_source(conv_bundle, str(folder), max_frames=8)
+    assert report_problem(r) is None and r["settings"]["lane_probe"]["frames"] == 8
+    old = copy.deepcopy(r)
+    old["settings"]["lane_probe"] = {"invoke_ms": 0.1, "preprocess_ms": 2.0, "lanes": 1}
+    assert report_problem(old) is None
+    bad = copy.deepcopy(r)
+    del bad["settings"]["lane_probe"]["candidates"][0]["name"]
+    assert "name" in report_problem(bad)
+    bad = copy.deepcopy(r)
+    bad["settings"]["lane_probe"]["lanes"] = 0
+    assert "lanes" in report_problem(bad)
