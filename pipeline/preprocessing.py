@@ -99,14 +99,16 @@ def _preset(request: PreprocessRequest, rescales_itself: bool, assumed: list):
     if request.preset is not None:
         if request.preset not in PRESETS:
             raise PreprocessError(
-                f"unknown --preprocess preset {request.preset!r}; choose from {', '.join(PRESETS)}")
+                f"unknown preprocessing preset {request.preset!r}; choose from {', '.join(PRESETS)}",
+                param="preset")
         return PRESETS[request.preset]
     if request.mean is not None or request.std is not None:
         return PRESETS["raw"]
     if rescales_itself:
         assumed.append("model starts with a rescaling layer: fed raw 0..255 pixels (preset 'raw')")
         return PRESETS["raw"]
-    assumed.append("no --preprocess given: pixels scaled to [0, 1] (preset 'unit')")
+    # Stored in the manifest and shown by every front end, so it names the preset, not a flag.
+    assumed.append("no preprocessing preset given: pixels scaled to [0, 1] (preset 'unit')")
     return PRESETS["unit"]
 
 
