@@ -14,10 +14,17 @@ or per-tensor weights): top-1 agreement and SNR against the float Keras model
 on the validation views, and p50 invoke latency (1 thread) relative to the
 fp32 TFLite model. Then the selective search (--target-agreement, default
 0.97) on top of the best method: layers ranked on the validation views, and
-how many stay float and what that costs in latency. Target: >= 0.97
-agreement at <= 0.65x fp32 p50; the table says how far each method got.
+how many stay float and what that costs in latency. Before that, the cheap
+alternative to float: 16-bit activations with int8 weights (a16w8, via
+ai-edge-quantizer, on the best method's ranges without bias correction) for
+the worst 1, 2, 4 ... --int16-max layers of the same ranking, each step's
+agreement, SNR and p50 in the table. Target: >= 0.97 agreement at <= 0.65x
+fp32 p50; the table says how far each method got.
 
-    EDGEPIPE_CACHE=... .venv/bin/python scripts/bench/quant_quality.py [--calib-photos 16] [--views 8]
+--photos DIR takes any folder of .jpg/.jpeg/.png photos (searched recursively,
+so class sub-folders are fine); the default is sample_data/images.
+
+    EDGEPIPE_CACHE=... .venv/bin/python scripts/bench/quant_quality.py [--photos DIR] [--calib-photos 16] [--views 8]
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from edgepipe.pipeline import metrics  # noqa: E402
 from edgepipe.pipeline.preprocessing import PreprocessRequest, resolve  # noqa: E402
 
 TARGET_RATIO = 0.65
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def views(img: Image.Image, n: int) -> list:
@@ -75,13 +83,15 @@ def interleaved_p50(models: dict, x: np.ndarray, rounds: int, runs: int) -> dict
     return best
 
 
-def load_split(folder: Path, calib_photos: int, n_views: int, spec, seed: int):
+def load_split(folder: Path, calib_photos: int, n_views: int, spec, seed: int, val_photos: int = 0):
     from edgepipe.device.preprocess import load_image
 
-    photos = sorted(folder.glob("*.jpg"))
+    photos = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+    if len(photos) <= calib_photos:
+        raise SystemExit(f"{folder}: {len(photos)} photos (.jpg/.png); need more than --calib-photos {calib_photos}")
     order = np.random.default_rng(seed).permutation(len(photos))
     calib_p = [photos[i] for i in sorted(order[:calib_photos])]
-    val_p = [photos[i] for i in sorted(order[calib_photos:])]
+    val_p = [photos[i] for i in sorted(order[calib_photos:calib_photos + (val_photos or len(photos))])]
 
     def arrays(paths):
         return np.stack([load_image(v, spec) for p in paths
@@ -91,8 +101,12 @@ def load_split(folder: Path, calib_photos: int, n_views: int, spec, seed: int):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", default=str(ROOT / "sample_data" / "images"))
+    ap.add_argument("--photos", "--images", dest="images", default=str(ROOT / "sample_data" / "images"),
+                    help="folder of .jpg/.png photos (recursive); split by photo into calibration and validation")
     ap.add_argument("--calib-photos", type=int, default=16)
+    ap.add_argument("--val-photos", type=int, default=0, help="at most this many validation photos (0: all others)")
+    ap.add_argument("--int16-max", type=int, default=8,
+                    help="a16w8 steps: 16-bit activations for the worst 1, 2, 4 ... this many layers (0: none)")
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-agreement", type=float, default=0.97)
@@ -113,7 +127,8 @@ def main() -> int:
     with captured_output():
         model = tf.keras.models.load_model(str(mobilenet_v2_keras()), compile=False)
     spec = resolve(model.inputs[0].shape, PreprocessRequest(preset="imagenet"))
-    calib, val, n_cp, n_vp = load_split(Path(args.images), args.calib_photos, args.views, spec, args.seed)
+    calib, val, n_cp, n_vp = load_split(Path(args.images), args.calib_photos, args.views, spec, args.seed,
+                                        args.val_photos)
     print(f"sample MobileNetV2; calibration: {n_cp} photos x {args.views} views = {len(calib)}; "
           f"validation: {n_vp} other photos x {args.views} views = {len(val)}")
     ref = float_outputs(model, val)
@@ -130,9 +145,12 @@ def main() -> int:
         rows.append((m, metrics.top1_agreement(out, ref), metrics.snr_db(out, ref)))
         models[m.name] = q
     best = max(rows, key=lambda r: (r[1], r[2]))
-    sel = selective_step(args, model, cal, best[0], models[best[0].name], calib, val)
+    sel, ranked = selective_step(args, model, cal, best[0], models[best[0].name], calib, val)
     if sel.kept:
         models["selective"] = sel.tflite
+    mixed = int16_steps(args, fp32, cal, best[0], ranked, calib, val, ref)
+    for st, q in zip(mixed.steps if mixed else (), mixed.models if mixed else ()):
+        models[f"a16w8:{len(st.int16_layers)}"] = q
     p50 = interleaved_p50(models, val, args.rounds, args.runs)
     print(f"\np50: best of {args.rounds} interleaved rounds of {args.runs} invokes, 1 thread; "
           f"fp32 {p50['fp32']:.2f} ms\n")
@@ -140,12 +158,23 @@ def main() -> int:
     print(f"| fp32 (reference) | 1.0000 | - | {p50['fp32']:.2f} | 1.00 |")
     for m, agree, snr in rows:
         print(f"| {m.name} | {agree:.4f} | {snr:.1f} | {p50[m.name]:.2f} | {p50[m.name] / p50['fp32']:.2f} |")
+    for st in mixed.steps if mixed else ():
+        k = len(st.int16_layers)
+        r = p50[f"a16w8:{k}"]
+        print(f"| a16w8 ({best[0].ranges} ranges), {k} layer(s) at 16 bit | {st.agreement:.4f} | {st.snr_db:.1f} | "
+              f"{r:.2f} | {r / p50['fp32']:.2f} |")
     b_ratio = p50[best[0].name] / p50["fp32"]
     print(f"\nbest method: {best[0].name}: agreement {best[1]:.4f}, p50 / fp32 = {b_ratio:.2f}")
     s_ratio = p50["selective"] / p50["fp32"] if sel.kept else b_ratio
     print(f"--target-agreement {args.target_agreement} on {best[0].name}: {len(sel.kept)} of {sel.layers_total} "
           f"layers float, agreement {sel.agreement:.4f} ({'reached' if sel.reached else 'NOT reached'}), "
           f"p50 / fp32 = {s_ratio:.2f}")
+    if mixed:
+        top = max(mixed.steps, key=lambda st: (st.agreement, st.snr_db))
+        k = len(top.int16_layers)
+        print(f"16-bit activations (a16w8) for the worst 1..{args.int16_max} layers: best agreement "
+              f"{top.agreement:.4f} at {k} layer(s), p50 / fp32 = {p50[f'a16w8:{k}'] / p50['fp32']:.2f} "
+              f"(worst layers, in order: {', '.join(mixed.steps[-1].to_dict()['layers']) or 'none'})")
     ok = sel.reached and s_ratio <= TARGET_RATIO
     print(f"target >= {args.target_agreement} agreement at <= {TARGET_RATIO}x fp32 p50: "
           + ("met" if ok else f"not met (best int8 without float layers: {best[1]:.4f} at {b_ratio:.2f}x; "
@@ -172,6 +201,22 @@ def selective_step(args, model, cal, method, shipped: bytes, calib, val):
     print(f"selective search on {method.name} ({args.rank} ranking): {time.perf_counter() - t0:.0f} s; "
           "agreement by float layers: "
           + ", ".join(f"{s['float_layers']}: {s['agreement']:.3f}" for s in res.steps))
+    ranked = layers if keep_order else sorted(layers, key=lambda e: -e.rmse_steps)
+    return res, ranked
+
+
+def int16_steps(args, fp32: bytes, cal, method, ranked: list, calib, val, ref):
+    """a8w8 then a16w8 for the worst 1, 2, 4 ... --int16-max layers of ``ranked`` (timed later, interleaved)."""
+    if args.int16_max <= 0:
+        return None
+    from edgepipe.pipeline.mixed_precision import named_ranges, search
+
+    t0 = time.perf_counter()
+    ranges = None if method.ranges == "minmax" else named_ranges(cal.model, cal.ranges(method))
+    res = search(fp32, calib, val, ref, [e.tensor for e in ranked], max_layers=args.int16_max, ranges=ranges,
+                 measure_latency=False, on_step=print)
+    print(f"a16w8 steps on {method.ranges} ranges: {time.perf_counter() - t0:.0f} s"
+          + (f"; not op outputs of the float model: {len(res.unmapped)}" if res.unmapped else ""))
     return res
 
 
