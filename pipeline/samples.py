@@ -76,6 +76,17 @@ def sample_images_dir() -> Path:
     return sample_data_dir() / "images"
 
 
+def sample_photos_dir() -> Path:
+    """288 real photos from Debian packages (320 px JPEG), a flat folder big enough to split
+    into calibration and validation images; per-file licences in ``photos_sources_path()``."""
+    return sample_data_dir() / "photos"
+
+
+def photos_sources_path() -> Path:
+    """Tab-separated provenance of every file in ``sample_photos_dir()``: package, version, path, licence."""
+    return sample_data_dir() / "photos_sources.tsv"
+
+
 def sample_video_path() -> Path:
     """A few seconds of real video (opencv-doc's vtest.avi, cut and downscaled)."""
     return sample_data_dir() / "video" / "vtest_short.avi"
@@ -176,6 +187,11 @@ CATALOGUE = (
     Sample("fashion_mnist", SampleKind.SHIPPED, "Fashion-MNIST CNN, .keras (preset unit)",
            fashion_mnist_model_path),
     Sample("images", SampleKind.SHIPPED, "31 real photos (calibration, comparing variants)", sample_images_dir),
+    Sample("photos", SampleKind.SHIPPED,
+           "288 real photos, 320 px (animals, landmarks, objects, nature; calibration/validation splits)",
+           sample_photos_dir),
+    Sample("photos_sources", SampleKind.SHIPPED, "package, licence and credit of every file in photos/",
+           photos_sources_path),
     Sample("video", SampleKind.SHIPPED, "5 s of real street video, 384x288", sample_video_path),
     Sample("imagenet_labels", SampleKind.SHIPPED, "the 1000 ImageNet class names", imagenet_labels_path),
     Sample("fashion_mnist_test", SampleKind.SHIPPED, "500 labelled Fashion-MNIST test images (class folders)",

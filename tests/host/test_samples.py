@@ -157,6 +157,63 @@ def test_sample_photos_and_video_are_modest_and_readable():
     assert frames >= 30
 
 
+PHOTO_SOURCES = {"gcompris": "gcompris-qt-data", "lomiri": "lomiri-wallpapers-", "mate": "mate-backgrounds",
+                 "plasma": "plasma-workspace-wallpapers", "skimage": "python3-skimage"}
+
+
+def _photo_rows():
+    lines = samples.photos_sources_path().read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    assert header[:6] == ["file", "package", "version", "path_in_package", "licence", "copyright_or_credit"]
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def test_sample_photos_are_many_small_and_each_has_a_recorded_licence():
+    from PIL import Image
+
+    photos = sorted(samples.sample_photos_dir().iterdir())
+    assert 200 <= len(photos) <= 500
+    assert all(p.suffix == ".jpg" for p in photos)  # flat: nothing but photos for --calib
+    assert sum(p.stat().st_size for p in photos) < 8_000_000
+    rows = {r["file"]: r for r in _photo_rows()}
+    assert sorted(rows) == [p.name for p in photos]
+    for p in photos:
+        row = rows[p.name]
+        source = p.name.split("_", 1)[0]
+        assert row["package"].startswith(PHOTO_SOURCES[source]), p.name
+        assert row["version"] and row["path_in_package"] and row["licence"] and row["copyright_or_credit"], p.name
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) == 320, p.name
+            assert "exif" not in im.info and "icc_profile" not in im.info, p.name
+    # The catalogue's description states the count; it must follow the folder.
+    assert samples.sample("photos").what.startswith(f"{len(photos)} real photos")
+
+
+def test_samples_cli_lists_the_photos_and_prints_their_folder():
+    from edgepipe.pipeline.cli import main
+
+    r = CliRunner().invoke(main, ["samples", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    listed = {x["name"]: x for x in json.loads(r.output)}
+    assert listed["photos"]["kind"] == "shipped" and listed["photos"]["present"] is True
+    assert Path(listed["photos"]["path"]) == samples.sample_photos_dir()
+    r = CliRunner().invoke(main, ["samples", "list"])
+    assert r.exit_code == 0 and "photos" in r.output and "photos_sources" in r.output
+    r = CliRunner().invoke(main, ["samples", "path", "photos"])
+    assert r.exit_code == 0 and Path(r.output.strip()) == samples.sample_photos_dir()
+    r = CliRunner().invoke(main, ["samples", "path", "photos_sources"])
+    assert r.exit_code == 0 and Path(r.output.strip()).name == "photos_sources.tsv"
+
+
+def test_sample_photos_split_into_disjoint_calibration_and_validation_sets():
+    from edgepipe.pipeline import calibration
+
+    calib = calibration.select(samples.sample_photos_dir(), count=100, seed=0)
+    assert len(calib.paths) == 100 and calib.skipped_non_images == 0
+    rest = sorted(set(samples.sample_photos_dir().glob("*.jpg")) - set(calib.paths))
+    assert len(rest) >= 100
+
+
 def test_fashion_subset_layout_matches_labels():
     labels = samples.fashion_mnist_labels_path().read_text(encoding="utf-8").splitlines()
     assert tuple(labels) == samples.FASHION_MNIST_CLASSES
