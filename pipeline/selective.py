@@ -222,7 +222,8 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     calib = calibration.load_arrays(cset, m.preprocess)
     ex = _eval_arrays(eval_dir, b, eval_limit)
     shipped = b.model_path.read_bytes()
-    debugged, mixed = _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step)
+    debugged, mixed = _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step,
+                               shipped)
     if mixed is not None and mixed.model is not None:
         res = _a16w8_result(mixed, shipped, calib if ex is None else ex, target, len(debugged.layers))
     else:
@@ -240,7 +241,7 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     return res
 
 
-def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step):
+def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step, shipped):
     """(debugged for the float search or None, the 16-bit steps or None): one calibration serves both."""
     if (method is None or method.name == "minmax") and not try_int16:
         return None, None
@@ -248,6 +249,10 @@ def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_lat
 
     keras = _keras_model(keras_model_path)
     x = ex if ex is not None else calib
+    if try_int16 and metrics.top1_agreement(run_tflite(shipped, x), float_outputs(keras, x)) >= target:
+        try_int16 = 0  # plain int8 already reaches it: nothing to try
+        if method is None or method.name == "minmax":
+            return None, None
     try:
         dbg = debug_int8(keras, calib, debug=x)
         cal = ptq.calibrate(keras, calib)
