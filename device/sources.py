@@ -198,7 +198,7 @@ def open_source(spec: str, *, live: bool = False, model: Optional[Preprocess] = 
                           "picamera)")
     if p.is_dir():
         if live:
-            raise SourceError("--live needs a video file or a camera")
+            raise SourceError("a live replay needs a video file or a camera", param="live")
         try:
             paths, non_images = list_images(p)
         except OSError as e:
@@ -210,7 +210,7 @@ def open_source(spec: str, *, live: bool = False, model: Optional[Preprocess] = 
     ext = p.suffix.lower()
     if ext in IMAGE_EXTENSIONS:
         if live:
-            raise SourceError("--live needs a video file or a camera")
+            raise SourceError("a live replay needs a video file or a camera", param="live")
         return FileSource(spec, [p], "image")
     video = VideoSource(spec, p)
     if ext not in VIDEO_EXTENSIONS and not video.frame_count:

@@ -126,12 +126,19 @@ def test_missing_opencv_and_picamera2_give_install_hints(monkeypatch):
         open_source("picamera")
 
 
-def test_live_flag_needs_video_or_camera(folder):
+def test_live_flag_needs_video_or_camera(folder, make_bundle, float_model):
+    from click.testing import CliRunner
+
+    from edgepipe.device.cli_run import run
+
     d, names = folder
-    with pytest.raises(SourceError, match="--live"):
-        open_source(str(d), live=True)
-    with pytest.raises(SourceError, match="--live"):
-        open_source(str(d / names[0]), live=True)
+    for spec in (d, d / names[0]):
+        with pytest.raises(SourceError, match="live replay needs a video file or a camera") as e:
+            open_source(str(spec), live=True)
+        assert e.value.param == "live" and "--" not in str(e.value)  # the library names no flag...
+    res = CliRunner().invoke(run, [str(make_bundle(float_model)), "--source", str(d), "--live"])
+    assert res.exit_code == 1  # ...the command puts its own in front
+    assert res.output.strip().splitlines()[-1] == "Error: --live: a live replay needs a video file or a camera"
 
 
 def test_latest_frame_policy_drops_and_counts(cv2):
