@@ -105,3 +105,22 @@ def representative_dataset(arrays: np.ndarray) -> Callable:
             yield [x[None, ...]]
 
     return gen
+
+
+def calibrating_converter(keras_model, arrays: np.ndarray):
+    """A TFLiteConverter for ``keras_model`` set up to calibrate on ``arrays`` (float inputs, axis 0).
+
+    Full-integer optimisation with the builtin op set (not INT8-only: ops a
+    denylist keeps float must be allowed to stay float). Callers add the last
+    switch: ``_experimental_calibrate_only`` (:mod:`.ptq`) or a
+    ``QuantizationDebugger`` around it (:mod:`.layer_error`). Call it inside
+    ``tfenv.captured_output()``: the converter writes to the process's fds.
+    """
+    from edgepipe.pipeline.tfenv import import_tf
+
+    tf = import_tf()
+    conv = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative_dataset(np.asarray(arrays, dtype=np.float32))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return conv

@@ -20,7 +20,6 @@ layers are each called once; anything else passes through unchanged.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -295,4 +294,17 @@ def _rebuild(model, relu6: set):
     return new
 
 
-__all__ = ["Equalization", "Pair", "equalize", "find_pairs"]
+def float_cost(equalized, summary: Equalization, x: np.ndarray, ref: np.ndarray) -> dict:
+    """``summary.to_dict()`` plus what equalizing (its ReLU6 -> ReLU) costs the float model itself: top-1
+    agreement and SNR of the ``equalized`` Keras model on ``x`` against ``ref``, the ORIGINAL model's outputs."""
+    from edgepipe.pipeline import metrics
+    from edgepipe.pipeline.selective import float_outputs
+
+    if not summary.pairs:  # the model came back unchanged
+        return {**summary.to_dict(), "float_agreement": 1.0, "float_snr_db": None}
+    out = float_outputs(equalized, x)
+    return {**summary.to_dict(), "float_agreement": metrics.top1_agreement(out, ref),
+            "float_snr_db": round(metrics.snr_db(out, ref), 2)}
+
+
+__all__ = ["Equalization", "Pair", "equalize", "find_pairs", "float_cost"]

@@ -121,23 +121,13 @@ def debug_int8(model, calib: np.ndarray, *, debug: Optional[np.ndarray] = None,
     if calib.ndim < 2 or calib.shape[0] == 0:
         raise LayerErrorError("calibration: no images")
 
-    def rep():
-        for i in range(calib.shape[0]):
-            yield [calib[i:i + 1]]
-
-    def dbg_data():
-        for i in range(dbg_x.shape[0]):
-            yield [dbg_x[i:i + 1]]
+    from edgepipe.pipeline.calibration import calibrating_converter, representative_dataset
 
     with captured_output() as log:
         try:
-            conv = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-            conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.representative_dataset = rep
-            # Denylisted ops must be allowed to stay float, so no INT8-only op set.
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            conv = calibrating_converter(keras_model, calib)
             debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=conv, debug_dataset=dbg_data)
+                converter=conv, debug_dataset=representative_dataset(dbg_x))
             debugger.run()
             buf = io.StringIO()
             debugger.layer_statistics_dump(buf)

@@ -16,12 +16,21 @@ method rewrites the recorded ranges before the same MLIR quantizer
   noise inside the range plus clipping error outside) under the histogram;
 
 each with per-channel (default) or per-tensor weights, and optionally
-``+bias``: empirical bias correction afterwards (:mod:`edgepipe.pipeline.bias_correction`). Model inputs and
-outputs keep their min-max ranges: clipping the logits would flatten the top
-scores, which is exactly what top-1 agreement measures.
+``+cle``: cross-layer equalization of the Keras model before calibrating
+(:mod:`edgepipe.pipeline.cle`; data-free, but its ReLU6 become ReLU, so the
+model quantized is not exactly the float one: agreement is always measured
+against the original), and ``+bias``: empirical bias correction afterwards
+(:mod:`edgepipe.pipeline.bias_correction`). Model inputs and outputs keep their
+min-max ranges: clipping the logits would flatten the top scores, which is
+exactly what top-1 agreement measures.
+
+Method grammar: ``RANGES[+cle][+bias][ per-tensor]``, RANGES one of
+``minmax``, ``percentile:P`` (50 < P <= 100), ``mse``; the ``+`` modifiers in
+any order, each at most once; names are written ``RANGES+cle+bias``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -29,11 +38,10 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from edgepipe.device.errors import EdgepipeError
+from edgepipe.pipeline.act_ranges import BINS, Histogram, clip_range, histograms, with_ranges
 from edgepipe.pipeline.layer_error import Debugged
 from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line
 
-BINS = 2048
-LEVELS = 256  # int8 activations
 METHODS = ("minmax", "percentile:99.9", "percentile:99.99", "mse")
 
 
@@ -41,30 +49,52 @@ class PTQError(EdgepipeError, RuntimeError):
     """Calibration or quantization could not run; one-line reason."""
 
 
+MODIFIERS = ("cle", "bias")
+
+
 @dataclass(frozen=True)
 class Method:
-    """An activation-range method and the weight granularity."""
+    """An activation-range method, the weight granularity, and the data-free fixes around it."""
 
     ranges: str = "minmax"  # minmax | percentile:P | mse
     per_channel: bool = True
     bias_correction: bool = False  # see edgepipe.pipeline.bias_correction
+    cle: bool = False  # cross-layer equalization first, see edgepipe.pipeline.cle
 
     @property
     def name(self) -> str:
-        return self.ranges + ("+bias" if self.bias_correction else "") + ("" if self.per_channel else " per-tensor")
+        return (self.ranges + ("+cle" if self.cle else "") + ("+bias" if self.bias_correction else "")
+                + ("" if self.per_channel else " per-tensor"))
 
     @classmethod
     def parse(cls, text: str) -> "Method":
-        """``minmax``, ``percentile:99.99`` or ``mse``, optionally ``+bias``, then optionally `` per-tensor``."""
+        """``RANGES[+cle][+bias][ per-tensor]``: e.g. ``mse``, ``mse+cle+bias``, ``minmax+cle per-tensor``."""
         parts = text.split()
         per_channel = not (len(parts) == 2 and parts[1] == "per-tensor")
-        base = parts[0] if parts else ""
-        bias = base.endswith("+bias")
-        base = base[: -len("+bias")] if bias else base
-        if len(parts) > 2 or (len(parts) == 2 and per_channel) or not _valid_ranges(base):
-            raise PTQError(f"{text!r} is not a calibration method (minmax, percentile:P with 50 < P <= 100, "
-                           "mse; optionally +bias, then optionally 'per-tensor')", param="calib_method")
-        return cls(base, per_channel, bias)
+        base, *mods = (parts[0] if parts else "").split("+")
+        if (len(parts) > 2 or (len(parts) == 2 and per_channel) or not _valid_ranges(base)
+                or len(set(mods)) != len(mods) or not set(mods) <= set(MODIFIERS)):
+            raise PTQError(f"{text!r} is not a calibration method (minmax, percentile:P with 50 < P <= 100 or mse; "
+                           "then optionally +cle and/or +bias; then optionally 'per-tensor')", param="calib_method")
+        return cls(base, per_channel, "bias" in mods, "cle" in mods)
+
+
+def _equalization_block(cal: Calibrated, x: np.ndarray, ref: np.ndarray) -> dict:
+    from edgepipe.pipeline.cle import float_cost
+
+    eq = cal.equalized()
+    return float_cost(eq.source, eq.equalization, x, ref)
+
+
+def _mapped(src: "Calibrated", dst: "Calibrated", names: Sequence[str]) -> list:
+    """``names`` of ``src``'s tensors as ``dst`` calls them (the same graph: equalization only changes
+    weights and turns ReLU6 into ReLU, which renames fused tensors)."""
+    a, b = src.tensor_names(), dst.tensor_names()
+    if len(a) != len(b):
+        raise PTQError(f"the equalized model has {len(b)} tensors, the original {len(a)}: float layers cannot be "
+                       "mapped onto it")
+    index = {n: i for i, n in enumerate(a)}
+    return [b[index[n]] if n in index else n for n in names]
 
 
 def _valid_ranges(base: str) -> bool:
@@ -79,26 +109,6 @@ def _valid_ranges(base: str) -> bool:
 
 
 @dataclass
-class Histogram:
-    """Values of one activation over the calibration images, in BINS bins over its recorded [lo, hi]."""
-
-    lo: float
-    hi: float
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
-
-    def add(self, x: np.ndarray) -> None:
-        if self.hi <= self.lo:
-            return
-        idx = ((x.reshape(-1) - self.lo) * (BINS / (self.hi - self.lo))).astype(np.int64)
-        np.clip(idx, 0, BINS - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=BINS)
-
-    def centers(self) -> np.ndarray:
-        w = (self.hi - self.lo) / BINS
-        return self.lo + (np.arange(BINS) + 0.5) * w
-
-
-@dataclass
 class Calibrated:
     """A float model with recorded activation ranges, and their histograms over the calibration images."""
 
@@ -106,20 +116,65 @@ class Calibrated:
     hists: Dict[int, Histogram]  # tensor index -> histogram (activations only)
     images: int
     samples: Optional[np.ndarray] = None  # the calibration inputs histogrammed (bias correction reuses them)
+    source: object = field(default=None, repr=False)  # the Keras model calibrated (+cle equalizes it)
+    calib: Optional[np.ndarray] = field(default=None, repr=False)  # all calibration inputs (+cle recalibrates)
+    max_hist_images: int = 64
+    equalization: object = None  # cle.Equalization when ``source`` is the equalized model
+    _equalized: Optional["Calibrated"] = field(default=None, repr=False)
+    _names: Optional[list] = field(default=None, repr=False)
 
     def ranges(self, method: Method) -> Dict[int, Tuple[float, float]]:
         """Tensor index -> (lo, hi) under ``method`` (activations only; zero always inside)."""
         out = {}
         for i, h in self.hists.items():
-            lo, hi = _clip_range(h, method.ranges)
+            lo, hi = clip_range(h, method.ranges)
             out[i] = (min(lo, 0.0), max(hi, 0.0))
         return out
 
+    def equalized(self) -> "Calibrated":
+        """This calibration redone on the cross-layer-equalized Keras model (once; see :mod:`.cle`)."""
+        if self.equalization is not None:
+            return self
+        if self._equalized is None:
+            if self.source is None or self.calib is None:
+                raise PTQError("cross-layer equalization needs the Keras model and the calibration images")
+            from edgepipe.pipeline.cle import equalize
+
+            try:
+                model, summary = equalize(self.source)
+            except Exception as e:  # noqa: BLE001 - cloning a Keras model raises many types
+                raise PTQError(f"cross-layer equalization failed: {str(e).splitlines()[0] if str(e) else e!r}") \
+                    from None
+            if summary.pairs:
+                self._equalized = calibrate(model, self.calib, max_hist_images=self.max_hist_images)
+                self._equalized.equalization = summary
+            else:  # nothing to equalize: the same model, already calibrated
+                self._equalized = dataclasses.replace(self, equalization=summary, _equalized=None)
+        return self._equalized
+
+    def tensor_names(self) -> list:
+        """Subgraph 0's tensor names, by index (cached)."""
+        if self._names is None:
+            from tensorflow.lite.tools import flatbuffer_utils as fu
+
+            g = fu.read_model_from_bytearray(bytearray(self.model)).subgraphs[0]
+            self._names = [t.name.decode() if isinstance(t.name, bytes) else t.name for t in g.tensors]
+        return self._names
+
     def quantize(self, method: Method = Method(), denylist: Sequence[str] = ()) -> bytes:
-        """The int8 model (float input/output) under ``method``, ``denylist`` tensors' ops left float."""
+        """The int8 model (float input/output) under ``method``, ``denylist`` tensors' ops left float.
+
+        With ``method.cle`` the equalized model is quantized; ``denylist``
+        names this (unequalized) model's tensors and is mapped across.
+        """
+        if method.cle and self.equalization is None:
+            eq = self.equalized()
+            return eq.quantize(method, _mapped(self, eq, denylist) if denylist else ())
+        if not method.cle and self.equalization is not None:
+            raise PTQError(f"{method.name}: this calibration is of the equalized model, which only +cle uses")
         from tensorflow.lite.python import convert as _convert
 
-        model = self.model if method.ranges == "minmax" else _with_ranges(self.model, self.ranges(method))
+        model = self.model if method.ranges == "minmax" else with_ranges(self.model, self.ranges(method))
         with captured_output() as log:
             try:
                 q = _convert.mlir_quantize(model, disable_per_channel=not method.per_channel,
@@ -194,12 +249,14 @@ class Requantized:
     snr_db: Dict[str, float]  # method name -> output SNR against the float model (breaks agreement ties)
     eval_images: int
     on_validation: bool  # False: measured on the calibration images (no validation set given)
+    equalization: Optional[dict] = None  # +cle: cle.Equalization.to_dict() and the float model's own agreement
 
     def to_dict(self) -> dict:
         """The manifest's ``extra["calibration_method"]`` block."""
         return {"asked": self.method.name, "chosen": self.chosen, "agreement": self.agreement,
                 "snr_db": {k: round(v, 2) for k, v in self.snr_db.items()}, "eval_images": self.eval_images,
-                "measured_on": "validation images" if self.on_validation else "calibration images"}
+                "measured_on": "validation images" if self.on_validation else "calibration images",
+                **({"equalization": self.equalization} if self.equalization else {})}
 
 
 def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=None,
@@ -232,112 +289,36 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
     won = (agree[method.name], snr[method.name]) > (agree["minmax"], snr["minmax"])
     res = Requantized(tflite=model if won else b.model_path.read_bytes(), method=method,
                       chosen=method.name if won else "minmax", agreement=agree, snr_db=snr,
-                      eval_images=int(len(ex)), on_validation=eval_dir is not None)
+                      eval_images=int(len(ex)), on_validation=eval_dir is not None,
+                      equalization=_equalization_block(cal, ex, ref) if method.cle else None)
     if won:
         selective._rewrite_bundle(b, res, key="calibration_method")
     else:  # the model stays; the manifest learns what was tried
-        import dataclasses
-
         from edgepipe.device.bundle import write_manifest
 
         write_manifest(b.path, dataclasses.replace(m, extra={**m.extra, "calibration_method": res.to_dict()}))
     return res
 
 
-def _clip_range(h: Histogram, ranges: str) -> Tuple[float, float]:
-    if ranges == "minmax" or h.counts.sum() == 0:
-        return h.lo, h.hi
-    if ranges.startswith("percentile:"):
-        p = float(ranges.split(":", 1)[1]) / 100.0
-        cdf = np.cumsum(h.counts) / h.counts.sum()
-        edges = h.lo + np.arange(1, BINS + 1) * ((h.hi - h.lo) / BINS)
-        hi = float(edges[min(BINS - 1, np.searchsorted(cdf, p))])
-        lo = h.lo if h.lo >= 0 else float(edges[max(0, np.searchsorted(cdf, 1.0 - p) - 1)])
-        return lo, hi
-    return _mse_range(h)
-
-
-def _mse_range(h: Histogram) -> Tuple[float, float]:
-    """The shrink of [lo, hi] (towards 0, both ends alike) with the least expected squared error."""
-    c, n = h.centers(), h.counts.astype(np.float64)
-    best, best_err = (h.lo, h.hi), np.inf
-    for s in np.linspace(0.2, 1.0, 81):
-        lo, hi = h.lo * s, h.hi * s
-        step = (hi - lo) / (LEVELS - 1)
-        clipped = np.clip(c, lo, hi)
-        err = float(np.sum(n * ((c - clipped) ** 2 + np.where(c == clipped, step * step / 12.0, 0.0))))
-        if err < best_err:
-            best, best_err = (lo, hi), err
-    return best
-
-
 def calibrate(keras_model, calib: np.ndarray, *, max_hist_images: int = 64) -> Calibrated:
     """Calibrate ``keras_model`` on ``calib`` (float inputs, axis 0) and histogram every activation."""
+    from edgepipe.pipeline.calibration import calibrating_converter
+
     tf = import_tf()
     calib = np.asarray(calib, dtype=np.float32)
     if calib.ndim < 2 or calib.shape[0] == 0:
         raise PTQError("calibration: no images")
-
-    def rep():
-        for i in range(calib.shape[0]):
-            yield [calib[i:i + 1]]
-
     with captured_output() as log:
         try:
-            conv = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-            conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.representative_dataset = rep
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            conv = calibrating_converter(keras_model, calib)
             conv._experimental_calibrate_only = True
             model = conv.convert()
         except Exception as e:  # noqa: BLE001
             raise PTQError(f"calibration failed: {last_error_line(log) or e}") from None
-    hists = _histograms(tf, model, calib[:max_hist_images])
-    return Calibrated(model=model, hists=hists, images=int(calib.shape[0]), samples=calib[:max_hist_images])
+    hists = histograms(tf, model, calib[:max_hist_images])
+    return Calibrated(model=model, hists=hists, images=int(calib.shape[0]), samples=calib[:max_hist_images],
+                      source=keras_model, calib=calib, max_hist_images=max_hist_images)
 
 
-def _recorded_ranges(model: bytes) -> Dict[int, Tuple[float, float]]:
-    """Tensor index -> recorded (min, max) of subgraph 0's non-constant tensors."""
-    from tensorflow.lite.tools import flatbuffer_utils as fu
-
-    m = fu.read_model_from_bytearray(bytearray(model))
-    g = m.subgraphs[0]
-    ends = set(g.inputs) | set(g.outputs)
-    out = {}
-    for i, t in enumerate(g.tensors):
-        q = t.quantization
-        if i in ends or q is None or q.min is None or q.max is None or len(q.min) != 1:
-            continue
-        if m.buffers[t.buffer].data is not None:  # constants (weights) are quantized from their values
-            continue
-        out[i] = (float(q.min[0]), float(q.max[0]))
-    return out
-
-
-def _histograms(tf, model: bytes, xs: np.ndarray) -> Dict[int, Histogram]:
-    hists = {i: Histogram(lo, hi) for i, (lo, hi) in _recorded_ranges(model).items()}
-    with captured_output():
-        interp = tf.lite.Interpreter(model_content=model, experimental_preserve_all_tensors=True)
-        interp.allocate_tensors()
-    inp = interp.get_input_details()[0]["index"]
-    for x in xs:
-        interp.set_tensor(inp, x[None])
-        interp.invoke()
-        for i, h in hists.items():
-            h.add(interp.get_tensor(i))
-    return hists
-
-
-def _with_ranges(model: bytes, ranges: Dict[int, Tuple[float, float]]) -> bytes:
-    from tensorflow.lite.tools import flatbuffer_utils as fu
-
-    m = fu.read_model_from_bytearray(bytearray(model))
-    tensors = m.subgraphs[0].tensors
-    for i, (lo, hi) in ranges.items():
-        tensors[i].quantization.min = [float(lo)]
-        tensors[i].quantization.max = [float(hi)]
-    return bytes(fu.convert_object_to_bytearray(m))
-
-
-__all__ = ["BINS", "METHODS", "Calibrated", "Histogram", "Method", "PTQError", "RangedDebugged", "Requantized",
-           "apply_to_bundle", "calibrate", "for_selective", "rank_by_output"]
+__all__ = ["BINS", "METHODS", "MODIFIERS", "Calibrated", "Histogram", "Method", "PTQError", "RangedDebugged",
+           "Requantized", "apply_to_bundle", "calibrate", "for_selective", "rank_by_output"]
