@@ -100,8 +100,10 @@ Examples:
               help="Validation images (not used for calibration): every agreement --target-agreement and "
                    "--calib-method measure or optimise is measured here.")
 @click.option("--calib-method", default=None, metavar="METHOD",
-              help="int8 activation ranges: minmax (default), percentile:P (e.g. percentile:99.99) or mse, "
-                   "optionally 'per-tensor' after it; kept only when it agrees better with float.")
+              help="int8 activation ranges: minmax (default), percentile:P (e.g. percentile:99.99) or mse; then "
+                   "optionally +cle (cross-layer equalization first; ReLU6 of equalized layers become ReLU) "
+                   "and/or +bias (bias correction), e.g. mse+cle+bias; then optionally ' per-tensor'. Kept only "
+                   "when it agrees better with the original float model.")
 @click.option("--try-int16", type=click.IntRange(0, 64), default=0, show_default=True, metavar="N",
               help="With --target-agreement: first try 16-bit activations (int8 weights) for the worst 1, 2, 4 "
                    "... N layers, and keep layers float only when that does not reach the target or is slower "
