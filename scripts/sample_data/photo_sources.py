@@ -261,3 +261,23 @@ def skimage_candidates(root: Path) -> list:
                       f"skimage/data/{f}", _file(root, f"{SKIMAGE_DATA}/{f}"), credit=(lic, who),
                       note="licence as stated in the skimage.data docstring")
             for f, lic, who in SKIMAGE]
+
+
+# ---------------------------------------------------------------- scikit-learn
+
+SKLEARN_IMAGES = "usr/lib/python3/dist-packages/sklearn/datasets/images"
+# (file, credit) as sklearn/datasets/images/README.txt states them (both CC BY 2.0, from Flickr).
+SKLEARN = (
+    ("china.jpg", "danielbuechele, https://www.flickr.com/photos/danielbuechele/6061409035/ "
+                  "(retrieved 2011-08-21 by Robert Layton)"),
+    ("flower.jpg", "vultilion, https://www.flickr.com/photos/vultilion/6056698931/ "
+                   "(retrieved 2011-08-21 by Robert Layton; the README's attribution line repeats danielbuechele)"),
+)
+
+
+def sklearn_candidates(root: Path) -> list:
+    """scikit-learn's two sample photos (``load_sample_images``), CC BY 2.0."""
+    return [Candidate(f"sklearn_{slug(f.rsplit('.', 1)[0])}.jpg", "python3-sklearn", f"{SKLEARN_IMAGES}/{f}",
+                      f"sklearn/datasets/images/{f}", _file(root, f"{SKLEARN_IMAGES}/{f}"),
+                      credit=("CC-BY-2.0", who), note="licence and credit from sklearn/datasets/images/README.txt")
+            for f, who in SKLEARN]

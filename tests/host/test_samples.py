@@ -158,7 +158,8 @@ def test_sample_photos_and_video_are_modest_and_readable():
 
 
 PHOTO_SOURCES = {"gcompris": "gcompris-qt-data", "lomiri": "lomiri-wallpapers-", "mate": "mate-backgrounds",
-                 "plasma": "plasma-workspace-wallpapers", "skimage": "python3-skimage"}
+                 "plasma": "plasma-workspace-wallpapers", "skimage": "python3-skimage",
+                 "sklearn": "python3-sklearn"}
 
 
 def _photo_rows():
