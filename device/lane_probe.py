@@ -111,19 +111,52 @@ def open_probe(loaded: Any, cores: int, fit: Callable[[int], int],
 @dataclass
 class _Trial:
     candidate: Candidate
+    routed: int = 0
+    done: int = 0
+    first_ns: Optional[int] = None  # when its first frame finished invoking
+    last_ns: Optional[int] = None  # ... and its last
+    fps: Optional[float] = None
     frames: int = 0
-    ns: int = 0
 
-    @property
-    def fps(self) -> Optional[float]:
-        return self.frames / (self.ns / 1e9) if self.frames and self.ns > 0 else None
+
+@dataclass(frozen=True)
+class _Span:
+    """One stage of one frame: its wall-clock span and which stage it was (credit is spread over the span)."""
+
+    start: int
+    end: int
+    prep: bool
+
+
+class _Ticket:
+    """Frame n's way to its lanes: ``pool()`` when it is about to invoke, ``done(ms)`` after (None: no invoke)."""
+
+    __slots__ = ("probe", "trial")
+
+    def __init__(self, probe: "LaneProbe", trial: Optional[int]):
+        self.probe, self.trial = probe, trial
+
+    def pool(self) -> LanePool:
+        return self.probe._pool_for(self.trial)
+
+    def done(self, invoke_ms: Optional[float]) -> None:
+        if self.trial is not None:
+            self.probe._done(self.trial, invoke_ms)
 
 
 class LaneProbe:
-    """Routes frame n to a candidate's pool while probing, then to the fastest; the frame loop reports emissions.
+    """Routes frame n to a candidate's pool while probing, then to the fastest.
 
-    ``route`` is called by the loop's reader in frame order, ``emitted`` by its consumer in frame order, and
-    ``close`` when the loop ends (a choice is made from what was measured, so no frame waits for ever).
+    ``route`` is called by the loop's reader in frame order, ``prepped`` by its preprocessing workers, the
+    tickets by its invoke threads, and ``close`` when the loop ends (a choice is then made from what was
+    measured, so no frame waits for ever).
+
+    A trial's frames start invoking once the previous trial's have all finished, so each trial has a window
+    of its own (from the previous trial's last invoke to its own last). Preprocessing never waits. Counting
+    the frames of a window would credit a candidate with frames the previous one had prepared (an
+    invoke-bound candidate leaves a queue of them behind), so a window is credited with the work done in it:
+    each preprocessing and each invoke counts as its share of a frame (by the medians of their single-thread
+    times), spread over its own span.
     """
 
     def __init__(self, cands: Sequence[Candidate], pools: Dict[str, LanePool], limits: ProbeLimits = ProbeLimits(),
@@ -132,17 +165,18 @@ class LaneProbe:
         if not self.cands:
             raise ValueError("a lane probe needs at least one candidate with interpreters")
         self.limits = limits
+        self._k = max(1, limits.trial_frames)
         self._pools = dict(pools)
         self._clock = clock
         self._trials = [_Trial(c) for _ in range(max(1, limits.rounds)) for c in self.cands]
-        self._lock = threading.Lock()
-        self._decided = threading.Event()
+        self._cond = threading.Condition()
+        self._decided = False
+        self._closed = False
         self._t0: Optional[int] = None
         self._ms: Optional[float] = None
         self._end: Optional[int] = None  # the first frame after the probe
-        self._emitted = 0
-        self._last_ns: Optional[int] = None
-        self._stage_ms: List[Tuple[float, float, int]] = []  # capture+preprocess, invoke, threads
+        self._spans: List[_Span] = []
+        self._samples: List[Tuple[bool, float, int]] = []  # (preprocessing?, ms, threads)
         self.chosen: Optional[Candidate] = None
 
     @property
@@ -150,76 +184,105 @@ class LaneProbe:
         """Invoke threads the loop needs: the widest candidate."""
         return max(c.lanes for c in self.cands)
 
-    def _trial_of(self, n: int) -> Optional[int]:
-        k = max(1, self.limits.trial_frames)
-        if self._t0 is None:
-            self._t0 = self._clock()
-        if self._end is None:
-            t = n // k
-            late = n % k == 0 and t > 0 and ns_to_ms(self._clock() - self._t0) >= self.limits.max_ms
-            if t < len(self._trials) and not late:
-                if n + 1 == len(self._trials) * k:  # the last probe frame: choose as soon as it is out
-                    self._end = n + 1
-                return t
-            self._end = n
-            self._decide_if_done()
-        return None
+    def route(self, n: int) -> _Ticket:
+        """Frame ``n``'s ticket to the lanes it invokes on (frames come in order, from one thread)."""
+        with self._cond:
+            if self._t0 is None:
+                self._t0 = self._clock()
+            if self._end is None and not self._closed:
+                t = n // self._k
+                late = n % self._k == 0 and t > 0 and ns_to_ms(self._clock() - self._t0) >= self.limits.max_ms
+                if t < len(self._trials) and not late:
+                    self._trials[t].routed += 1
+                    if n + 1 == len(self._trials) * self._k:
+                        self._end = n + 1
+                    return _Ticket(self, t)
+                self._end = n
+                self._decide_if_done()
+        return _Ticket(self, None)
 
-    def route(self, n: int) -> Callable[[], LanePool]:
-        """The pool that frame ``n`` invokes on, as a call made when it is about to invoke."""
-        with self._lock:
-            t = self._trial_of(n)
-            if t is not None:
-                pool = self._pools[self._trials[t].candidate.name]
-                return lambda: pool
-        return self._winner
+    def _pool_for(self, trial: Optional[int]) -> LanePool:
+        with self._cond:
+            if trial is None:
+                self._cond.wait_for(lambda: self._decided)
+                return self._pools[self.chosen.name]
+            if trial > 0:  # the previous trial's invokes first: each window is one candidate's
+                prev = self._trials[trial - 1]
+                self._cond.wait_for(lambda: self._closed or prev.done >= prev.routed)
+            return self._pools[self._trials[trial].candidate.name]
 
-    def _winner(self) -> LanePool:
-        self._decided.wait()
-        return self._pools[self.chosen.name]
-
-    def emitted(self, n: int, ok: bool, prep_ms: float = 0.0, invoke_ms: float = 0.0) -> None:
-        """Frame ``n`` was emitted now; ``ok`` False for an unreadable frame (no invoke: its interval is left out)."""
-        with self._lock:
-            t_now = self._clock()
-            if self._decided.is_set():
+    def _done(self, trial: int, invoke_ms: Optional[float]) -> None:
+        with self._cond:
+            if self._decided:
                 return
-            t = n // max(1, self.limits.trial_frames)
-            if ok and t < len(self._trials) and (self._end is None or n < self._end):
-                trial = self._trials[t]
-                self._stage_ms.append((prep_ms, invoke_ms, trial.candidate.threads))
-                if self._last_ns is not None:
-                    trial.frames += 1
-                    trial.ns += t_now - self._last_ns
-            self._last_ns = t_now
-            self._emitted = n + 1
+            now, tr = self._clock(), self._trials[trial]
+            tr.done += 1
+            tr.first_ns = now if tr.first_ns is None else tr.first_ns
+            tr.last_ns = now
+            if invoke_ms is not None:
+                self._spans.append(_Span(now - int(invoke_ms * 1e6), now, False))
+                self._samples.append((False, invoke_ms, tr.candidate.threads))
             self._decide_if_done()
+            self._cond.notify_all()
+
+    def prepped(self, ms: float) -> None:
+        """A frame's preprocessing of ``ms`` ended now (any frame, any worker)."""
+        with self._cond:
+            if not self._decided:
+                now = self._clock()
+                self._spans.append(_Span(now - int(ms * 1e6), now, True))
+                self._samples.append((True, ms, 1))
 
     def close(self) -> None:
         """End the probe with what it measured (a short source, or the loop stopped)."""
-        with self._lock:
+        with self._cond:
+            self._closed = True
             if self._end is None:
-                self._end = self._emitted
+                self._end = sum(t.routed for t in self._trials)
             self._decide_if_done()
+            self._cond.notify_all()
 
     def _decide_if_done(self) -> None:
-        if self._decided.is_set() or self._end is None or self._emitted < self._end:
+        if self._decided or self._end is None:
             return
+        if not self._closed and sum(t.done for t in self._trials) < self._end:
+            return
+        self._measure()
         rates = self.rates()
         measured = [c for c in self.cands if rates[c.name] is not None]
         # Ties keep the earlier candidate; nothing measured (a very short run) keeps the first.
         self.chosen = max(measured, key=lambda c: rates[c.name]) if measured else self.cands[0]
         self._ms = ns_to_ms(self._clock() - self._t0) if self._t0 is not None else 0.0
         self._pools = {self.chosen.name: self._pools[self.chosen.name]}  # the others' copies can go
-        self._decided.set()
+        self._decided = True
+        self._cond.notify_all()
+
+    def _medians(self) -> Tuple[Optional[float], Optional[float]]:
+        """Median preprocessing ms and single-thread invoke ms of the probe's frames."""
+        prep = [ms for is_prep, ms, _ in self._samples if is_prep]
+        inv = [ms for is_prep, ms, t in self._samples if not is_prep and t == 1]
+        inv = inv or [ms * t for is_prep, ms, t in self._samples if not is_prep]  # core time, roughly
+        return (statistics.median(prep) if prep else None), (statistics.median(inv) if inv else None)
+
+    def _measure(self) -> None:
+        """Each trial's frames/s: the work credited to its window over the window's length."""
+        p, i = (m or 0.0 for m in self._medians())
+        w_prep, w_inv = (p / (p + i), i / (p + i)) if p + i > 0 else (0.5, 0.5)
+        for j, trial in enumerate(self._trials):
+            # Trial 0's window opens when its first frame is out: the pipeline's fill is not counted.
+            a = self._trials[j - 1].last_ns if j else trial.first_ns
+            b, frames = trial.last_ns, trial.done - (0 if j else 1)
+            if a is None or b is None or b <= a or frames < 1:
+                continue
+            work = sum((w_prep if s.prep else w_inv) * _overlap(s, a, b) for s in self._spans)
+            trial.fps, trial.frames = work / ((b - a) / 1e9), frames
 
     def rates(self) -> Dict[str, Optional[float]]:
-        """Each candidate's best measured frames/s (None when none of its trials counted a frame)."""
+        """Each candidate's best measured frames/s (None when none of its trials was measured)."""
         best: Dict[str, Optional[float]] = {c.name: None for c in self.cands}
         for tr in self._trials:
-            fps = tr.fps
-            if fps is not None and (best[tr.candidate.name] is None or fps > best[tr.candidate.name]):
-                best[tr.candidate.name] = fps
+            if tr.fps is not None and (best[tr.candidate.name] is None or tr.fps > best[tr.candidate.name]):
+                best[tr.candidate.name] = tr.fps
         return best
 
     def report(self) -> Optional[dict]:
@@ -227,18 +290,23 @@ class LaneProbe:
         if self.chosen is None:
             return None
         rates = self.rates()
-        prep = [p for p, _, _ in self._stage_ms]
-        single = [i for _, i, t in self._stage_ms if t == 1] or [i for _, i, _ in self._stage_ms]
+        prep_ms, invoke_ms = self._medians()
         return {
             "lanes": self.chosen.lanes, "threads": self.chosen.threads, "chosen": self.chosen.name,
             "method": "measured", "frames": self._end, "ms": self._ms,
-            "preprocess_ms": statistics.median(prep) if prep else None,
-            "invoke_ms": statistics.median(single) if single else None,
+            "preprocess_ms": prep_ms, "invoke_ms": invoke_ms,
             "candidates": [
                 {"name": c.name, "lanes": c.lanes, "threads": c.threads, "fps": rates[c.name],
                  "frames": sum(t.frames for t in self._trials if t.candidate == c)}
                 for c in self.cands],
         }
+
+
+def _overlap(s: _Span, a: int, b: int) -> float:
+    """The share of span ``s`` inside (a, b]; a span of no length counts whole where it ends."""
+    if s.end <= s.start:
+        return 1.0 if a < s.end <= b else 0.0
+    return max(0, min(s.end, b) - max(s.start, a)) / (s.end - s.start)
 
 
 __all__ = ["Candidate", "LaneProbe", "ProbeLimits", "build_pools", "candidates", "copies_needed", "lanes_that_fit",

@@ -133,24 +133,24 @@ class FrameLoop:
         if decode is not None:
             self.st.samples["decode"] = []
 
-    def infer(self, p: _Prepared, route: Optional[Callable[[], LanePool]] = None) -> _Result:
-        """Invoke on a free lane of ``route()`` (the probe's pick for this frame) or of the loop's own pool."""
+    def infer(self, p: _Prepared, ticket: Any = None) -> _Result:
+        """Invoke on a free lane of ``ticket.pool()`` (the probe's pick for this frame) or of the loop's own."""
         if p.x is None:
             return _Result(None, p)
-        with (route() if route is not None else self.models).lend() as model:
+        with (ticket.pool() if ticket is not None else self.models).lend() as model:
             t0 = now_ns()
             raw = _infer(model, p.x)
             return _Result(raw, p, ns_to_ms(now_ns() - t0))
 
-    def finish(self, frame: Frame, res: _Result) -> bool:
-        """Postprocess and emit one frame, in order, on the calling thread; False for an unreadable frame."""
+    def finish(self, frame: Frame, res: _Result) -> None:
+        """Postprocess and emit one frame, in order, on the calling thread."""
         st = self.st
         if st.t_first is None:
             st.t_first = frame.t0_ns
         if res.raw is None:
             st.skipped.append(res.prep.error or f"{frame.name}: skipped")
             self.emit({"frame": frame.index, "source": frame.name, "error": res.prep.error})
-            return False
+            return
         t0 = now_ns()
         record = {"frame": frame.index, "source": frame.name}
         t_post = t0
@@ -169,7 +169,6 @@ class FrameLoop:
         st.latency.append(ns_to_ms(t1 - frame.t0_ns))
         st.frames += 1
         st.t_last = t1
-        return True
 
     def sequential(self, frames) -> None:
         for frame in frames:
@@ -177,7 +176,7 @@ class FrameLoop:
 
     def pipelined(self, frames, workers: int, lanes: int, depth: int, probe: Any = None) -> None:
         """``lanes``: invoke threads (the widest pool); ``probe``: a :class:`edgepipe.device.lane_probe.LaneProbe`
-        that routes each frame (by its position) and is told when it is emitted."""
+        that routes each frame (by its position) and is told when each stage of a frame ends."""
         done = object()
         q: "queue.Queue" = queue.Queue(maxsize=depth)
         stop = threading.Event()
@@ -196,10 +195,9 @@ class FrameLoop:
         def reader() -> None:
             try:
                 for n, frame in enumerate(frames):
-                    fp = prep_pool.submit(self.prep, frame)
-                    route = probe.route(n) if probe is not None else None
-                    fi = infer_pool.submit(lambda f=fp, r=route: self.infer(f.result(), r))
-                    if not put((n, frame, fi)):
+                    fp = prep_pool.submit(self._prep_task, frame, probe)
+                    ticket = probe.route(n) if probe is not None else None
+                    if not put((frame, infer_pool.submit(self._infer_task, fp, ticket))):
                         return
             except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
                 put(e)
@@ -209,17 +207,7 @@ class FrameLoop:
         t = threading.Thread(target=reader, name="edgerun-reader", daemon=True)
         t.start()
         try:
-            while True:
-                item = q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                n, frame, fut = item
-                res = fut.result()
-                ok = self.finish(frame, res)
-                if probe is not None:
-                    probe.emitted(n, ok, frame.capture_ms + res.prep.ms, res.invoke_ms)
+            self._consume(q, done)
         finally:
             stop.set()
             if probe is not None:
@@ -232,6 +220,32 @@ class FrameLoop:
             t.join(timeout=10.0)
             prep_pool.shutdown(wait=True, cancel_futures=True)
             infer_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _prep_task(self, frame: Frame, probe: Any) -> _Prepared:
+        p = self.prep(frame)
+        if probe is not None and p.x is not None:
+            probe.prepped(p.ms)
+        return p
+
+    def _infer_task(self, fp, ticket: Any) -> _Result:
+        res = None
+        try:
+            res = self.infer(fp.result(), ticket)
+        finally:
+            if ticket is not None:  # also for an unreadable frame or a failure: the next trial may start
+                ticket.done(res.invoke_ms if res is not None and res.raw is not None else None)
+        return res
+
+    def _consume(self, q: "queue.Queue", done: object) -> None:
+        """Take results in frame order and finish them, until the reader is done or hands over its error."""
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            frame, fut = item
+            self.finish(frame, fut.result())
 
 
 __all__ = ["FrameLoop", "LanePool", "LoopStats", "STAGES", "StopRun", "make_prep"]

@@ -45,16 +45,23 @@ def _pools(cands):
     return build_pools(cands, {t: [object() for _ in range(n)] for t, n in copies_needed(cands).items()})
 
 
+def _frame(probe: LaneProbe, clock: FakeClock, ticket, ms: float):
+    """One frame alone: preprocessing for the first 60% of ``ms``, invoke for the rest; its pool."""
+    clock.t += int(ms * 0.6e6)
+    probe.prepped(ms * 0.6)
+    pool = ticket.pool()
+    clock.t += int(ms * 0.4e6)
+    ticket.done(ms * 0.4)
+    return pool
+
+
 def _drive(probe: LaneProbe, clock: FakeClock, ms_per_frame: dict, n_frames: int) -> list:
-    """Route and emit frames one by one, each taking its candidate's time; the pools each frame was routed to."""
+    """Route and run frames one by one, each taking its candidate's time; the pools each frame was routed to."""
     routed = []
     for n in range(n_frames):
-        route = probe.route(n)
-        pool = route()
-        routed.append(pool)
-        name = next((c.name for c in probe.cands if probe._pools.get(c.name) is pool), None)
-        clock.t += int(ms_per_frame.get(name, 1.0) * 1e6)
-        probe.emitted(n, True, 3.0, 2.0)
+        ticket = probe.route(n)
+        name = probe._trials[ticket.trial].candidate.name if ticket.trial is not None else probe.chosen.name
+        routed.append(_frame(probe, clock, ticket, ms_per_frame.get(name, 1.0)))
     return routed
 
 
@@ -72,7 +79,7 @@ def test_the_fastest_measured_candidate_wins_whatever_its_place():
         rates = {c["name"]: c["fps"] for c in rep["candidates"]}
         assert rates[fast] == pytest.approx(100.0) and all(rates[n] == pytest.approx(50.0) for n in rates if n != fast)
         assert (rep["lanes"], rep["threads"]) == (probe.chosen.lanes, probe.chosen.threads)
-        assert rep["preprocess_ms"] == 3.0 and rep["invoke_ms"] == 2.0
+        assert rep["preprocess_ms"] == pytest.approx(12.0) and 4.0 <= rep["invoke_ms"] <= 8.0  # medians
 
 
 def test_best_round_counts_and_frame_zero_has_no_interval():
@@ -82,9 +89,7 @@ def test_best_round_counts_and_frame_zero_has_no_interval():
     probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=3, rounds=2, max_ms=10_000), clock)
     per_frame = [100, 50, 50, 20, 20, 20, 10, 10, 10, 20, 20, 20]  # threads: 50 then 10 ms; single: 20 ms
     for n, ms in enumerate(per_frame):
-        probe.route(n)
-        clock.t += ms * 1_000_000
-        probe.emitted(n, True)
+        _frame(probe, clock, probe.route(n), ms)
     rates = probe.rates()
     assert rates["threads"] == pytest.approx(100.0) and rates["single"] == pytest.approx(50.0)
     assert probe.chosen.name == "threads"
@@ -119,19 +124,61 @@ def test_a_frame_after_the_probe_waits_for_the_choice():
     cands = candidates(2, 2)
     clock = FakeClock()
     probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), clock)
-    for n in range(4):
-        probe.route(n)
+    tickets = [probe.route(n) for n in range(4)]
     after = probe.route(4)  # routed while frames 0-3 are still in flight
     got = []
-    t = threading.Thread(target=lambda: got.append(after()))
+    t = threading.Thread(target=lambda: got.append(after.pool()))
     t.start()
     t.join(0.05)
     assert not got  # no choice yet
-    for n, ms in enumerate((5, 5, 1, 1)):
-        clock.t += ms * 1_000_000
-        probe.emitted(n, True)
+    for ticket, ms in zip(tickets, (5, 5, 1, 1)):
+        _frame(probe, clock, ticket, ms)
     t.join(10)
     assert got and got[0] is probe._pools["single"] and probe.chosen.name == "single"
+
+
+def test_a_trial_invokes_only_after_the_previous_one_is_done():
+    cands = candidates(2, 8)
+    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), FakeClock())
+    tickets = [probe.route(n) for n in range(4)]
+    tickets[0].pool()
+    got = []
+    t = threading.Thread(target=lambda: got.append(tickets[2].pool()))
+    t.start()
+    tickets[0].done(1.0)
+    t.join(0.05)
+    assert not got  # frame 1 (trial 0) has not invoked yet
+    tickets[1].done(None)  # an unreadable frame counts as done too
+    t.join(10)
+    assert got == [probe._pools["threads"]]
+
+
+def test_work_is_credited_to_the_window_it_is_done_in_not_to_the_frames_emitted():
+    """An invoke-bound candidate leaves prepared frames behind: the next one emits them faster without being
+    faster. Its window is credited with the work done in it (invokes here), the first with the preprocessing
+    it did ahead."""
+    cands = candidates(2, 2)  # threads, single
+    clock = FakeClock()
+    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), clock)
+    tickets = [probe.route(n) for n in range(4)]
+
+    def at(ms, call):
+        clock.t = int(ms * 1e6)
+        call()
+
+    at(5, lambda: probe.prepped(5.0))  # frames 0 and 1 on two workers
+    at(5, lambda: probe.prepped(5.0))
+    at(10, lambda: tickets[0].done(5.0))  # trial 0's window opens (the fill is not counted)
+    at(15, lambda: probe.prepped(5.0))  # frames 2 and 3 prepared while frame 1 invokes
+    at(20, lambda: probe.prepped(5.0))
+    at(20, lambda: tickets[1].done(10.0))
+    at(30, lambda: tickets[2].done(10.0))  # frames 2, 3: invokes only
+    at(40, lambda: tickets[3].done(10.0))
+    rates = probe.rates()
+    # Medians 5 ms preprocessing, 10 ms single-thread invoke: a third and two thirds of a frame.
+    # threads: 1 invoke + 2 preprocessings in 10 ms; single: 2 invokes in 20 ms (it emitted more frames).
+    assert rates["threads"] == pytest.approx(1000 * 4 / 3 / 10) and rates["single"] == pytest.approx(1000 * 4 / 3 / 20)
+    assert probe.chosen.name == "threads"
 
 
 class FakeModel:
@@ -265,7 +312,7 @@ def test_no_probe_when_told_or_live(conv_bundle, folder, monkeypatch):
 
     r = run_source(conv_bundle, str(folder), on_prediction=stop_at_4)
     assert r["throughput"]["frames"] == 4 and "stopped after 4 frame(s): reader left" in r["warnings"]
-    assert r["settings"]["lane_probe"]["frames"] == 4
+    assert 4 <= r["settings"]["lane_probe"]["frames"] <= 36  # the ones routed before the loop ended
 
 
 def test_report_contract_takes_old_and_new_lane_probe_blocks(conv_bundle, folder, monkeypatch):
