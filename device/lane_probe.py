@@ -5,14 +5,14 @@ copy per core side by side ("lanes"), one copy using every core ("threads"),
 one single-thread copy that leaves the other cores to preprocessing
 ("single"), and on four or more cores half as many two-thread copies
 ("split"). Which is fastest depends on the model, the preprocessing, the
-runtime's thread pool and the board, and a formula over two timings got it
-wrong (issue 15), so the first frames of a file or video run go through each
-candidate in turn, a few frames each, in two rounds, without stopping the
-pipeline. Each frame's emission interval counts for the candidate that invoked
-it; a candidate's rate is its best round (other load only ever slows a run
-down); the rest of the run uses the fastest. Every probe frame is a frame of
-the run, emitted once and in order; the candidates' interpreters are copies of
-one model, and XNNPACK's results do not depend on the thread count, so
+runtime's thread pool and the board; a formula over two timings got it wrong
+(issue 15). So the first frames of a file or video run go through the
+candidates in trials of a few frames each, without stopping the pipeline:
+each candidate once, then again only those within ``margin`` of the best
+(their best trial counts: other load only ever slows a run down), and the
+rest of the run uses the fastest. Every probe frame is a frame of the run,
+emitted once and in order; the candidates' interpreters are copies of one
+model and XNNPACK's results do not depend on the thread count, so the
 predictions are those of any other setting.
 """
 from __future__ import annotations
@@ -37,12 +37,13 @@ class Candidate:
 
 @dataclass(frozen=True)
 class ProbeLimits:
-    """How long the probe may run: ``trial_frames`` per trial, ``rounds`` over the candidates, and no new trial
-    after ``max_ms`` (the frames already routed finish their trial)."""
+    """How long the probe may run: ``trial_frames`` per trial, at most ``rounds`` trials per candidate (a second
+    one only while it is within ``margin`` of the best), and no new trial after ``max_ms``."""
 
     trial_frames: int = 6
     rounds: int = 2
     max_ms: float = 1500.0
+    margin: float = 0.1
 
 
 def lanes_that_fit(n_lanes: int, model_size: int) -> int:
@@ -110,7 +111,9 @@ def open_probe(loaded: Any, cores: int, fit: Callable[[int], int],
 
 @dataclass
 class _Trial:
-    candidate: Candidate
+    """Frames [t*k, (t+1)*k): the candidate is picked when the first of them is about to invoke."""
+
+    candidate: Optional[Candidate] = None
     routed: int = 0
     done: int = 0
     first_ns: Optional[int] = None  # when its first frame finished invoking
@@ -145,14 +148,14 @@ class _Ticket:
 
 
 class LaneProbe:
-    """Routes frame n to a candidate's pool while probing, then to the fastest.
+    """Routes frames to candidates' pools in trials while probing, then to the fastest.
 
     ``route`` is called by the loop's reader in frame order, ``prepped`` by its preprocessing workers, the
     tickets by its invoke threads, and ``close`` when the loop ends (a choice is then made from what was
     measured, so no frame waits for ever).
 
     A trial's frames start invoking once the previous trial's have all finished, so each trial has a window
-    of its own (from the previous trial's last invoke to its own last). Preprocessing never waits. Counting
+    of its own (from the previous trial's last invoke to its own last); preprocessing never waits. Counting
     the frames of a window would credit a candidate with frames the previous one had prepared (an
     invoke-bound candidate leaves a queue of them behind), so a window is credited with the work done in it:
     each preprocessing and each invoke counts as its share of a frame (by the medians of their single-thread
@@ -166,15 +169,15 @@ class LaneProbe:
             raise ValueError("a lane probe needs at least one candidate with interpreters")
         self.limits = limits
         self._k = max(1, limits.trial_frames)
+        self._max_trials = len(self.cands) * max(1, limits.rounds)
         self._pools = dict(pools)
         self._clock = clock
-        self._trials = [_Trial(c) for _ in range(max(1, limits.rounds)) for c in self.cands]
+        self._trials: List[_Trial] = []
         self._cond = threading.Condition()
         self._decided = False
         self._closed = False
         self._t0: Optional[int] = None
         self._ms: Optional[float] = None
-        self._end: Optional[int] = None  # the first frame after the probe
         self._spans: List[_Span] = []
         self._samples: List[Tuple[bool, float, int]] = []  # (preprocessing?, ms, threads)
         self.chosen: Optional[Candidate] = None
@@ -185,45 +188,67 @@ class LaneProbe:
         return max(c.lanes for c in self.cands)
 
     def route(self, n: int) -> _Ticket:
-        """Frame ``n``'s ticket to the lanes it invokes on (frames come in order, from one thread)."""
+        """Frame ``n``'s ticket to the lanes it will invoke on (frames come in order, from one thread)."""
+        t = n // self._k
         with self._cond:
             if self._t0 is None:
                 self._t0 = self._clock()
-            if self._end is None and not self._closed:
-                t = n // self._k
-                late = n % self._k == 0 and t > 0 and ns_to_ms(self._clock() - self._t0) >= self.limits.max_ms
-                if t < len(self._trials) and not late:
-                    self._trials[t].routed += 1
-                    if n + 1 == len(self._trials) * self._k:
-                        self._end = n + 1
-                    return _Ticket(self, t)
-                self._end = n
-                self._decide_if_done()
-        return _Ticket(self, None)
+            if self._decided or self._closed or t >= self._max_trials:
+                return _Ticket(self, None)
+            while len(self._trials) <= t:
+                self._trials.append(_Trial())
+            self._trials[t].routed += 1
+            return _Ticket(self, t)
 
-    def _pool_for(self, trial: Optional[int]) -> LanePool:
+    def _pool_for(self, t: Optional[int]) -> LanePool:
         with self._cond:
-            if trial is None:
-                self._cond.wait_for(lambda: self._decided)
-                return self._pools[self.chosen.name]
-            if trial > 0:  # the previous trial's invokes first: each window is one candidate's
-                prev = self._trials[trial - 1]
-                self._cond.wait_for(lambda: self._closed or prev.done >= prev.routed)
-            return self._pools[self._trials[trial].candidate.name]
+            if t is not None and not self._decided:
+                trial = self._trials[t]
+                if trial.candidate is None and t > 0:  # the previous trial's invokes first
+                    prev = self._trials[t - 1]
+                    self._cond.wait_for(lambda: self._closed or self._decided or prev.done >= prev.routed)
+                if not self._decided and trial.candidate is None:
+                    self._start(t)
+                if not self._decided:
+                    return self._pools[trial.candidate.name]
+            self._cond.wait_for(lambda: self._decided)
+            return self._pools[self.chosen.name]
 
-    def _done(self, trial: int, invoke_ms: Optional[float]) -> None:
+    def _start(self, t: int) -> None:
+        """Pick trial t's candidate from the trials so far, or decide: each candidate once, then only those
+        within the margin of the best that have trials left; none left, or out of time, decides."""
+        self._measure()
+        late = ns_to_ms(self._clock() - self._t0) >= self.limits.max_ms
+        tried = [tr.candidate for tr in self._trials[:t]]
+        fresh = [c for c in self.cands if c not in tried]
+        if fresh and not late:
+            self._trials[t].candidate = fresh[0]
+            return
+        rates = self.rates()
+        best = max((r for r in rates.values() if r is not None), default=None)
+        close = [c for c in self.cands
+                 if best is None or rates[c.name] is None or rates[c.name] >= (1 - self.limits.margin) * best]
+        again = [c for c in close if tried.count(c) < self.limits.rounds]
+        if late or len(close) < 2 or not again:
+            self._decide()
+        else:
+            self._trials[t].candidate = min(again, key=tried.count)
+
+    def _done(self, t: int, invoke_ms: Optional[float]) -> None:
         with self._cond:
-            if self._decided:
-                return
-            now, tr = self._clock(), self._trials[trial]
+            tr = self._trials[t]
             tr.done += 1
+            self._cond.notify_all()  # the next trial may be waiting for this one
+            if self._decided or tr.candidate is None:
+                return  # a frame after the choice, or an unreadable one before its trial began
+            now = self._clock()
             tr.first_ns = now if tr.first_ns is None else tr.first_ns
             tr.last_ns = now
             if invoke_ms is not None:
                 self._spans.append(_Span(now - int(invoke_ms * 1e6), now, False))
                 self._samples.append((False, invoke_ms, tr.candidate.threads))
-            self._decide_if_done()
-            self._cond.notify_all()
+            if t == self._max_trials - 1 and tr.done >= self._k:
+                self._decide()  # the last trial there can be
 
     def prepped(self, ms: float) -> None:
         """A frame's preprocessing of ``ms`` ended now (any frame, any worker)."""
@@ -237,16 +262,11 @@ class LaneProbe:
         """End the probe with what it measured (a short source, or the loop stopped)."""
         with self._cond:
             self._closed = True
-            if self._end is None:
-                self._end = sum(t.routed for t in self._trials)
-            self._decide_if_done()
+            if not self._decided:
+                self._decide()
             self._cond.notify_all()
 
-    def _decide_if_done(self) -> None:
-        if self._decided or self._end is None:
-            return
-        if not self._closed and sum(t.done for t in self._trials) < self._end:
-            return
+    def _decide(self) -> None:
         self._measure()
         rates = self.rates()
         measured = [c for c in self.cands if rates[c.name] is not None]
@@ -272,7 +292,7 @@ class LaneProbe:
             # Trial 0's window opens when its first frame is out: the pipeline's fill is not counted.
             a = self._trials[j - 1].last_ns if j else trial.first_ns
             b, frames = trial.last_ns, trial.done - (0 if j else 1)
-            if a is None or b is None or b <= a or frames < 1:
+            if trial.candidate is None or a is None or b is None or b <= a or frames < 1:
                 continue
             work = sum((w_prep if s.prep else w_inv) * _overlap(s, a, b) for s in self._spans)
             trial.fps, trial.frames = work / ((b - a) / 1e9), frames
@@ -291,13 +311,15 @@ class LaneProbe:
             return None
         rates = self.rates()
         prep_ms, invoke_ms = self._medians()
+        tried = [tr for tr in self._trials if tr.candidate is not None]
         return {
             "lanes": self.chosen.lanes, "threads": self.chosen.threads, "chosen": self.chosen.name,
-            "method": "measured", "frames": self._end, "ms": self._ms,
+            "method": "measured", "frames": sum(tr.routed for tr in tried), "ms": self._ms,
             "preprocess_ms": prep_ms, "invoke_ms": invoke_ms,
             "candidates": [
                 {"name": c.name, "lanes": c.lanes, "threads": c.threads, "fps": rates[c.name],
-                 "frames": sum(t.frames for t in self._trials if t.candidate == c)}
+                 "frames": sum(tr.frames for tr in tried if tr.candidate == c),
+                 "trials": sum(1 for tr in tried if tr.candidate == c)}
                 for c in self.cands],
         }
 

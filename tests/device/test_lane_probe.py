@@ -45,73 +45,79 @@ def _pools(cands):
     return build_pools(cands, {t: [object() for _ in range(n)] for t, n in copies_needed(cands).items()})
 
 
-def _frame(probe: LaneProbe, clock: FakeClock, ticket, ms: float):
-    """One frame alone: preprocessing for the first 60% of ``ms``, invoke for the rest; its pool."""
+def _frame(probe: LaneProbe, clock: FakeClock, ticket, ms_per_frame, pools: dict):
+    """One frame alone, on the pool its ticket gets: preprocessing for the first 60% of its candidate's time,
+    invoke for the rest. Returns the pool."""
+    pool = ticket.pool()
+    name = next(n for n, p in pools.items() if p is pool)
+    ms = ms_per_frame(name) if callable(ms_per_frame) else ms_per_frame.get(name, 1.0)
     clock.t += int(ms * 0.6e6)
     probe.prepped(ms * 0.6)
-    pool = ticket.pool()
     clock.t += int(ms * 0.4e6)
     ticket.done(ms * 0.4)
     return pool
 
 
-def _drive(probe: LaneProbe, clock: FakeClock, ms_per_frame: dict, n_frames: int) -> list:
-    """Route and run frames one by one, each taking its candidate's time; the pools each frame was routed to."""
-    routed = []
-    for n in range(n_frames):
-        ticket = probe.route(n)
-        name = probe._trials[ticket.trial].candidate.name if ticket.trial is not None else probe.chosen.name
-        routed.append(_frame(probe, clock, ticket, ms_per_frame.get(name, 1.0)))
-    return routed
+def _drive(probe: LaneProbe, clock: FakeClock, pools: dict, ms_per_frame, n_frames: int) -> list:
+    """Route and run frames one by one; the pools they were routed to."""
+    return [_frame(probe, clock, probe.route(n), ms_per_frame, pools) for n in range(n_frames)]
+
+
+def _probe(cands, clock, **limits):
+    pools = _pools(cands)
+    return LaneProbe(cands, pools, ProbeLimits(**limits), clock), pools
 
 
 def test_the_fastest_measured_candidate_wins_whatever_its_place():
     cands = candidates(2, 8)
     for fast in ("lanes", "threads", "single"):
         clock = FakeClock()
-        probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=4, rounds=2, max_ms=10_000), clock)
+        probe, pools = _probe(cands, clock, trial_frames=4, rounds=2, max_ms=10_000)
         ms = {c.name: 20.0 for c in cands}
         ms[fast] = 10.0
-        _drive(probe, clock, ms, 40)
-        assert probe.chosen.name == fast
+        routed = _drive(probe, clock, pools, ms, 40)
+        assert probe.chosen.name == fast and all(p is pools[fast] for p in routed[12:])
         rep = probe.report()
-        assert rep["chosen"] == fast and rep["method"] == "measured" and rep["frames"] == 24
+        # Round one only: the others are at half the rate, far outside the margin.
+        assert rep["chosen"] == fast and rep["method"] == "measured" and rep["frames"] == 12
         rates = {c["name"]: c["fps"] for c in rep["candidates"]}
         assert rates[fast] == pytest.approx(100.0) and all(rates[n] == pytest.approx(50.0) for n in rates if n != fast)
         assert (rep["lanes"], rep["threads"]) == (probe.chosen.lanes, probe.chosen.threads)
         assert rep["preprocess_ms"] == pytest.approx(12.0) and 4.0 <= rep["invoke_ms"] <= 8.0  # medians
 
 
-def test_best_round_counts_and_frame_zero_has_no_interval():
-    """A candidate slowed down in one round (other load) keeps its better round; frame 0 only starts the clock."""
+def test_close_candidates_get_a_second_trial_and_their_best_counts():
+    """threads, slowed down in its first trial (other load), is within the margin of single: both may run
+    again, threads first; its better trial wins, and single's is not needed once it is out of the margin."""
     cands = candidates(2, 2)  # threads, single
     clock = FakeClock()
-    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=3, rounds=2, max_ms=10_000), clock)
-    per_frame = [100, 50, 50, 20, 20, 20, 10, 10, 10, 20, 20, 20]  # threads: 50 then 10 ms; single: 20 ms
-    for n, ms in enumerate(per_frame):
-        _frame(probe, clock, probe.route(n), ms)
+    probe, pools = _probe(cands, clock, trial_frames=3, rounds=2, max_ms=10_000)
+    times = iter([100, 21, 21, 20, 20, 20, 10, 10, 10, 10, 10, 10])
+    _drive(probe, clock, pools, lambda name: next(times), 12)
     rates = probe.rates()
     assert rates["threads"] == pytest.approx(100.0) and rates["single"] == pytest.approx(50.0)
     assert probe.chosen.name == "threads"
-    assert [c["frames"] for c in probe.report()["candidates"]] == [5, 6]
+    rep = probe.report()
+    assert [(c["frames"], c["trials"]) for c in rep["candidates"]] == [(5, 2), (3, 1)]  # frame 0 only starts
+    assert rep["frames"] == 9
 
 
 def test_time_budget_ends_the_probe_at_a_trial_boundary():
     cands = candidates(2, 8)
     clock = FakeClock()
-    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=4, rounds=2, max_ms=50), clock)
-    routed = _drive(probe, clock, {"lanes": 20.0, "threads": 5.0, "single": 5.0}, 12)
+    probe, pools = _probe(cands, clock, trial_frames=4, rounds=2, max_ms=50)
+    routed = _drive(probe, clock, pools, {"lanes": 20.0, "threads": 5.0, "single": 5.0}, 12)
     rep = probe.report()
-    assert rep["frames"] == 4  # the first trial alone took 80 ms: the second never starts
-    assert probe.chosen.name == "lanes" and routed[4] is routed[11] is routed[0]
+    assert rep["frames"] == 4  # the first trial alone took 80 ms: no second one
+    assert probe.chosen.name == "lanes" and all(p is pools["lanes"] for p in routed)
     assert [c["fps"] is None for c in rep["candidates"]] == [False, True, True]
 
 
 def test_a_short_source_or_a_stopped_loop_still_chooses():
     cands = candidates(2, 8)
     clock = FakeClock()
-    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=4, rounds=2), clock)
-    _drive(probe, clock, {"lanes": 30.0, "threads": 10.0}, 7)  # the source ends inside the second trial
+    probe, pools = _probe(cands, clock, trial_frames=4, rounds=2)
+    _drive(probe, clock, pools, {"lanes": 30.0, "threads": 10.0}, 7)  # the source ends inside the second trial
     assert probe.chosen is None
     probe.close()
     assert probe.chosen.name == "threads" and probe.report()["frames"] == 7
@@ -123,7 +129,7 @@ def test_a_short_source_or_a_stopped_loop_still_chooses():
 def test_a_frame_after_the_probe_waits_for_the_choice():
     cands = candidates(2, 2)
     clock = FakeClock()
-    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), clock)
+    probe, pools = _probe(cands, clock, trial_frames=2, rounds=1)
     tickets = [probe.route(n) for n in range(4)]
     after = probe.route(4)  # routed while frames 0-3 are still in flight
     got = []
@@ -131,17 +137,17 @@ def test_a_frame_after_the_probe_waits_for_the_choice():
     t.start()
     t.join(0.05)
     assert not got  # no choice yet
-    for ticket, ms in zip(tickets, (5, 5, 1, 1)):
-        _frame(probe, clock, ticket, ms)
+    for ticket in tickets:
+        _frame(probe, clock, ticket, {"threads": 5.0, "single": 1.0}, pools)
     t.join(10)
-    assert got and got[0] is probe._pools["single"] and probe.chosen.name == "single"
+    assert got == [pools["single"]] and probe.chosen.name == "single"
 
 
 def test_a_trial_invokes_only_after_the_previous_one_is_done():
     cands = candidates(2, 8)
-    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), FakeClock())
+    probe, pools = _probe(cands, FakeClock(), trial_frames=2, rounds=1)
     tickets = [probe.route(n) for n in range(4)]
-    tickets[0].pool()
+    assert tickets[0].pool() is pools["lanes"]
     got = []
     t = threading.Thread(target=lambda: got.append(tickets[2].pool()))
     t.start()
@@ -150,29 +156,33 @@ def test_a_trial_invokes_only_after_the_previous_one_is_done():
     assert not got  # frame 1 (trial 0) has not invoked yet
     tickets[1].done(None)  # an unreadable frame counts as done too
     t.join(10)
-    assert got == [probe._pools["threads"]]
+    assert got == [pools["threads"]]
 
 
 def test_work_is_credited_to_the_window_it_is_done_in_not_to_the_frames_emitted():
-    """An invoke-bound candidate leaves prepared frames behind: the next one emits them faster without being
-    faster. Its window is credited with the work done in it (invokes here), the first with the preprocessing
-    it did ahead."""
+    """An invoke-bound candidate leaves prepared frames behind: the next one gets through them faster without
+    being faster. A window is credited with the work done in it (invokes only, here), and the first one with
+    the preprocessing it did ahead."""
     cands = candidates(2, 2)  # threads, single
     clock = FakeClock()
-    probe = LaneProbe(cands, _pools(cands), ProbeLimits(trial_frames=2, rounds=1), clock)
+    probe, pools = _probe(cands, clock, trial_frames=2, rounds=1)
     tickets = [probe.route(n) for n in range(4)]
 
     def at(ms, call):
         clock.t = int(ms * 1e6)
-        call()
+        return call()
 
     at(5, lambda: probe.prepped(5.0))  # frames 0 and 1 on two workers
     at(5, lambda: probe.prepped(5.0))
+    assert at(5, tickets[0].pool) is pools["threads"]
     at(10, lambda: tickets[0].done(5.0))  # trial 0's window opens (the fill is not counted)
+    at(10, tickets[1].pool)
     at(15, lambda: probe.prepped(5.0))  # frames 2 and 3 prepared while frame 1 invokes
     at(20, lambda: probe.prepped(5.0))
     at(20, lambda: tickets[1].done(10.0))
+    assert at(20, tickets[2].pool) is pools["single"]
     at(30, lambda: tickets[2].done(10.0))  # frames 2, 3: invokes only
+    at(30, tickets[3].pool)
     at(40, lambda: tickets[3].done(10.0))
     rates = probe.rates()
     # Medians 5 ms preprocessing, 10 ms single-thread invoke: a third and two thirds of a frame.
