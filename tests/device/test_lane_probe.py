@@ -295,7 +295,8 @@ def test_probed_run_predicts_like_a_sequential_one(conv_bundle, folder, monkeypa
     assert probed == seq and [x["frame"] for x in probed] == list(range(21))
     assert_valid_report(r)
     probe = r["settings"]["lane_probe"]
-    assert probe["method"] == "measured" and probe["frames"] == 21  # the folder ends inside the probe
+    # Each candidate once (3 x 6 frames); the close ones again until the folder ends.
+    assert probe["method"] == "measured" and 18 <= probe["frames"] <= 21
     assert [c["name"] for c in probe["candidates"]] == ["lanes", "threads", "single"]
     measured = [c for c in probe["candidates"] if c["fps"] is not None]
     assert max(measured, key=lambda c: c["fps"])["name"] == probe["chosen"]
