@@ -151,9 +151,10 @@ def _float_tensors(tflite: bytes) -> int:
 
 @pytest.mark.slow  # calibrates and quantizes (about 5-10 s)
 def test_cle_method_quantizes_the_equalized_model_and_maps_float_layers(tf):
+    from edgepipe.pipeline.cle import float_cost
     from edgepipe.pipeline.layer_error import debug_int8
     from edgepipe.pipeline.ptq import Method, PTQError, calibrate
-    from edgepipe.pipeline.selective import run_tflite
+    from edgepipe.pipeline.selective import float_outputs, run_tflite
 
     model = _tiny(_relu6)
     calib, val = _x(64, seed=3), _x(32, seed=4)
@@ -164,6 +165,9 @@ def test_cle_method_quantizes_the_equalized_model_and_maps_float_layers(tf):
     assert run_tflite(q, val).shape == (32, 8 * 8 * 4)
     with pytest.raises(PTQError):
         eq.quantize(Method("minmax"))  # the equalized calibration only serves +cle
+    cost = float_cost(eq.source, eq.equalization, val, float_outputs(model, val))  # against the ReLU6 original
+    assert cost["pairs"] == 2 and cost["relu6_replaced"] == 2 and 0.0 <= cost["float_agreement"] <= 1.0
+    assert np.isfinite(cost["float_snr_db"])
     # A float layer named by the ORIGINAL model's tensor (ReLU6 fused into the depthwise) stays float in the
     # equalized one, whose fused tensor is named ...Relu instead.
     dw = next(e.tensor for e in debug_int8(model, calib).layers if e.op == "DEPTHWISE_CONV_2D")
