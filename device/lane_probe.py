@@ -239,16 +239,17 @@ class LaneProbe:
             tr = self._trials[t]
             tr.done += 1
             self._cond.notify_all()  # the next trial may be waiting for this one
-            if self._decided or tr.candidate is None:
-                return  # a frame after the choice, or an unreadable one before its trial began
-            now = self._clock()
-            tr.first_ns = now if tr.first_ns is None else tr.first_ns
-            tr.last_ns = now
-            if invoke_ms is not None:
-                self._spans.append(_Span(now - int(invoke_ms * 1e6), now, False))
-                self._samples.append((False, invoke_ms, tr.candidate.threads))
+            if self._decided:
+                return
+            if tr.candidate is not None:  # else an unreadable frame before its trial began
+                now = self._clock()
+                tr.first_ns = now if tr.first_ns is None else tr.first_ns
+                tr.last_ns = now
+                if invoke_ms is not None:
+                    self._spans.append(_Span(now - int(invoke_ms * 1e6), now, False))
+                    self._samples.append((False, invoke_ms, tr.candidate.threads))
             if t == self._max_trials - 1 and tr.done >= self._k:
-                self._decide()  # the last trial there can be
+                self._decide()  # the last trial there can be (even one of unreadable frames only)
 
     def prepped(self, ms: float) -> None:
         """A frame's preprocessing of ``ms`` ended now (any frame, any worker)."""

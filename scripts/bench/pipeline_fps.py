@@ -11,11 +11,12 @@ run, on the same frames: the single-thread preprocess time (decode + resize
 * sequential with threads 1, 2, ... cores and the runtime default; the best is
   "best sequential";
 * pipelined with the defaults (one preprocessing worker per core; the lane
-  probe measures its candidates -- one single-thread interpreter per core, one
-  interpreter using every core, one single-thread interpreter -- on the first
-  frames and keeps the fastest for the rest) and the probe's candidates given
-  explicitly. The probe's frames count in the default's FPS: they are frames
-  of the run, some at a slower setting.
+  probe times its candidates -- one single-thread interpreter per core, one
+  interpreter using every core, one single-thread interpreter -- in trials of
+  6 frames, each once and the close ones twice, and keeps the fastest for the
+  rest) and with each candidate given explicitly. The probe's 18-36 frames
+  count in the default's FPS: they are frames of the run, some at a slower
+  setting, so a short folder pays more for them (compare --frames 60).
 
 Targets (issue 15): default pipelined >= 0.93 x bound, and close to the bound's
 ratio over best sequential. Nothing is asserted: the CPU may be shared, so
@@ -172,7 +173,7 @@ def _print_probes(default_settings: list, fps: list) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", help="bundle directory (default: the sample MobileNetV2 int8, see above)")
-    ap.add_argument("--frames", type=int, default=60, help="1280x720 JPEGs in the folder")
+    ap.add_argument("--frames", type=int, default=240, help="1280x720 JPEGs in the folder (~2 s of video)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every setting")
     args = ap.parse_args()
 

@@ -220,15 +220,18 @@ def _frames(n: int):
         yield Frame(index=i, name=f"f{i}", data=None, t0_ns=time.perf_counter_ns(), capture_ms=0.0)
 
 
-def _prep(frame: Frame) -> _Prepared:
-    if frame.index == 5:
-        return _Prepared(None, 0.0, "f5: unreadable")
-    return _Prepared(np.full((1, 2), float(frame.index), np.float32), 0.1)
+def _prep_but(bad):
+    def prep(frame: Frame) -> _Prepared:
+        if frame.index in bad:
+            return _Prepared(None, 0.0, f"f{frame.index}: unreadable")
+        return _Prepared(np.full((1, 2), float(frame.index), np.float32), 0.1)
+    return prep
 
 
-def _loop(probe, n_frames: int, depth: int = 4):
+def _loop(probe, n_frames: int, depth: int = 4, bad=(5,)):
     recs = []
-    loop = FrameLoop(LanePool([FakeModel(0.0)]), _prep, lambda raw: {"y": raw[0].tolist()}, recs.append)
+    loop = FrameLoop(LanePool([FakeModel(0.0)]), _prep_but(set(bad)), lambda raw: {"y": raw[0].tolist()},
+                     recs.append)
     loop.pipelined(_frames(n_frames), 2, probe.width if probe else 1, depth, probe)
     return recs
 
@@ -248,6 +251,28 @@ def test_probe_frames_are_emitted_once_in_order_and_the_fast_candidate_keeps_the
     assert probe.chosen.name == "threads"
     rates = probe.rates()
     assert rates["threads"] > 3 * max(rates["lanes"], rates["single"])
+
+
+def test_unreadable_frames_anywhere_in_the_probe_do_not_stall_the_run():
+    """A whole trial of unreadable frames (the first, a middle or the last one) never invokes: the probe still
+    moves on and chooses, and every frame comes out."""
+    cands = candidates(2, 8)
+    for bad in ((0, 1), (2, 3), (4, 5), tuple(range(6))):
+        probe = LaneProbe(cands, _pools_of_fakes(cands), ProbeLimits(trial_frames=2, rounds=1))
+        out = []
+        t = threading.Thread(target=lambda: out.append(_loop(probe, 10, bad=bad)), daemon=True)
+        t.start()
+        t.join(60)  # a stall fails here instead of hanging the suite
+        assert out, f"the run stalled with frames {bad} unreadable"
+        recs = out[0]
+        assert [r["frame"] for r in recs] == list(range(10)) and probe.chosen is not None, bad
+        assert all(("error" in r) == (r["frame"] in bad) for r in recs)
+
+
+def _pools_of_fakes(cands, ms=None):
+    ms = ms or {}
+    return build_pools(cands, {t: [FakeModel(ms.get(t, 0.0)) for _ in range(n)]
+                               for t, n in copies_needed(cands).items()})
 
 
 def test_open_probe_loads_the_missing_copies_and_reuses_the_run_interpreter():
