@@ -108,11 +108,15 @@ Examples:
               help="With --target-agreement: first try 16-bit activations (int8 weights) for the worst 1, 2, 4 "
                    "... N layers, and keep layers float only when that does not reach the target or is slower "
                    "than fp32. Off by default: LiteRT runs 16-bit convolutions on slow reference kernels on CPU.")
+@click.option("--distill-steps", type=click.IntRange(0, 10_000), default=0, show_default=True, metavar="N",
+              help="int8 only: fine-tune the quantized model for N steps to reproduce the float model's outputs "
+                   "on the calibration images (no labels; tf-keras + tensorflow-model-optimization in a child "
+                   "process); kept only when it agrees better with float on --val. Try 30-60.")
 @click.option("--list-recipes", is_flag=True, is_eager=True, expose_value=False, callback=_list_recipes,
               help="Show what each recipe does and exit.")
 def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean, std, color, resize,
             crop_fraction, input_size, io_type, labels, task, decoder_file, name, cache_dir, no_cache, no_edgetpu,
-            as_json, target_agreement, val_dir, calib_method, try_int16):
+            as_json, target_agreement, val_dir, calib_method, try_int16, distill_steps):
     """Convert MODEL (.keras, .h5, a SavedModel directory or a float .tflite) into TFLite bundles, one per recipe.
 
     A .tflite is quantized with the LiteRT quantizer (ai-edge-quantizer); the
@@ -152,6 +156,7 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
     if target_agreement is not None and model.suffix.lower() == ".tflite":
         raise click.ClickException("--target-agreement: needs a Keras or SavedModel source, not a .tflite")
     method = _calib_method(calib_method, chosen, model)
+    _check_distill(distill_steps, chosen, model)
     try:
         with bar:
             results = convert_model(req, progress=progress)
@@ -163,6 +168,8 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
                    for r in results]
     elif method is not None:
         results = [_requantize(r, results, model, method, progress, val_dir) for r in results]
+    if distill_steps:
+        results = [_distill(r, results, model, distill_steps, progress, val_dir) for r in results]
     _report(results, model, out_dir, as_json)
 
 
@@ -203,6 +210,42 @@ def _requantize(r, results, model_path, method, progress, val_dir):
     fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
     return dataclasses.replace(r, size=len(res.tflite),
                                ratio_to_fp32=round(len(res.tflite) / fp32, 4) if fp32 else None)
+
+
+def _check_distill(steps: int, chosen, model) -> None:
+    if not steps:
+        return
+    if not any(r.name == "int8" for r in chosen):
+        raise click.ClickException("--distill-steps: needs the int8 recipe in --recipes")
+    if model.suffix.lower() == ".tflite":
+        raise click.ClickException("--distill-steps: needs a Keras or SavedModel source, not a .tflite")
+    from edgepipe.pipeline.distill import missing_dependencies, unavailable_message
+
+    missing = missing_dependencies()
+    if missing:  # before the conversions, not after minutes of them
+        raise click.ClickException(f"--distill-steps: {unavailable_message(missing)}")
+
+
+def _distill(r, results, model_path, steps, progress, val_dir):
+    """``--distill-steps``: re-make the int8 bundle with the fine-tuned model when it agrees better."""
+    import dataclasses
+
+    if r.recipe != "int8" or not r.bundle or r.error:
+        return r
+    from edgepipe.pipeline.distill import DistillError
+    from edgepipe.pipeline.distill_bundle import apply_to_bundle
+    from edgepipe.pipeline.selective import SelectiveError
+
+    try:
+        res = apply_to_bundle(r.bundle, model_path, steps, eval_dir=val_dir, on_step=progress)
+    except (DistillError, SelectiveError, ValueError, OSError) as e:
+        raise fail(e) from None
+    d = res.to_dict()
+    progress(f"int8: distilled agreement {d['after']['agreement']:.4f} ({d['after']['snr_db']:.1f} dB) vs "
+             f"{(d.get('before') or {}).get('agreement', float('nan')):.4f} before; kept {d['kept']}")
+    fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
+    size = len(res.tflite) if res.kept else r.size
+    return dataclasses.replace(r, size=size, ratio_to_fp32=round(size / fp32, 4) if fp32 and size else None)
 
 
 def _decoder(path, model):

@@ -43,7 +43,10 @@ import numpy as np
 
 from edgepipe.device.errors import EdgepipeError
 
-EXTRA = "distill"
+# --no-deps: tf-keras depends on the full `tensorflow` wheel (a second copy next to tensorflow-cpu) and
+# tfmot pins absl-py~=1.2; neither is needed at run time (tested with TF 2.21, absl-py 2.x).
+INSTALL = ("pip install --no-deps 'tf-keras>=2.21,<2.22' 'tensorflow-model-optimization==0.8.1' "
+           "'dm-tree>=0.1.8'")
 REQUIRED = (("tf_keras", "tf-keras"), ("tensorflow_model_optimization", "tensorflow-model-optimization"))
 MAX_STEPS = 10_000
 DEFAULT_TIMEOUT_S = 1800.0  # conversion of a QAT MobileNetV2 alone took 2.5-14 min on a loaded 2-core host
@@ -128,7 +131,7 @@ def missing_dependencies() -> list:
 
 def unavailable_message(missing) -> str:
     return (f"distillation needs {' and '.join(missing)} (Keras 2 quantization-aware training), which "
-            f"{'is' if len(missing) == 1 else 'are'} not installed: pip install 'edgepipe[{EXTRA}]'")
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}")
 
 
 def _tensor_ref(arg, kwargs: dict) -> list:

@@ -38,6 +38,13 @@ make_env() {
     echo "==> installing edgepipe[$extras] into $dir (the first run downloads the wheels: a few minutes)"
     "$dir/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
     "$dir/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    case ",$extras," in
+        # The optional distillation toolchain (edgepipe.pipeline.distill), without its declared
+        # dependencies: tf-keras would pull the full tensorflow wheel next to tensorflow-cpu, tfmot
+        # would downgrade absl-py; neither is needed to run.
+        *,host,*) "$dir/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+            'tf-keras>=2.21,<2.22' 'tensorflow-model-optimization==0.8.1' 'dm-tree>=0.1.8' ;;
+    esac
     echo "$want" > "$stamp"
 }
 

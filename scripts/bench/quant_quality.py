@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """int8 quality per calibration method on images the model was NOT calibrated on (sample MobileNetV2).
 
-The photos of sample_data/images are split by photo (seeded): --calib-photos
+The photos of sample_data/photos (290 real photos) are split by photo (seeded): --calib-photos
 of them calibrate, the rest validate, so no agreement printed here was
 measured on a calibration image. Each photo gives --views views (the photo,
 its mirror image, corner and centre crops), all preprocessed the bundle's
@@ -22,9 +22,12 @@ agreement, SNR and p50 in the table. Target: >= 0.97 agreement at <= 0.65x
 fp32 p50; the table says how far each method got.
 
 --photos DIR takes any folder of .jpg/.jpeg/.png photos (searched recursively,
-so class sub-folders are fine); the default is sample_data/images.
+so class sub-folders are fine); the default is sample_data/photos, 128 photos
+calibrate and the other 162 validate, 2 views each (256 and 324 inputs).
+``--photos sample_data/images --calib-photos 16 --views 8`` repeats the first,
+31-photo measurement.
 
-    EDGEPIPE_CACHE=... .venv/bin/python scripts/bench/quant_quality.py [--photos DIR] [--calib-photos 16] [--views 8]
+    EDGEPIPE_CACHE=... .venv/bin/python scripts/bench/quant_quality.py [--photos DIR] [--calib-photos 128] [--views 2]
 """
 from __future__ import annotations
 
@@ -101,19 +104,23 @@ def load_split(folder: Path, calib_photos: int, n_views: int, spec, seed: int, v
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--photos", "--images", dest="images", default=str(ROOT / "sample_data" / "images"),
+    ap.add_argument("--photos", "--images", dest="images", default=str(ROOT / "sample_data" / "photos"),
                     help="folder of .jpg/.png photos (recursive); split by photo into calibration and validation")
-    ap.add_argument("--calib-photos", type=int, default=16)
+    ap.add_argument("--calib-photos", type=int, default=128)
     ap.add_argument("--val-photos", type=int, default=0, help="at most this many validation photos (0: all others)")
     ap.add_argument("--int16-max", type=int, default=8,
                     help="a16w8 steps: 16-bit activations for the worst 1, 2, 4 ... this many layers (0: none)")
-    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-agreement", type=float, default=0.97)
-    ap.add_argument("--methods", default="minmax,minmax per-tensor,percentile:99.9,percentile:99.99,mse")
+    ap.add_argument("--methods", default="minmax,minmax per-tensor,percentile:99.99,percentile:99.999,mse,"
+                    "minmax+bias,percentile:99.999+bias,mse+bias,mse+cle,mse+cle+bias")
     ap.add_argument("--rank", choices=("output", "local"), default="output",
                     help="selective ranking: each layer's effect on the output SNR (validation views), or the "
                          "debugger's local error")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="also fine-tune int8 against the float outputs for this many steps (needs tf-keras + tfmot)")
+    ap.add_argument("--distill-lr", type=float, default=1e-5)
     ap.add_argument("--runs", type=int, default=20, help="timed invokes per model and round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the best is kept)")
     args = ap.parse_args()
@@ -151,6 +158,7 @@ def main() -> int:
     mixed = int16_steps(args, fp32, cal, best[0], ranked, calib, val, ref)
     for st, q in zip(mixed.steps if mixed else (), mixed.models if mixed else ()):
         models[f"a16w8:{len(st.int16_layers)}"] = q
+    dist = distill_step(args, model, calib, val, models)
     p50 = interleaved_p50(models, val, args.rounds, args.runs)
     print(f"\np50: best of {args.rounds} interleaved rounds of {args.runs} invokes, 1 thread; "
           f"fp32 {p50['fp32']:.2f} ms\n")
@@ -163,6 +171,10 @@ def main() -> int:
         r = p50[f"a16w8:{k}"]
         print(f"| a16w8 ({best[0].ranges} ranges), {k} layer(s) at 16 bit | {st.agreement:.4f} | {st.snr_db:.1f} | "
               f"{r:.2f} | {r / p50['fp32']:.2f} |")
+    if dist:
+        r = p50["distilled"]
+        print(f"| int8 distilled ({dist.steps} steps, batch {dist.batch}, lr {dist.lr:g}) | {dist.after.agreement:.4f} | "
+              f"{dist.after.snr_db:.1f} | {r:.2f} | {r / p50['fp32']:.2f} |")
     b_ratio = p50[best[0].name] / p50["fp32"]
     print(f"\nbest method: {best[0].name}: agreement {best[1]:.4f}, p50 / fp32 = {b_ratio:.2f}")
     s_ratio = p50["selective"] / p50["fp32"] if sel.kept else b_ratio
@@ -180,6 +192,23 @@ def main() -> int:
           + ("met" if ok else f"not met (best int8 without float layers: {best[1]:.4f} at {b_ratio:.2f}x; "
                               f"with float layers: {sel.agreement:.4f} at {s_ratio:.2f}x)"))
     return 0
+
+
+def distill_step(args, model, calib, val, models: dict):
+    """--distill-steps: int8 fine-tuned against the float outputs on the calibration views (tf-keras + tfmot)."""
+    if args.distill_steps <= 0:
+        return None
+    from edgepipe.pipeline.distill import DistillError, distill_int8
+
+    try:
+        res = distill_int8(model, calib, val, steps=args.distill_steps, lr=args.distill_lr)
+    except DistillError as e:
+        print(f"distillation: {e}")
+        return None
+    models["distilled"] = res.tflite
+    print(f"distillation: {res.steps} steps in {res.seconds_total:.0f} s (train {res.seconds_train:.0f} s); "
+          f"fake-quantized agreement {res.sim_agreement_before:.3f} -> {res.sim_agreement_after:.3f}")
+    return res
 
 
 def selective_step(args, model, cal, method, shipped: bytes, calib, val):

@@ -82,8 +82,8 @@ def test_bad_arguments_are_one_line_errors(tiny_keras):
         distill_int8(tiny_keras, np.zeros((4, 8, 8, 3), np.float32), _images(4, 1), steps=1)
 
 
-def test_missing_toolchain_names_the_extra(tiny_keras, tmp_path, monkeypatch):
-    """A tf_keras that cannot be imported (shadowed on the child's path) -> DistillUnavailable naming the extra."""
+def test_missing_toolchain_names_the_install(tiny_keras, tmp_path, monkeypatch):
+    """A tf_keras that cannot be imported (shadowed on the child's path) -> DistillUnavailable naming the install command."""
     fake = tmp_path / "shadow" / "tf_keras"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('tf_keras blocked by the test')\n")
@@ -91,13 +91,13 @@ def test_missing_toolchain_names_the_extra(tiny_keras, tmp_path, monkeypatch):
     with pytest.raises(DistillUnavailable) as info:
         distill_int8(tiny_keras, _images(8, 0), _images(4, 1), steps=1, timeout_s=300)
     msg = str(info.value)
-    assert "\n" not in msg and "tf-keras" in msg and "edgepipe[distill]" in msg
+    assert "\n" not in msg and "tf-keras" in msg and "pip install --no-deps" in msg
 
 
 def test_missing_toolchain_in_this_interpreter(monkeypatch):
     monkeypatch.setattr(distill.importlib.util, "find_spec",
                         lambda name: None if name == "tensorflow_model_optimization" else object())
-    with pytest.raises(DistillUnavailable, match="tensorflow-model-optimization .*edgepipe\\[distill\\]"):
+    with pytest.raises(DistillUnavailable, match="tensorflow-model-optimization .*pip install --no-deps 'tf-keras"):
         distill_int8("unused.keras", _images(1, 0), _images(1, 1))
 
 
@@ -141,3 +141,42 @@ def test_distills_tiny_model_end_to_end(tiny_keras):
 def test_timeout_kills_the_worker(tiny_keras):
     with pytest.raises(DistillError, match="did not finish within 1 s"):
         distill_int8(tiny_keras, _images(8, 0), _images(4, 1), steps=1, timeout_s=1)
+
+
+def _convert(*args):
+    from click.testing import CliRunner
+
+    from edgepipe.pipeline.cli import main
+
+    return CliRunner().invoke(main, ["convert", *map(str, args)])
+
+
+def test_distill_steps_errors_are_one_line_and_come_before_converting(tmp_path, photos, monkeypatch):
+    r = _convert("model.keras", "--recipes", "fp32", "--calib", photos, "--out", tmp_path, "--distill-steps", "5")
+    assert r.exit_code != 0
+    assert r.output.strip().splitlines()[-1] == "Error: --distill-steps: needs the int8 recipe in --recipes"
+    monkeypatch.setattr(distill, "missing_dependencies", lambda: ["tf-keras"])
+    r = _convert("model.keras", "--recipes", "int8", "--calib", photos, "--out", tmp_path, "--distill-steps", "5")
+    last = r.output.strip().splitlines()[-1]
+    assert r.exit_code != 0 and last.startswith("Error: --distill-steps: distillation needs tf-keras")
+    assert "pip install --no-deps" in last and "Traceback" not in r.output
+    assert not any(tmp_path.iterdir())
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_convert_distill_steps_records_the_fine_tune(tmp_path):
+    from edgepipe.pipeline import samples
+
+    calib = samples.fashion_mnist_test_dir().parent / "calib"
+    r = _convert(samples.fashion_mnist_model_path(), "--recipes", "int8", "--calib", calib, "--calib-count", "32",
+                 "--preprocess", "unit", "--val", samples.fashion_mnist_test_dir(), "--distill-steps", "4",
+                 "--out", tmp_path, "--no-cache", "--no-edgetpu")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads(next(tmp_path.glob("*int8*/manifest.json")).read_text())
+    block = manifest["extra"]["distill"]
+    assert block["steps"] == 4 and block["measured_on"] == "validation" and block["kept"] in ("distilled", "int8")
+    assert 0 <= block["after"]["agreement"] <= 1 and 0 <= block["before"]["agreement"] <= 1
+    won = (block["after"]["agreement"], block["after"]["snr_db"]) > (block["before"]["agreement"],
+                                                                     block["before"]["snr_db"])
+    assert (block["kept"] == "distilled") == won
