@@ -38,8 +38,9 @@ def _report_options(f):
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Preprocessing threads when pipelined. Default: one per core.")
 @click.option("--lanes", type=click.IntRange(min=1), default=None,
-              help="Interpreter copies invoking in parallel when pipelined (CPU delegate). Default: cores / "
-                   "--threads for files and video, 1 for cameras.")
+              help="Interpreter copies invoking in parallel when pipelined (CPU delegate). Default for files and video: "
+                   "measured on the first frames (copies x threads per copy) when --lanes, --threads and "
+                   "--workers are all unset; 1 for cameras.")
 @click.option("--queue-depth", type=click.IntRange(min=1), default=None,
               help="Frames in flight when pipelined. Default: 2 x (workers + lanes); 1 for live sources.")
 @click.option("--live", is_flag=True,
