@@ -190,26 +190,33 @@ def _calib_method(text, chosen, model):
     return method
 
 
-def _requantize(r, results, model_path, method, progress, val_dir):
-    """``--calib-method``: re-make the int8 bundle with those ranges when they agree better with float."""
+def _int8_again(r, results, progress, redo, errors):
+    """Re-make the int8 result's bundle with ``redo(bundle) -> (model size, message)``; other rows pass."""
     import dataclasses
 
     if r.recipe != "int8" or not r.bundle or r.error:
         return r
+    try:
+        size, message = redo(r.bundle)
+    except errors as e:
+        raise fail(e) from None
+    progress(message)
+    fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
+    return dataclasses.replace(r, size=size, ratio_to_fp32=round(size / fp32, 4) if fp32 else None)
+
+
+def _requantize(r, results, model_path, method, progress, val_dir):
+    """``--calib-method``: re-make the int8 bundle with those ranges when they agree better with float."""
     from edgepipe.pipeline.ptq import PTQError, apply_to_bundle
     from edgepipe.pipeline.selective import SelectiveError
 
-    try:
-        res = apply_to_bundle(r.bundle, model_path, method, eval_dir=val_dir, on_step=progress)
-    except (PTQError, SelectiveError, ValueError, OSError) as e:
-        raise fail(e) from None
-    where = "validation" if res.on_validation else "calibration (no --val)"
-    progress(f"int8: agreement on {res.eval_images} {where} images: "
-             + ", ".join(f"{k} {v:.4f} ({res.snr_db[k]:.1f} dB)" for k, v in res.agreement.items())
-             + f"; kept {res.chosen}")
-    fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
-    return dataclasses.replace(r, size=len(res.tflite),
-                               ratio_to_fp32=round(len(res.tflite) / fp32, 4) if fp32 else None)
+    def redo(bundle):
+        res = apply_to_bundle(bundle, model_path, method, eval_dir=val_dir, on_step=progress)
+        where = "validation" if res.on_validation else "calibration (no --val)"
+        return len(res.tflite), (f"int8: agreement on {res.eval_images} {where} images: "
+                                 + ", ".join(f"{k} {v:.4f} ({res.snr_db[k]:.1f} dB)" for k, v in res.agreement.items())
+                                 + f"; kept {res.chosen}")
+    return _int8_again(r, results, progress, redo, (PTQError, SelectiveError, ValueError, OSError))
 
 
 def _check_distill(steps: int, chosen, model) -> None:
@@ -228,24 +235,18 @@ def _check_distill(steps: int, chosen, model) -> None:
 
 def _distill(r, results, model_path, steps, progress, val_dir):
     """``--distill-steps``: re-make the int8 bundle with the fine-tuned model when it agrees better."""
-    import dataclasses
-
-    if r.recipe != "int8" or not r.bundle or r.error:
-        return r
     from edgepipe.pipeline.distill import DistillError
     from edgepipe.pipeline.distill_bundle import apply_to_bundle
     from edgepipe.pipeline.selective import SelectiveError
 
-    try:
-        res = apply_to_bundle(r.bundle, model_path, steps, eval_dir=val_dir, on_step=progress)
-    except (DistillError, SelectiveError, ValueError, OSError) as e:
-        raise fail(e) from None
-    d = res.to_dict()
-    progress(f"int8: distilled agreement {d['after']['agreement']:.4f} ({d['after']['snr_db']:.1f} dB) vs "
-             f"{(d.get('before') or {}).get('agreement', float('nan')):.4f} before; kept {d['kept']}")
-    fp32 = next((x.size for x in results if x.recipe == "fp32" and x.size), None)
-    size = len(res.tflite) if res.kept else r.size
-    return dataclasses.replace(r, size=size, ratio_to_fp32=round(size / fp32, 4) if fp32 and size else None)
+    def redo(bundle):
+        res = apply_to_bundle(bundle, model_path, steps, eval_dir=val_dir, on_step=progress)
+        d = res.to_dict()
+        before = (d.get("before") or {}).get("agreement", float("nan"))
+        return ((len(res.tflite) if res.kept else r.size),
+                f"int8: distilled agreement {d['after']['agreement']:.4f} ({d['after']['snr_db']:.1f} dB) vs "
+                f"{before:.4f} before; kept {d['kept']}")
+    return _int8_again(r, results, progress, redo, (DistillError, SelectiveError, ValueError, OSError))
 
 
 def _decoder(path, model):

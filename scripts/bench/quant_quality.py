@@ -173,8 +173,8 @@ def main() -> int:
               f"{r:.2f} | {r / p50['fp32']:.2f} |")
     if dist:
         r = p50["distilled"]
-        print(f"| int8 distilled ({dist.steps} steps, batch {dist.batch}, lr {dist.lr:g}) | {dist.after.agreement:.4f} | "
-              f"{dist.after.snr_db:.1f} | {r:.2f} | {r / p50['fp32']:.2f} |")
+        print(f"| int8 distilled ({dist.steps} steps, batch {dist.batch}, lr {dist.lr:g}) | "
+              f"{dist.after.agreement:.4f} | {dist.after.snr_db:.1f} | {r:.2f} | {r / p50['fp32']:.2f} |")
     b_ratio = p50[best[0].name] / p50["fp32"]
     print(f"\nbest method: {best[0].name}: agreement {best[1]:.4f}, p50 / fp32 = {b_ratio:.2f}")
     s_ratio = p50["selective"] / p50["fp32"] if sel.kept else b_ratio
