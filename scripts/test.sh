@@ -20,7 +20,12 @@ scripts/setup-env.sh all
 export EDGEPIPE_CACHE="${EDGEPIPE_CACHE:-$root/.cache/edgepipe}"
 scripts/setup-services.sh  # mosquitto, postgresql, chromium + driver when missing (tests skip with a reason otherwise)
 
-echo "==> [1/4] full suite (host + device)"
+# Step 2 runs the whole device suite without TensorFlow; here only its runtime test also runs with
+# TensorFlow installed (the tf.lite fallback). Arguments replace the default selection.
+if [ "$#" -eq 0 ]; then
+    set -- tests/host tests/fuzz tests/device/test_runtime.py
+fi
+echo "==> [1/4] host suite, fuzzing, runtime fallbacks (.venv, with TensorFlow): $*"
 .venv/bin/python -P -m pytest -q "$@"
 
 echo "==> [2/4] device tests without TensorFlow (.venv-device)"
