@@ -146,8 +146,10 @@ class A16W8Quantizer:
         self.model, sig, input_name = with_signature(float_tflite)
         self.scopes = op_scopes(self.model)
         data = {sig: [{input_name: np.asarray(x, np.float32)[None]} for x in calib]}
-        try:
-            with warnings.catch_warnings():
+        from edgepipe.pipeline.tfenv import captured_output
+
+        try:  # captured: the quantizer draws its own progress bars on the terminal
+            with warnings.catch_warnings(), captured_output():
                 warnings.simplefilter("ignore")
                 self.qsvs = _calibrate(self.model, a16w8_rules([]), data)
         except Exception as e:  # noqa: BLE001 - the quantizer raises many types
@@ -171,8 +173,10 @@ class A16W8Quantizer:
         if missing:
             raise MixedPrecisionError(f"no op of the float model outputs {missing[0]!r}")
         rules = a16w8_rules(sorted({self.scopes[n] for n in int16}))
+        from edgepipe.pipeline.tfenv import captured_output
+
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), captured_output():
                 warnings.simplefilter("ignore")
                 q = quantizer.Quantizer(bytearray(self.model), rules)
                 qsvs = {**self.qsvs, **{n: self.minmax[n] for n in int16 if n in self.minmax}}
