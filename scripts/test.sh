@@ -23,7 +23,8 @@ scripts/setup-services.sh  # mosquitto, postgresql, chromium + driver when missi
 # Step 2 runs the whole device suite without TensorFlow; here only its runtime test also runs with
 # TensorFlow installed (the tf.lite fallback). Arguments replace the default selection.
 if [ "$#" -eq 0 ]; then
-    set -- tests/host tests/fuzz tests/device/test_runtime.py
+    # the runtime test first: it checks that finding tf.lite never imports TensorFlow
+    set -- tests/device/test_runtime.py tests/host tests/fuzz
 fi
 echo "==> [1/4] host suite, fuzzing, runtime fallbacks (.venv, with TensorFlow): $*"
 .venv/bin/python -P -m pytest -q "$@"
