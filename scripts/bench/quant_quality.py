@@ -35,6 +35,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -102,7 +103,7 @@ def load_split(folder: Path, calib_photos: int, n_views: int, spec, seed: int, v
     return arrays(calib_p), arrays(val_p), len(calib_p), len(val_p)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--photos", "--images", dest="images", default=str(ROOT / "sample_data" / "photos"),
                     help="folder of .jpg/.png photos (recursive); split by photo into calibration and validation")
@@ -123,8 +124,17 @@ def main() -> int:
     ap.add_argument("--distill-lr", type=float, default=1e-5)
     ap.add_argument("--runs", type=int, default=20, help="timed invokes per model and round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (the best is kept)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
+    print_table(args, measure(args))
+    return 0
+
+
+def measure(args) -> SimpleNamespace:
+    """Every model of the table, its agreement and SNR on the validation views, and interleaved p50s."""
     from edgepipe.pipeline.ptq import Method, calibrate
     from edgepipe.pipeline.samples import mobilenet_v2_keras
     from edgepipe.pipeline.selective import float_outputs, run_tflite
@@ -160,6 +170,12 @@ def main() -> int:
         models[f"a16w8:{len(st.int16_layers)}"] = q
     dist = distill_step(args, model, calib, val, models)
     p50 = interleaved_p50(models, val, args.rounds, args.runs)
+    return SimpleNamespace(rows=rows, best=best, sel=sel, mixed=mixed, dist=dist, p50=p50)
+
+
+def print_table(args, r: SimpleNamespace) -> None:
+    """The markdown table and the "Done when" lines."""
+    rows, best, sel, mixed, dist, p50 = r.rows, r.best, r.sel, r.mixed, r.dist, r.p50
     print(f"\np50: best of {args.rounds} interleaved rounds of {args.runs} invokes, 1 thread; "
           f"fp32 {p50['fp32']:.2f} ms\n")
     print("| method | agreement | SNR dB | p50 ms | p50 / fp32 |\n|---|---|---|---|---|")
@@ -168,13 +184,13 @@ def main() -> int:
         print(f"| {m.name} | {agree:.4f} | {snr:.1f} | {p50[m.name]:.2f} | {p50[m.name] / p50['fp32']:.2f} |")
     for st in mixed.steps if mixed else ():
         k = len(st.int16_layers)
-        r = p50[f"a16w8:{k}"]
+        t = p50[f"a16w8:{k}"]
         print(f"| a16w8 ({best[0].ranges} ranges), {k} layer(s) at 16 bit | {st.agreement:.4f} | {st.snr_db:.1f} | "
-              f"{r:.2f} | {r / p50['fp32']:.2f} |")
+              f"{t:.2f} | {t / p50['fp32']:.2f} |")
     if dist:
-        r = p50["distilled"]
+        d = p50["distilled"]
         print(f"| int8 distilled ({dist.steps} steps, batch {dist.batch}, lr {dist.lr:g}) | "
-              f"{dist.after.agreement:.4f} | {dist.after.snr_db:.1f} | {r:.2f} | {r / p50['fp32']:.2f} |")
+              f"{dist.after.agreement:.4f} | {dist.after.snr_db:.1f} | {d:.2f} | {d / p50['fp32']:.2f} |")
     b_ratio = p50[best[0].name] / p50["fp32"]
     print(f"\nbest method: {best[0].name}: agreement {best[1]:.4f}, p50 / fp32 = {b_ratio:.2f}")
     s_ratio = p50["selective"] / p50["fp32"] if sel.kept else b_ratio
@@ -191,7 +207,6 @@ def main() -> int:
     print(f"target >= {args.target_agreement} agreement at <= {TARGET_RATIO}x fp32 p50: "
           + ("met" if ok else f"not met (best int8 without float layers: {best[1]:.4f} at {b_ratio:.2f}x; "
                               f"with float layers: {sel.agreement:.4f} at {s_ratio:.2f}x)"))
-    return 0
 
 
 def distill_step(args, model, calib, val, models: dict):
