@@ -212,7 +212,7 @@ def _requantize(r, results, model_path, method, progress, val_dir):
 
     def redo(bundle):
         res = apply_to_bundle(bundle, model_path, method, eval_dir=val_dir, on_step=progress)
-        where = "validation" if res.on_validation else "calibration (no --val)"
+        where = {"validation": "validation", "held-back": "held-back"}.get(res.measured_on, "calibration (no --val)")
         return len(res.tflite), (f"int8: agreement on {res.eval_images} {where} images: "
                                  + ", ".join(f"{k} {v:.4f} ({res.snr_db[k]:.1f} dB)" for k, v in res.agreement.items())
                                  + f"; kept {res.chosen}")

@@ -24,7 +24,7 @@ class Distilled:
 
     result: DistillResult
     kept: bool
-    on_validation: bool
+    measured_on: str  # validation | held-back | calibration (selective.eval_inputs)
 
     @property
     def tflite(self) -> bytes:
@@ -32,7 +32,7 @@ class Distilled:
 
     def to_dict(self) -> dict:
         return {**self.result.to_dict(), "kept": "distilled" if self.kept else "int8",
-                "measured_on": "validation" if self.on_validation else "calibration"}
+                "measured_on": self.measured_on}
 
 
 def _say_progress(on_step: Callable[[str], None]) -> Callable[[DistillProgress], None]:
@@ -55,17 +55,16 @@ def apply_to_bundle(bundle_path, keras_model_path, steps: int, *, lr: float = 1e
     m = b.manifest
     calib = calibration.load_arrays(
         calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed), m.preprocess)
-    ex = selective._eval_arrays(eval_dir, b, 300)
-    on_val = ex is not None
+    ex, where = selective.eval_inputs(eval_dir, b, 300)
     ex = calib if ex is None else ex
     keras = selective._keras_model(keras_model_path)
     on_step(f"distill: {steps} steps on {len(calib)} calibration images, measured on {len(ex)} "
-            f"{'validation' if on_val else 'calibration (no validation folder)'} images")
+            f"{selective._WHERE[where]} images")
     res = distill_int8(keras, calib, ex, steps=steps, lr=lr, baseline=b.model_path.read_bytes(),
                        on_progress=_say_progress(on_step))
     before = res.before
     won = before is None or (res.after.agreement, res.after.snr_db) > (before.agreement, before.snr_db)
-    out = Distilled(res, won, on_val)
+    out = Distilled(res, won, where)
     if won:
         selective._rewrite_bundle(b, out, key="distill")
     else:

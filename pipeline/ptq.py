@@ -248,14 +248,15 @@ class Requantized:
     agreement: Dict[str, float]  # method name -> top-1 agreement with the float model
     snr_db: Dict[str, float]  # method name -> output SNR against the float model (breaks agreement ties)
     eval_images: int
-    on_validation: bool  # False: measured on the calibration images (no validation set given)
+    on_validation: bool  # False: measured on the calibration images (no validation set, none held back)
     equalization: Optional[dict] = None  # +cle: cle.Equalization.to_dict() and the float model's own agreement
+    measured_on: str = ""  # validation | held-back | calibration (selective.eval_inputs)
 
     def to_dict(self) -> dict:
         """The manifest's ``extra["calibration_method"]`` block."""
         return {"asked": self.method.name, "chosen": self.chosen, "agreement": self.agreement,
                 "snr_db": {k: round(v, 2) for k, v in self.snr_db.items()}, "eval_images": self.eval_images,
-                "measured_on": "validation images" if self.on_validation else "calibration images",
+                "measured_on": f"{self.measured_on or ('validation' if self.on_validation else 'calibration')} images",
                 **({"equalization": self.equalization} if self.equalization else {})}
 
 
@@ -275,7 +276,7 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
     m = b.manifest
     calib = calibration.load_arrays(
         calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed), m.preprocess)
-    ex = selective._eval_arrays(eval_dir, b, 300)
+    ex, where = selective.eval_inputs(eval_dir, b, 300)
     ex = calib if ex is None else ex
     keras = selective._keras_model(keras_model_path)
     ref = selective.float_outputs(keras, ex)
@@ -289,7 +290,7 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
     won = (agree[method.name], snr[method.name]) > (agree["minmax"], snr["minmax"])
     res = Requantized(tflite=model if won else b.model_path.read_bytes(), method=method,
                       chosen=method.name if won else "minmax", agreement=agree, snr_db=snr,
-                      eval_images=int(len(ex)), on_validation=eval_dir is not None,
+                      eval_images=int(len(ex)), on_validation=where != "calibration", measured_on=where,
                       equalization=_equalization_block(cal, ex, ref) if method.cle else None)
     if won:
         selective._rewrite_bundle(b, res, key="calibration_method")

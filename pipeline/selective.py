@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -64,6 +64,7 @@ class SelectiveResult:
     seconds: float = 0.0
     ranks: dict = field(default_factory=dict)  # tensor -> 1-based sensitivity rank
     a16w8: Optional[dict] = None  # MixedResult.to_dict(): the 16-bit activation steps tried first
+    measured_on: str = ""  # validation | held-back | calibration (see eval_inputs)
 
     @property
     def int16_chosen(self) -> bool:
@@ -80,6 +81,7 @@ class SelectiveResult:
             "agreement": self.agreement,
             "baseline_agreement": self.baseline_agreement,
             "eval_images": self.eval_images,
+            **({"measured_on": self.measured_on} if self.measured_on else {}),
             "layers_total": self.layers_total,
             "float_layers": [
                 {**e.to_dict(), "reason": (
@@ -220,7 +222,9 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     m = b.manifest
     cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
     calib = calibration.load_arrays(cset, m.preprocess)
-    ex = _eval_arrays(eval_dir, b, eval_limit)
+    ex, where = eval_inputs(eval_dir, b, eval_limit)
+    if on_step is not None:
+        on_step(f"agreement measured on {len(calib) if ex is None else len(ex)} {_WHERE[where]} images")
     shipped = b.model_path.read_bytes()
     debugged, mixed = _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step,
                                shipped)
@@ -231,6 +235,7 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
                              measure_latency=measure_latency, on_step=on_step,
                              shipped=shipped, debugged=debugged)
         res.a16w8 = None if mixed is None else mixed.to_dict()
+    res.measured_on = where
     if not res.kept and not res.int16_chosen:
         # The plain int8 model stays; only the manifest learns what was tried.
         from edgepipe.device.bundle import write_manifest
@@ -294,10 +299,48 @@ def _int8_bundle(bundle_path):
     return b
 
 
-def _eval_arrays(eval_dir, b, eval_limit: int) -> Optional[np.ndarray]:
-    """The bundle's float inputs for the images in ``eval_dir`` (None: use the calibration images)."""
-    if eval_dir is None:
+_WHERE = {"validation": "validation", "held-back": "held-back (in the calibration folder, not calibrated on)",
+          "calibration": "calibration (no validation folder, none held back)"}
+HELD_BACK_MIN = 8  # fewer images left over than this: agreement steps too coarse to steer by
+
+
+def eval_inputs(eval_dir, b, eval_limit: int) -> Tuple[Optional[np.ndarray], str]:
+    """(inputs, where they come from) for every agreement measured on an int8 bundle.
+
+    ``validation``: the images in ``eval_dir``. Else ``held-back``: the images
+    of the bundle's calibration folder that calibration did not pick (when
+    there are at least :data:`HELD_BACK_MIN`). Else ``(None, "calibration")``:
+    the caller measures on the calibration images and must say so.
+    """
+    if eval_dir is not None:
+        return _eval_arrays(eval_dir, b, eval_limit), "validation"
+    held = _held_back(b, eval_limit)
+    return (held, "held-back") if held is not None else (None, "calibration")
+
+
+def _held_back(b, limit: int) -> Optional[np.ndarray]:
+    from edgepipe.device.preprocess import list_images
+    from edgepipe.pipeline import calibration
+    from edgepipe.pipeline.evaluate import load_inputs
+
+    m = b.manifest
+    folder = Path(m.calibration.source)
+    picked = {Path(p).name for p in calibration.select(folder, m.calibration.count, m.calibration.seed).paths}
+    try:
+        paths, _ = list_images(folder)
+    except OSError:
         return None
+    rest = sorted(Path(p) for p in paths if Path(p).name not in picked)
+    if len(rest) < HELD_BACK_MIN:
+        return None
+    if len(rest) > limit:  # seeded like calibration's own pick, so a rerun measures the same images
+        idx = np.random.default_rng(m.calibration.seed).choice(len(rest), size=limit, replace=False)
+        rest = [rest[i] for i in sorted(idx)]
+    return load_inputs(rest, m.preprocess)
+
+
+def _eval_arrays(eval_dir, b, eval_limit: int) -> Optional[np.ndarray]:
+    """The bundle's float inputs for the images in ``eval_dir``."""
     from edgepipe.pipeline.evaluate import EvalError, load_dataset, load_inputs
 
     try:

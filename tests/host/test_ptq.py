@@ -163,6 +163,27 @@ def test_convert_with_calib_method_measures_on_val(tmp_path):
 
 
 @pytest.mark.slow
+def test_without_val_the_images_calibration_did_not_pick_are_held_back(tmp_path):
+    """No --val: agreement is measured on the calibration folder's other images; only when none are left on
+    the calibration images themselves, and the manifest says which."""
+    import json
+
+    from edgepipe.pipeline import samples
+
+    calib = samples.fashion_mnist_test_dir().parent / "calib"  # 200 images
+    blocks = {}
+    for count in (40, 200):
+        out = tmp_path / str(count)
+        r = _convert(samples.fashion_mnist_model_path(), "--recipes", "int8", "--calib", calib, "--calib-count",
+                     str(count), "--preprocess", "unit", "--calib-method", "mse", "--out", out, "--no-cache",
+                     "--no-edgetpu")
+        assert r.exit_code == 0, r.output
+        blocks[count] = json.loads(next(out.glob("*int8*/manifest.json")).read_text())["extra"]["calibration_method"]
+    assert blocks[40]["measured_on"] == "held-back images" and blocks[40]["eval_images"] == 160
+    assert blocks[200]["measured_on"] == "calibration images" and blocks[200]["eval_images"] == 200
+
+
+@pytest.mark.slow
 def test_bias_correction_removes_mean_shift_on_fashion_mnist(tf):
     """The sample CNN on held-out test images: +bias raises the output SNR (39.6 -> 40.2 dB) and changes only biases."""
     from edgepipe.device.bundle import ColorOrder, Preprocess
