@@ -46,6 +46,9 @@ class ProbeLimits:
     margin: float = 0.1
 
 
+DEFAULT_LIMITS = ProbeLimits()
+
+
 def lanes_that_fit(n_lanes: int, model_size: int) -> int:
     """Each copy holds its own packed weights (~ the model's size twice): keep all copies within a quarter
     of the free memory, so a big model on a small board stays at one."""
@@ -162,12 +165,12 @@ class LaneProbe:
     times), spread over its own span.
     """
 
-    def __init__(self, cands: Sequence[Candidate], pools: Dict[str, LanePool], limits: ProbeLimits = ProbeLimits(),
+    def __init__(self, cands: Sequence[Candidate], pools: Dict[str, LanePool], limits: Optional[ProbeLimits] = None,
                  clock: Callable[[], int] = now_ns):
         self.cands = tuple(c for c in cands if c.name in pools)
         if not self.cands:
             raise ValueError("a lane probe needs at least one candidate with interpreters")
-        self.limits = limits
+        self.limits = limits = limits or DEFAULT_LIMITS
         self._k = max(1, limits.trial_frames)
         self._max_trials = len(self.cands) * max(1, limits.rounds)
         self._pools = dict(pools)

@@ -2,14 +2,15 @@
 frames of the run (emitted once, in order, with the predictions of any other setting)."""
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_photos import copy_photos
 
+from edgepipe.device import lane_probe as lane_probe_mod
 from edgepipe.device import runner as runner_mod
 from edgepipe.device.lane_probe import (Candidate, LaneProbe, ProbeLimits, build_pools, candidates,
                                         copies_needed, open_probe)
@@ -296,13 +297,11 @@ def test_open_probe_loads_the_missing_copies_and_reuses_the_run_interpreter():
 
 
 @pytest.fixture
-def folder(tmp_path):
-    d = tmp_path / "frames"
-    d.mkdir()
-    src = sorted(IMAGES.glob("*.jpg"))[:20]
-    assert len(src) == 20, f"needs sample photos in {IMAGES}"
-    for p in src:
-        shutil.copy(p, d / p.name)
+def folder(tmp_path, monkeypatch):
+    """20 photos and a corrupt file; the probe's time budget lifted, so the frame counts below do not depend
+    on how fast this machine is (under emulation 1.5 s ends the probe after its first trial)."""
+    monkeypatch.setattr(lane_probe_mod, "DEFAULT_LIMITS", ProbeLimits(max_ms=600_000.0))
+    d = copy_photos(tmp_path / "frames", 20)
     (d / "z_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG")
     return d
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sample_photos import copy_photos
 
 from edgepipe.device.bundle import BundleError
 from edgepipe.device.postprocess import Postprocessor, json_line
@@ -24,15 +24,10 @@ STAGES = ("capture", "preprocess", "invoke", "postprocess")
 @pytest.fixture
 def photos(tmp_path):
     """12 real photos, a text file, a corrupt JPEG and a truncated one."""
-    d = tmp_path / "photos"
-    d.mkdir()
-    src = sorted(IMAGES.glob("*.jpg"))[:12]
-    assert len(src) == 12, f"needs sample photos in {IMAGES}"
-    for p in src:
-        shutil.copy(p, d / p.name)
+    d = copy_photos(tmp_path / "photos", 12)
     (d / "notes.txt").write_text("not an image")
     (d / "m_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage, not a JPEG")
-    (d / "n_truncated.jpg").write_bytes(src[0].read_bytes()[:2000])
+    (d / "n_truncated.jpg").write_bytes(sorted(IMAGES.glob("*.jpg"))[0].read_bytes()[:2000])
     return d
 
 
