@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from edgepipe.pipeline.distill import DistillProgress, DistillResult, distill_int8
@@ -49,14 +48,10 @@ def apply_to_bundle(bundle_path, keras_model_path, steps: int, *, lr: float = 1e
                     on_step: Callable[[str], None] = lambda msg: None) -> Distilled:
     """Fine-tune the ``int8`` bundle's model for ``steps`` steps; keep it when it agrees better with float."""
     from edgepipe.device.bundle import write_manifest
-    from edgepipe.pipeline import calibration, selective
+    from edgepipe.pipeline import selective
 
-    b = selective._int8_bundle(bundle_path)
-    m = b.manifest
-    calib = calibration.load_arrays(
-        calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed), m.preprocess)
-    ex, where = selective.eval_inputs(eval_dir, b, 300)
-    ex = calib if ex is None else ex
+    bi = selective.bundle_inputs(bundle_path, eval_dir)
+    b, m, calib, ex, where = bi.bundle, bi.bundle.manifest, bi.calib, bi.ex, bi.where
     keras = selective._keras_model(keras_model_path)
     on_step(f"distill: {steps} steps on {len(calib)} calibration images, measured on {len(ex)} "
             f"{selective._WHERE[where]} images")

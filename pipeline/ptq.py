@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -270,14 +269,10 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
     on ``eval_dir`` (or, without it, on the calibration images, and said so).
     The bundle is rewritten only when the method wins.
     """
-    from edgepipe.pipeline import calibration, metrics, selective
+    from edgepipe.pipeline import metrics, selective
 
-    b = selective._int8_bundle(bundle_path)
-    m = b.manifest
-    calib = calibration.load_arrays(
-        calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed), m.preprocess)
-    ex, where = selective.eval_inputs(eval_dir, b, 300)
-    ex = calib if ex is None else ex
+    bi = selective.bundle_inputs(bundle_path, eval_dir)
+    b, m, calib, ex, where = bi.bundle, bi.bundle.manifest, bi.calib, bi.ex, bi.where
     keras = selective._keras_model(keras_model_path)
     ref = selective.float_outputs(keras, ex)
     on_step(f"calibrating {len(calib)} images for {method.name} ranges")

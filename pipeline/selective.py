@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 
@@ -299,18 +299,38 @@ def _int8_bundle(bundle_path):
     return b
 
 
+@dataclass(frozen=True)
+class BundleInputs:
+    """An int8 bundle, its calibration inputs and the inputs every agreement is measured on."""
+
+    bundle: Any
+    calib: np.ndarray
+    ex: np.ndarray  # the calibration inputs themselves when nothing else is available (see ``where``)
+    where: str  # validation | held-back | calibration
+
+
+def bundle_inputs(bundle_path, eval_dir, eval_limit: int = 300) -> BundleInputs:
+    """The bundle, its calibration images (the manifest's folder, count and seed) and :func:`eval_inputs`."""
+    from edgepipe.pipeline import calibration
+
+    b = _int8_bundle(bundle_path)
+    m = b.manifest
+    calib = calibration.load_arrays(
+        calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed), m.preprocess)
+    ex, where = eval_inputs(eval_dir, b, eval_limit)
+    return BundleInputs(b, calib, calib if ex is None else ex, where)
+
+
 _WHERE = {"validation": "validation", "held-back": "held-back (in the calibration folder, not calibrated on)",
           "calibration": "calibration (no validation folder, none held back)"}
 HELD_BACK_MIN = 8  # fewer images left over than this: agreement steps too coarse to steer by
 
 
 def eval_inputs(eval_dir, b, eval_limit: int) -> Tuple[Optional[np.ndarray], str]:
-    """(inputs, where they come from) for every agreement measured on an int8 bundle.
-
-    ``validation``: the images in ``eval_dir``. Else ``held-back``: the images
-    of the bundle's calibration folder that calibration did not pick (when
-    there are at least :data:`HELD_BACK_MIN`). Else ``(None, "calibration")``:
-    the caller measures on the calibration images and must say so.
+    """(inputs, where from) for every agreement measured on an int8 bundle: ``validation``, the images in
+    ``eval_dir``; else ``held-back``, the calibration folder's images that calibration did not pick (at least
+    :data:`HELD_BACK_MIN`); else ``(None, "calibration")``: the caller measures on the calibration images and
+    must say so.
     """
     if eval_dir is not None:
         return _eval_arrays(eval_dir, b, eval_limit), "validation"
