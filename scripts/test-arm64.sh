@@ -15,7 +15,7 @@
 #   EDGEPIPE_SKIP_ARM64=1    skip (local runs only; ignored when CI=true)
 #   EDGEPIPE_ARM64_STACKS    stacks to run (default "tflite-runtime ai-edge-litert")
 #   EDGEPIPE_ARM64_JOBS      stacks run at once (default 2: the stacks are independent)
-#   EDGEPIPE_ARM64_TIMEOUT   seconds allowed per stack (default 1200)
+#   EDGEPIPE_ARM64_TIMEOUT   seconds allowed per stack (default 1800: a stack took 10-17 min on a shared 2-core VM)
 #   EDGEPIPE_ARM64_CPU       qemu CPU model (default cortex-a72 = Pi 4; cortex-a76 = Pi 5)
 #   EDGEPIPE_ARM64_CACHE     cache dir (default <repo>/.cache/arm64)
 #   EDGEPIPE_WHEEL           the edgepipe wheel to test (default: scripts/build-wheel.sh builds it)
@@ -28,7 +28,7 @@ cache="${EDGEPIPE_ARM64_CACHE:-$root/.cache/arm64}"
 export EDGEPIPE_ARM64_CACHE="$cache"
 stacks="${EDGEPIPE_ARM64_STACKS:-tflite-runtime ai-edge-litert}"
 jobs="${EDGEPIPE_ARM64_JOBS:-2}"
-per_stack_timeout="${EDGEPIPE_ARM64_TIMEOUT:-1200}"
+per_stack_timeout="${EDGEPIPE_ARM64_TIMEOUT:-1800}"
 in_ci=0
 if [ "${CI:-}" = "true" ]; then in_ci=1; fi
 started=$SECONDS
