@@ -10,6 +10,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 
+# What a runtime's native code raises through its Python binding. pybind11 maps
+# std::out_of_range to IndexError (a malformed model's tensor map lookups do
+# that), std::overflow_error to OverflowError, std::bad_alloc to MemoryError and
+# the rest to RuntimeError/ValueError: all of them mean "this model cannot run".
+NATIVE_ERRORS = (RuntimeError, ValueError, IndexError, KeyError, OverflowError, MemoryError)
+
+
 class EdgepipeError(Exception):
     """An expected failure: bad input, a missing runtime, an unreachable peer.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from edgepipe.device import delegates as _dl
+from edgepipe.device.errors import NATIVE_ERRORS
 from edgepipe.device.timing import now_ns
 
 # LiteRtProfilerEventType bits (litert/c/litert_profiler_event.h)
@@ -128,7 +129,7 @@ def _node_names(loaded) -> Dict[int, str]:
     ops = _dl.op_details(loaded.interpreter) or []
     try:
         tensors = {d["index"]: d.get("name") for d in loaded.interpreter.get_tensor_details()}
-    except (ValueError, RuntimeError, KeyError):
+    except NATIVE_ERRORS:
         return {}
     return {i: tensors.get(int(o["outputs"][0])) for i, o in enumerate(ops) if len(o.get("outputs", ())) > 0}
 

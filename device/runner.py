@@ -29,7 +29,7 @@ from edgepipe.device.runloop import STAGES, FrameLoop, LanePool, LoopStats, Stop
 from edgepipe.device.sources import Source, SourceError, open_source
 from edgepipe.device.throughput import cores as usable_cores
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
-from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.errors import NATIVE_ERRORS, EdgepipeError
 from edgepipe.device.lane_probe import lanes_that_fit as _lanes_that_fit  # the memory guard (throughput uses it)
 from edgepipe.device.lane_probe import open_probe
 
@@ -300,7 +300,7 @@ def _loop(runner: FrameLoop, frames, plan: _Plan, out: _Outcome, probe=None) -> 
         out.warnings.append(f"stopped after {runner.st.frames} frame(s): {e or 'by the consumer'}")
     except SourceError as e:
         out.errors.append(str(e))
-    except (RuntimeError, ValueError, OSError, EdgepipeError) as e:
+    except (*NATIVE_ERRORS, OSError, EdgepipeError) as e:
         out.errors.append(f"run failed after {runner.st.frames} frame(s): {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
 

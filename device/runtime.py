@@ -24,7 +24,7 @@ import numpy as np
 from edgepipe.device import delegates as _dl
 from edgepipe.device.delegates import (CpuFallback, RuntimeLoadError, find_delegates,  # noqa: F401 (re-exported)
                                        parse_delegate)
-from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.errors import NATIVE_ERRORS, EdgepipeError
 from edgepipe.device.flatcheck import known_crash
 from edgepipe.device.tensorspec import TensorSpec  # noqa: F401 (re-exported)
 from edgepipe.device.timing import now_ns, ns_to_ms
@@ -195,7 +195,7 @@ def model_stage(model: str, stage: "Stage | str", hook: StageHook = None) -> Ite
         hook(getattr(stage, "value", stage))
     try:
         yield
-    except (RuntimeError, ValueError) as e:
+    except NATIVE_ERRORS as e:
         raise ModelRunError(model, stage, _dl._one_line(str(e)) or type(e).__name__) from None
 
 
@@ -338,7 +338,7 @@ def _build(path: str, be: _Backend, plan: Any, data: bytes, threads: Optional[in
             stage(Stage.ALLOCATE.value)
             t0 = now_ns()
             interp.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
+        except NATIVE_ERRORS as e:
             raise _dl.explain_build_error(path, plan, data, e, captured.text()) from None
         load_ms["allocate"] = ns_to_ms(now_ns() - t0)
     return interp, ops

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
-from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.errors import NATIVE_ERRORS, EdgepipeError
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
 
 MAX_STREAMS = 64
@@ -57,7 +57,7 @@ def _worker(s: _Stream, arrays: Sequence, warmup: int, go: threading.Barrier, st
             loaded.set_input(i, a)
         for _ in range(warmup):
             loaded.invoke()
-    except (RuntimeError, ValueError) as e:
+    except NATIVE_ERRORS as e:
         s.error = e
     go.wait()
     if s.error is not None:
@@ -71,7 +71,7 @@ def _worker(s: _Stream, arrays: Sequence, warmup: int, go: threading.Barrier, st
             t1 = now_ns()
             append(t1 - t0)
         s.last_ns = t1 if s.samples_ns else s.first_ns
-    except (RuntimeError, ValueError) as e:
+    except NATIVE_ERRORS as e:
         s.error = e
         s.last_ns = now_ns()
 

@@ -256,6 +256,28 @@ def test_bad_models_raise_one_line_reason(request, fixture, pattern):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("native", [IndexError("_Map_base::at"), OverflowError("too big"), MemoryError(),
+                                    KeyError("tensor 7")])
+def test_any_native_error_while_allocating_is_a_load_error(float_model, monkeypatch, native):
+    """pybind11 turns std::out_of_range into IndexError: a malformed model must not reach callers as a bug."""
+    from edgepipe.device import runtime
+
+    real = get_backend()
+
+    class Refusing:
+        def __init__(self, **kw):
+            self.inner = real.Interpreter(**kw)
+
+        def allocate_tensors(self):
+            raise native
+
+    fake = runtime._Backend(real.info, real.version, Refusing, real.load_delegate)
+    monkeypatch.setattr(runtime, "get_backend", lambda name=None: fake)
+    with pytest.raises(RuntimeLoadError, match=r"cannot load model") as e:
+        load_model(float_model)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(RuntimeLoadError, match="no such file"):
         load_model(tmp_path / "absent.tflite")
