@@ -35,6 +35,19 @@ class EdgepipeError(Exception):
         return " ".join(text.split()) if "\n" in text else text
 
 
+class StatusError(EdgepipeError):
+    """An expected failure that carries an HTTP-style ``status`` with its one-line ``reason``.
+
+    The job core raises it for refused jobs and the HTTP server for refused
+    requests; both transports (HTTP, MQTT) turn it into the same answer.
+    """
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
 def one_line(exc: BaseException) -> str:
     """``str(exc)`` folded to one line, falling back to the class name when empty."""
     text = " ".join(str(exc).split())

@@ -10,16 +10,11 @@ import socket
 import time
 from dataclasses import dataclass
 
-from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.errors import StatusError
 
 
-class HTTPError_(EdgepipeError):
+class HTTPError_(StatusError):
     """Raised inside a handler to answer with ``status`` and a one-line ``reason``."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True)

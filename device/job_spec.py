@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from edgepipe.device.bundle_store import SHA_RE, UploadError, check_digest
-from edgepipe.device.errors import EdgepipeError
+from edgepipe.device.errors import StatusError
 
 MAX_TIMEOUT = 4 * 3600.0
 
@@ -32,13 +32,8 @@ KIND_PARAMS = {"bench": BENCH_PARAMS, "run": RUN_PARAMS, "evaluate": EVALUATE_PA
 MAX_STR = 4096
 
 
-class JobRefused(EdgepipeError):
+class JobRefused(StatusError):
     """A job request that cannot be accepted; ``status`` is the HTTP-style code (400, 404, 409, 422, 429)."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True)
