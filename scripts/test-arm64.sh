@@ -7,7 +7,8 @@
 # an arm64 Python 3.11 sysroot and each stack's aarch64 wheels, cached under
 # .cache/arm64/; aarch64 registered with binfmt_misc (tests start subprocesses);
 # x86 reference outputs for tests/device/test_arm64_parity.py; then pytest under
-# qemu (Cortex-A72) with EDGEPIPE_EMULATED=1, `timing` tests deselected.
+# qemu (Cortex-A72) with EDGEPIPE_EMULATED=1, `timing` and `slow` tests deselected
+# (slow ones are CLI/process tests that do not depend on the CPU; they run on x86).
 # The code under test is the built wheel (installed per run next to each stack's
 # wheels), not the checkout; the tests themselves come from the checkout's tests/.
 #

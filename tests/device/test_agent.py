@@ -273,6 +273,7 @@ def test_agent_command_serves_and_stops_cleanly(tmp_path):
     assert "agent stopped" in out
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_port_in_use_is_a_one_line_error(tmp_path):
     """A failed bind must not trip over half-built server state (it used to raise AttributeError)."""
     import socket

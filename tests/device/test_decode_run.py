@@ -117,6 +117,7 @@ def test_annotate_writes_jpegs_for_image_sources(make_bundle, models_dir, white_
                                                  "frames": 1}
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_bad_decoder_in_manifest_is_one_line(make_bundle, models_dir, white_128x64, edgerun):
     b = make_bundle(models_dir / "yolo_boxes.tflite", name="yolo", task="detection", preprocess=UNIT)
     with_decoder(b, {"kind": "yolo", "score_threshold": 7})
@@ -129,6 +130,7 @@ def test_bad_decoder_in_manifest_is_one_line(make_bundle, models_dir, white_128x
     assert "an ssd decoder needs anchors" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_annotate_refuses_a_classifier_and_a_wrong_suffix(make_bundle, float_model, models_dir, white_128x64,
                                                           tmp_path, edgerun):
     res = edgerun("run", make_bundle(float_model), "--source", white_128x64, "--annotate", tmp_path / "a")

@@ -78,6 +78,7 @@ def _agent_identity(store, env):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_two_agents_on_one_machine_are_two_devices(tmp_path):
     import os
 

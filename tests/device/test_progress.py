@@ -82,6 +82,7 @@ def test_step_lines_drive_the_bar(monkeypatch):
     assert "loading TensorFlow" in text and "3/3" in text and "ETA" in text
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_edgerun_bench_draws_a_timed_runs_bar_only_when_asked(edgerun, tmp_path):
     """Forced on (a TTY stands in): the bar is on stderr, stdout keeps the summary; --json never draws it."""
     pytest.importorskip("tqdm")

@@ -17,6 +17,7 @@ def _frames(stdout: str) -> list:
     return [json.loads(line)["frame"] for line in stdout.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_run_draws_a_frames_bar_on_stderr_only(edgerun):
     pytest.importorskip("tqdm")
     n = len([p for p in IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp")])
@@ -27,6 +28,7 @@ def test_run_draws_a_frames_bar_on_stderr_only(edgerun):
     assert "frames/s" in p.stderr  # the summary still follows the bar
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_max_frames_sets_the_total(edgerun):
     pytest.importorskip("tqdm")
     p = edgerun("run", MODEL, "--source", IMAGES, "--max-frames", "4", "--sequential", env=FORCE)
@@ -35,6 +37,7 @@ def test_max_frames_sets_the_total(edgerun):
     assert "4/4" in p.stderr and f"/{len(list(IMAGES.iterdir()))}" not in p.stderr
 
 
+@pytest.mark.slow  # 10-45 s under arm64 emulation (process start-ups); nothing here depends on the CPU or runtime
 def test_no_bar_with_json_or_quiet_or_when_not_a_terminal(edgerun, tmp_path):
     out = tmp_path / "preds.jsonl"
     j = edgerun("run", MODEL, "--source", IMAGES, "--max-frames", "3", "--out", out, "--json", env=FORCE)
