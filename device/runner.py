@@ -27,11 +27,10 @@ from edgepipe.device.bundle import load_bundle
 from edgepipe.device.postprocess import Postprocessor, infer_task
 from edgepipe.device.runloop import STAGES, FrameLoop, LanePool, LoopStats, StopRun, make_prep
 from edgepipe.device.sources import Source, SourceError, open_source
-from edgepipe.device.throughput import cores as usable_cores
+from edgepipe.device.throughput import cores as usable_cores, default_streams
 from edgepipe.device.timing import now_ns, ns_to_ms, stats
 from edgepipe.device.errors import NATIVE_ERRORS, EdgepipeError
-from edgepipe.device.lane_probe import lanes_that_fit as _lanes_that_fit  # the memory guard (throughput uses it)
-from edgepipe.device.lane_probe import open_probe
+from edgepipe.device.lane_probe import lanes_that_fit, open_probe
 
 MAX_WARNED_SKIPS = 5
 
@@ -154,7 +153,7 @@ def _finish_report(bundle, model_path, model: "_Model", plan: "_Plan", runner: F
     end = sysinfo.snapshot()
     device["temperature_c"]["end"] = end["temperature_c"]
     device["throttled"]["end"] = end["throttled"]
-    report = _run_report(bundle, model_path, model, plan, runner.st, out, device, out.info, out.dropped, settings)
+    report = _run_report(bundle, model_path, model, plan, runner.st, out, device, settings)
     if model.decode is not None:
         report["detections"] = model.decode.report_block(out.annotated)
         out.errors.extend([out.annotated["error"]] if out.annotated and out.annotated.get("error") else [])
@@ -229,7 +228,7 @@ def _plan(src: Source, model: _Model, pipeline: Optional[bool], workers: Optiona
                        "use --lanes 1")
     auto = cpu and many and not src.live  # files and video on the CPU: several lanes unless told otherwise
     # Lanes x threads within the cores: XNNPACK's pool threads spin while they wait.
-    n_lanes = lanes or (_lanes_that_fit(max(1, cores // (threads or 1)), model.loaded.model_size) if auto else 1)
+    n_lanes = lanes or (default_streams(threads, model.loaded.model_size, cores) if auto else 1)
     # Nothing given: the first frames measure the split (a live source cannot wait for it).
     probe = auto and cores > 1 and not (lanes or threads or workers)
     return _Plan(True, max(1, workers or cores), n_lanes, queue_depth, probe=probe)
@@ -243,7 +242,7 @@ def _drive(src: Source, model: _Model, plan: _Plan, model_path, load: dict, max_
     frames = islice(iter(src), max_frames) if max_frames else iter(src)
     probe = None
     if plan.probe:  # the candidates' interpreters load before the clock starts
-        probe = open_probe(model.loaded, usable_cores(), lambda n: _lanes_that_fit(n, model.loaded.model_size),
+        probe = open_probe(model.loaded, usable_cores(), lambda n: lanes_that_fit(n, model.loaded.model_size),
                            lambda n, t: _load_copies(n, model_path, dict(load, threads=t), model.zeros, out))
     if probe is not None:
         pool = LanePool([model.loaded])  # every frame is routed by the probe
@@ -335,7 +334,7 @@ def _finish_annotating(model: _Model, annotated: Optional[dict]) -> Optional[dic
 
 
 def _run_report(bundle, model_path, model: _Model, plan: _Plan, st: LoopStats, out: _Outcome, device: dict,
-                info: dict, dropped: int, settings: dict) -> dict:
+                settings: dict) -> dict:
     from edgepipe.device import sysinfo
     from edgepipe.device.bench import model_block
     from edgepipe.device.report import new_report
@@ -348,6 +347,7 @@ def _run_report(bundle, model_path, model: _Model, plan: _Plan, st: LoopStats, o
     runtime["load"] = "cold" if model.cold else "warm"
     if plan.threads is not None:
         runtime["threads"] = plan.threads  # the probe's pick ran most frames
+    info = out.info
     info.update(unreadable=len(st.skipped), assumed=model.assumed + list(model.pre.assumed),
                 preprocess=model.pre.to_dict(), task=model.post.task.value)
     p = plan
@@ -359,7 +359,7 @@ def _run_report(bundle, model_path, model: _Model, plan: _Plan, st: LoopStats, o
         load_ms=dict(model.loaded.load_ms) if model.cold else None,
         latency_ms=stats(st.latency),
         stages_ms={s: stats(v) for s, v in st.samples.items()},
-        throughput=_throughput(st, p, wall_ms, dropped), peak_rss_mb=sysinfo.peak_rss_mb(), input=info,
+        throughput=_throughput(st, p, wall_ms, out.dropped), peak_rss_mb=sysinfo.peak_rss_mb(), input=info,
         settings=settings,
     )
 

@@ -34,11 +34,12 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_streams(threads: Optional[int], model_size: int) -> int:
-    """One stream per ``threads`` cores, as many as fit in memory (the runner's rule for its lanes)."""
-    from edgepipe.device.runner import _lanes_that_fit
+def default_streams(threads: Optional[int], model_size: int, n_cores: Optional[int] = None) -> int:
+    """One stream per ``threads`` of ``n_cores`` (default: :func:`cores`), as many as fit in memory; also the
+    runner's default lanes."""
+    from edgepipe.device.lane_probe import lanes_that_fit
 
-    return _lanes_that_fit(max(1, cores() // max(1, threads or 1)), model_size)
+    return lanes_that_fit(max(1, (n_cores or cores()) // max(1, threads or 1)), model_size)
 
 
 @dataclass
