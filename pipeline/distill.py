@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from edgepipe.device.errors import EdgepipeError
+from edgepipe.pipeline.modelio import load_keras
 
 # --no-deps: tf-keras depends on the full `tensorflow` wheel (a second copy next to tensorflow-cpu) and
 # tfmot pins absl-py~=1.2; neither is needed at run time (tested with TF 2.21, absl-py 2.x).
@@ -176,20 +177,6 @@ def to_tf_keras_config(config: dict) -> dict:
                        "input_layers": config["input_layers"], "output_layers": config["output_layers"]}}
 
 
-def _load(keras_model):
-    from edgepipe.pipeline.tfenv import captured_output, import_tf
-
-    if not isinstance(keras_model, (str, Path)):
-        return keras_model
-    tf = import_tf()
-    try:
-        with captured_output():
-            return tf.keras.models.load_model(str(keras_model), compile=False)
-    except Exception as exc:  # Keras raises many types for unreadable files
-        raise DistillError(f"cannot load {Path(keras_model).name} as a Keras model: "
-                           f"{' '.join(str(exc).split())[:200]}") from None
-
-
 def _functional(model):
     """Single-input, single-output functional view (a built Sequential model becomes one)."""
     import keras
@@ -244,7 +231,7 @@ def distill_int8(keras_model, calib: np.ndarray, val: np.ndarray, *, steps: int 
     if missing:
         raise DistillUnavailable(unavailable_message(missing))
     t_start = time.perf_counter()
-    model = _functional(_load(keras_model))
+    model = _functional(load_keras(keras_model))
     calib, val = np.asarray(calib, np.float32), np.asarray(val, np.float32)
     _check_inputs(steps, batch, lr, calib, val, model.inputs[0].shape)
     _emit(on_progress, DistillProgress("prepare"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edgepipe.pipeline.distill import DistillProgress, DistillResult, distill_int8
+from edgepipe.pipeline.modelio import load_keras
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def apply_to_bundle(bundle_path, keras_model_path, steps: int, *, lr: float = 1e
 
     bi = selective.bundle_inputs(bundle_path, eval_dir)
     b, m, calib, ex, where = bi.bundle, bi.bundle.manifest, bi.calib, bi.ex, bi.where
-    keras = selective._keras_model(keras_model_path)
+    keras = load_keras(keras_model_path)
     on_step(f"distill: {steps} steps on {len(calib)} calibration images, measured on {len(ex)} "
             f"{selective._WHERE[where]} images")
     res = distill_int8(keras, calib, ex, steps=steps, lr=lr, baseline=b.model_path.read_bytes(),

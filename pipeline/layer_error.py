@@ -27,6 +27,7 @@ import numpy as np
 
 from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line
 from edgepipe.device.errors import EdgepipeError
+from edgepipe.pipeline.modelio import load_keras
 
 ROUNDING_NOISE = 1.0 / math.sqrt(12.0)
 
@@ -99,13 +100,6 @@ class Debugged:
                                       f"{last_error_line(log) or e}") from None
 
 
-def _load_keras(tf, model):
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        with captured_output():
-            return tf.keras.models.load_model(str(model), compile=False)
-    return model
-
-
 def debug_int8(model, calib: np.ndarray, *, debug: Optional[np.ndarray] = None,
                max_debug: int = 32) -> Debugged:
     """Calibrate ``model`` (Keras model or .keras path) on ``calib`` and measure each layer.
@@ -115,7 +109,7 @@ def debug_int8(model, calib: np.ndarray, *, debug: Optional[np.ndarray] = None,
     ``max_debug`` of them are run through the instrumented model.
     """
     tf = import_tf()
-    keras_model = _load_keras(tf, model)
+    keras_model = load_keras(model)
     calib = np.asarray(calib, dtype=np.float32)
     dbg_x = np.asarray(debug if debug is not None else calib, dtype=np.float32)[:max_debug]
     if calib.ndim < 2 or calib.shape[0] == 0:

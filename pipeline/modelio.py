@@ -140,6 +140,25 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return (lines[-1] if lines else type(e).__name__)[:limit]
 
 
+def load_keras(model) -> Any:
+    """``model`` itself, or the Keras model at that path (uncompiled, TensorFlow's chatter captured).
+
+    One loader for every stage that re-works a bundle from its Keras source (selective float, calibration
+    methods, distillation, the layer debugger); an unreadable file is a :class:`ModelError` with one line.
+    """
+    if not (isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")):
+        return model
+    from edgepipe.pipeline.tfenv import captured_output, import_tf
+
+    tf = import_tf()
+    path = os.fsdecode(model)
+    try:
+        with captured_output():
+            return tf.keras.models.load_model(path, compile=False)
+    except Exception as e:  # noqa: BLE001 - Keras raises anything from OSError to ValueError
+        raise ModelError(f"cannot load {Path(path).name} as a Keras model ({one_line(e)})") from None
+
+
 _RESCALING = ("Rescaling", "Normalization")
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from edgepipe.device.errors import EdgepipeError
 from edgepipe.pipeline.act_ranges import BINS, Histogram, clip_range, histograms, with_ranges
 from edgepipe.pipeline.layer_error import Debugged
+from edgepipe.pipeline.modelio import load_keras
 from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line
 
 METHODS = ("minmax", "percentile:99.9", "percentile:99.99", "mse")
@@ -273,7 +274,7 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
 
     bi = selective.bundle_inputs(bundle_path, eval_dir)
     b, m, calib, ex, where = bi.bundle, bi.bundle.manifest, bi.calib, bi.ex, bi.where
-    keras = selective._keras_model(keras_model_path)
+    keras = load_keras(keras_model_path)
     ref = selective.float_outputs(keras, ex)
     on_step(f"calibrating {len(calib)} images for {method.name} ranges")
     cal = calibrate(keras, calib)

@@ -40,6 +40,7 @@ from edgepipe.pipeline.model_run import float_outputs, p50_ms, run_tflite  # noq
 from edgepipe.pipeline.model_run import load_bytes as _load_bytes  # noqa: F401
 from edgepipe.pipeline.float_search import Search as _Search, float_layer_costs as _float_layer_costs
 from edgepipe.pipeline.layer_error import Debugged, LayerErrorError, debug_int8
+from edgepipe.pipeline.modelio import load_keras
 from edgepipe.device.errors import EdgepipeError
 
 SUPPORTED_RECIPES = ("int8",)
@@ -115,7 +116,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     t_start = time.perf_counter()
     _check_request(recipe, target)
     say = on_step or (lambda msg: None)
-    keras_model = _keras_model(keras_model)
+    keras_model = load_keras(keras_model)
     calib = np.asarray(calib, dtype=np.float32)
     ex = _eval_inputs(eval_x, calib)
 
@@ -184,21 +185,6 @@ def _eval_inputs(eval_x: Optional[np.ndarray], calib: np.ndarray) -> np.ndarray:
     return ex
 
 
-def _keras_model(keras_model):
-    """The Keras model itself, loaded when given as a path."""
-    from edgepipe.pipeline.tfenv import captured_output, import_tf
-
-    tf = import_tf()
-    if hasattr(keras_model, "predict"):
-        return keras_model
-    try:
-        with captured_output():
-            return tf.keras.models.load_model(str(keras_model), compile=False)
-    except Exception as e:  # noqa: BLE001 - loaders raise anything
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise SelectiveError(f"needs a Keras model ({first})", param="target_agreement") from None
-
-
 def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=None,
                     eval_limit: int = 300, measure_latency: bool = True,
                     on_step: Optional[Callable[[str], None]] = None, method=None,
@@ -252,7 +238,7 @@ def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_lat
         return None, None
     from edgepipe.pipeline import mixed_precision, ptq
 
-    keras = _keras_model(keras_model_path)
+    keras = load_keras(keras_model_path)
     x = ex if ex is not None else calib
     if try_int16 and metrics.top1_agreement(run_tflite(shipped, x), float_outputs(keras, x)) >= target:
         try_int16 = 0  # plain int8 already reaches it: nothing to try

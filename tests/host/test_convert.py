@@ -212,3 +212,17 @@ def test_a_failing_block_keeps_its_tensorflow_log(tmp_path, monkeypatch):
         with captured_output():
             raise ValueError("failed before TensorFlow said anything")
     assert [p.name for p in tmp.iterdir()] == [bad_log.name]  # an empty log points at nothing
+
+
+def test_load_keras_passes_a_model_through_and_names_an_unreadable_file(cnn_keras, tmp_path):
+    """One loader serves selective float, --calib-method, distillation and the layer debugger."""
+    from edgepipe.pipeline.modelio import ModelError, load_keras
+
+    model = load_keras(cnn_keras)
+    assert hasattr(model, "predict") and load_keras(model) is model
+    assert len(model.layers) == len(load_keras(str(cnn_keras)).layers)  # a str path loads the same model
+    bad = tmp_path / "broken.keras"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match=r"^cannot load broken\.keras as a Keras model \(") as e:
+        load_keras(bad)
+    assert "\n" not in str(e.value)
