@@ -252,7 +252,7 @@ def float_tflite(keras_model) -> bytes:
 
 def try_before_float(keras_model, cal, method, layers: Sequence, calib: np.ndarray, x: np.ndarray,
                      target: float, max_layers: int, *, measure_latency: bool = True,
-                     on_step: Optional[Callable[[str], None]] = None) -> MixedResult:
+                     on_step: Optional[Callable[[str], None]] = None, ref: Optional[np.ndarray] = None) -> MixedResult:
     """The ``--target-agreement`` search's first stage: 16-bit activations for the worst layers.
 
     ``cal``/``method``: an ``edgepipe.pipeline.ptq`` calibration and range
@@ -260,14 +260,15 @@ def try_before_float(keras_model, cal, method, layers: Sequence, calib: np.ndarr
     measured on ``x``, the validation inputs. The debugger's local error
     shortlists the 4x``max_layers`` (at least 16) worst layers; they are
     ranked by how much keeping each one float raises the output SNR on up
-    to 32 of ``x`` (``ptq.rank_by_output``), then :func:`search` runs.
+    to 32 of ``x`` (``ptq.rank_by_output``), then :func:`search` runs. ``ref``: the float model's outputs
+    on ``x`` when the caller has them already.
     """
     from edgepipe.pipeline import ptq
     from edgepipe.pipeline.model_run import float_outputs
 
     say = on_step or (lambda msg: None)
     x = np.asarray(x, np.float32)
-    ref = float_outputs(keras_model, x)
+    ref = float_outputs(keras_model, x) if ref is None else np.asarray(ref)
     shortlist = sorted(layers, key=lambda e: -e.rmse_steps)[:max(16, 4 * max_layers)]
     pick = np.linspace(0, len(x) - 1, min(32, len(x))).astype(int)
     say(f"ranking {len(shortlist)} layers by their effect on the output ({len(pick)} validation images)")

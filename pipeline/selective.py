@@ -101,7 +101,8 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
                    target: float, *, max_float: Optional[int] = None, prune: bool = True,
                    measure_latency: bool = True, threads: Optional[int] = 1,
                    on_step: Optional[Callable[[str], None]] = None,
-                   debugged: Optional[Debugged] = None, shipped: Optional[bytes] = None) -> SelectiveResult:
+                   debugged: Optional[Debugged] = None, shipped: Optional[bytes] = None,
+                   ref: Optional[np.ndarray] = None) -> SelectiveResult:
     """Int8 model keeping the fewest most-sensitive layers in float to reach ``target``.
 
     ``keras_model``: a Keras model or a .keras path. ``recipe``: a
@@ -112,6 +113,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     the int8 model the converter already made; it is returned untouched when
     it meets the target, or when no float layer does better (the debugger's
     re-quantization is not bit-identical to the converter's own int8 model).
+    ``ref``: the float model's outputs on the evaluation inputs, when the caller has them already.
     """
     t_start = time.perf_counter()
     _check_request(recipe, target)
@@ -120,7 +122,7 @@ def selective_int8(keras_model, recipe, calib: np.ndarray, eval_x: Optional[np.n
     calib = np.asarray(calib, dtype=np.float32)
     ex = _eval_inputs(eval_x, calib)
 
-    ref = float_outputs(keras_model, ex)
+    ref = float_outputs(keras_model, ex) if ref is None else np.asarray(ref)
     shipped_agreement = None
     if shipped is not None:
         shipped_agreement = metrics.top1_agreement(run_tflite(shipped, ex, threads=threads), ref)
@@ -202,24 +204,19 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     (:mod:`edgepipe.pipeline.mixed_precision`); that model ships when it
     reaches ``target`` and is not slower than fp32, else the float search runs.
     """
-    from edgepipe.pipeline import calibration
-
-    b = _int8_bundle(bundle_path)
-    m = b.manifest
-    cset = calibration.select(Path(m.calibration.source), m.calibration.count, m.calibration.seed)
-    calib = calibration.load_arrays(cset, m.preprocess)
-    ex, where = eval_inputs(eval_dir, b, eval_limit)
+    bi = bundle_inputs(bundle_path, eval_dir, eval_limit)
+    b, m, calib, ex, where = bi.bundle, bi.bundle.manifest, bi.calib, bi.ex, bi.where
     if on_step is not None:
-        on_step(f"agreement measured on {len(calib) if ex is None else len(ex)} {_WHERE[where]} images")
+        on_step(f"agreement measured on {len(ex)} {_WHERE[where]} images")
     shipped = b.model_path.read_bytes()
-    debugged, mixed = _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step,
-                               shipped)
+    keras = load_keras(keras_model_path)
+    ref = float_outputs(keras, ex)  # once, for the 16-bit steps and the float search alike
+    debugged, mixed = _prepare(keras, calib, ex, ref, method, target, try_int16, measure_latency, on_step, shipped)
     if mixed is not None and mixed.model is not None:
-        res = _a16w8_result(mixed, shipped, calib if ex is None else ex, target, len(debugged.layers))
+        res = _a16w8_result(mixed, shipped, ex, target, len(debugged.layers))
     else:
-        res = selective_int8(keras_model_path, m.recipe, calib, ex, target,
-                             measure_latency=measure_latency, on_step=on_step,
-                             shipped=shipped, debugged=debugged)
+        res = selective_int8(keras, m.recipe, calib, ex, target, measure_latency=measure_latency, on_step=on_step,
+                             shipped=shipped, debugged=debugged, ref=ref)
         res.a16w8 = None if mixed is None else mixed.to_dict()
     res.measured_on = where
     if not res.kept and not res.int16_chosen:
@@ -232,15 +229,15 @@ def apply_to_bundle(bundle_path, keras_model_path, target: float, *, eval_dir=No
     return res
 
 
-def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_latency, on_step, shipped):
-    """(debugged for the float search or None, the 16-bit steps or None): one calibration serves both."""
+def _prepare(keras, calib, x, ref, method, target, try_int16, measure_latency, on_step, shipped):
+    """(debugged for the float search or None, the 16-bit steps or None): one calibration serves both.
+
+    ``x``: the inputs agreement is measured on, ``ref`` the float model's outputs on them."""
     if (method is None or method.name == "minmax") and not try_int16:
         return None, None
     from edgepipe.pipeline import mixed_precision, ptq
 
-    keras = load_keras(keras_model_path)
-    x = ex if ex is not None else calib
-    if try_int16 and metrics.top1_agreement(run_tflite(shipped, x), float_outputs(keras, x)) >= target:
+    if try_int16 and metrics.top1_agreement(run_tflite(shipped, x), ref) >= target:
         try_int16 = 0  # plain int8 already reaches it: nothing to try
         if method is None or method.name == "minmax":
             return None, None
@@ -251,7 +248,7 @@ def _prepare(keras_model_path, calib, ex, method, target, try_int16, measure_lat
         debugged = ptq.for_selective(cal, method, dbg.layers) if ranged else dbg
         mixed = None if not try_int16 else mixed_precision.try_before_float(
             keras, cal, method or ptq.Method(), dbg.layers, calib, x, target, try_int16,
-            measure_latency=measure_latency, on_step=on_step)
+            measure_latency=measure_latency, on_step=on_step, ref=ref)
     except (ptq.PTQError, LayerErrorError, mixed_precision.MixedPrecisionError) as e:
         raise SelectiveError(str(e)) from None
     return debugged, mixed

@@ -162,7 +162,7 @@ def measure(args) -> SimpleNamespace:
         rows.append((m, metrics.top1_agreement(out, ref), metrics.snr_db(out, ref)))
         models[m.name] = q
     best = max(rows, key=lambda r: (r[1], r[2]))
-    sel, ranked = selective_step(args, model, cal, best[0], models[best[0].name], calib, val)
+    sel, ranked = selective_step(args, model, cal, best[0], models[best[0].name], calib, val, ref)
     if sel.kept:
         models["selective"] = sel.tflite
     mixed = int16_steps(args, fp32, cal, best[0], ranked, calib, val, ref)
@@ -226,22 +226,21 @@ def distill_step(args, model, calib, val, models: dict):
     return res
 
 
-def selective_step(args, model, cal, method, shipped: bytes, calib, val):
-    """The --target-agreement search on top of ``method``'s ranges, everything measured on the validation views."""
+def selective_step(args, model, cal, method, shipped: bytes, calib, val, ref):
+    """The --target-agreement search on top of ``method``'s ranges, everything measured on the validation views
+    (``ref``: the float model's outputs on them)."""
     from edgepipe.pipeline.layer_error import debug_int8
     from edgepipe.pipeline.ptq import for_selective, rank_by_output
-    from edgepipe.pipeline.selective import float_outputs
     from edgepipe.pipeline.selective import selective_int8
 
     t0 = time.perf_counter()
     layers = debug_int8(model, calib, debug=val, max_debug=len(val)).layers  # errors on the validation views
     keep_order = args.rank == "output"
     if keep_order:  # each layer float alone, ranked by the output SNR it buys on a third of the validation views
-        sub = val[::3]
-        layers = rank_by_output(cal, method, layers, sub, float_outputs(model, sub), say=print)
+        layers = rank_by_output(cal, method, layers, val[::3], ref[::3], say=print)
     res = selective_int8(model, "int8", calib, val, args.target_agreement, shipped=shipped,
                          debugged=for_selective(cal, method, layers, keep_order=keep_order),
-                         measure_latency=False)
+                         measure_latency=False, ref=ref)
     print(f"selective search on {method.name} ({args.rank} ranking): {time.perf_counter() - t0:.0f} s; "
           "agreement by float layers: "
           + ", ".join(f"{s['float_layers']}: {s['agreement']:.3f}" for s in res.steps))
