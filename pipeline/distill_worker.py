@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgepipe.device.errors import one_line
+
 PROGRESS_PREFIX = "EDGEPIPE-DISTILL "
 MISSING_EXIT = 3
 FAILED_EXIT = 2
@@ -320,11 +322,6 @@ def run(workdir: Path, proto: _Protocol) -> dict:
     }
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
-
-
 def main(argv=None) -> int:
     """Entry point; the exit code says missing dependency (3), failure (2) or success (0)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -336,7 +333,7 @@ def main(argv=None) -> int:
             importlib.import_module(name)
         except ImportError as exc:
             (workdir / "error.json").write_text(json.dumps({"kind": "missing", "module": name,
-                                                            "message": _one_line(exc)}))
+                                                            "message": one_line(exc)[:300]}))
             return MISSING_EXIT
         except Exception:  # installed but broken: an ordinary failure, reported below
             break
@@ -348,7 +345,7 @@ def main(argv=None) -> int:
         import traceback
 
         traceback.print_exc()
-        (workdir / "error.json").write_text(json.dumps({"kind": "failed", "message": _one_line(exc)}))
+        (workdir / "error.json").write_text(json.dumps({"kind": "failed", "message": one_line(exc)[:300]}))
         return FAILED_EXIT
     (workdir / "result.json").write_text(json.dumps(result))
     return 0

@@ -37,6 +37,7 @@ import numpy as np
 
 from edgepipe.device.errors import EdgepipeError
 from edgepipe.pipeline import metrics
+from edgepipe.pipeline.modelio import one_line
 from edgepipe.pipeline.model_run import p50_ms, run_tflite
 
 MAX_INT16_LAYERS = 64
@@ -153,7 +154,7 @@ class A16W8Quantizer:
                 warnings.simplefilter("ignore")
                 self.qsvs = _calibrate(self.model, a16w8_rules([]), data)
         except Exception as e:  # noqa: BLE001 - the quantizer raises many types
-            raise MixedPrecisionError(f"calibrating for 16-bit activations failed: {_line(e)}") from None
+            raise MixedPrecisionError(f"calibrating for 16-bit activations failed: {one_line(e)}") from None
         # Clipped ranges help 8-bit tensors; a 16-bit tensor keeps its full min/max (see quantize).
         self.minmax = {k: dict(v) for k, v in self.qsvs.items()}
         for name, (lo, hi) in (ranges or {}).items():
@@ -182,13 +183,8 @@ class A16W8Quantizer:
                 qsvs = {**self.qsvs, **{n: self.minmax[n] for n in int16 if n in self.minmax}}
                 res = q.quantize(qsvs, enable_progress_bar=False, enable_progress_report=False)
         except Exception as e:  # noqa: BLE001
-            raise MixedPrecisionError(f"quantizing {len(int16)} layer(s) at 16 bits failed: {_line(e)}") from None
+            raise MixedPrecisionError(f"quantizing {len(int16)} layer(s) at 16 bits failed: {one_line(e)}") from None
         return bytes(res.quantized_model)
-
-
-def _line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text[:200]
 
 
 def search(float_tflite: bytes, calib: np.ndarray, val: np.ndarray, ref: np.ndarray, ranked: Sequence[str], *,
@@ -247,7 +243,7 @@ def float_tflite(keras_model) -> bytes:
         try:
             return tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()
         except Exception as e:  # noqa: BLE001
-            raise MixedPrecisionError(f"float conversion failed: {last_error_line(log) or _line(e)}") from None
+            raise MixedPrecisionError(f"float conversion failed: {last_error_line(log) or one_line(e)}") from None
 
 
 def try_before_float(keras_model, cal, method, layers: Sequence, calib: np.ndarray, x: np.ndarray,

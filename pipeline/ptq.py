@@ -39,7 +39,7 @@ import numpy as np
 from edgepipe.device.errors import EdgepipeError
 from edgepipe.pipeline.act_ranges import BINS, Histogram, clip_range, histograms, with_ranges
 from edgepipe.pipeline.layer_error import Debugged
-from edgepipe.pipeline.modelio import load_keras
+from edgepipe.pipeline.modelio import load_keras, one_line
 from edgepipe.pipeline.tfenv import captured_output, import_tf, last_error_line
 
 METHODS = ("minmax", "percentile:99.9", "percentile:99.99", "mse")
@@ -143,8 +143,7 @@ class Calibrated:
             try:
                 model, summary = equalize(self.source)
             except Exception as e:  # noqa: BLE001 - cloning a Keras model raises many types
-                raise PTQError(f"cross-layer equalization failed: {str(e).splitlines()[0] if str(e) else e!r}") \
-                    from None
+                raise PTQError(f"cross-layer equalization failed: {one_line(e)}") from None
             if summary.pairs:
                 self._equalized = calibrate(model, self.calib, max_hist_images=self.max_hist_images)
                 self._equalized.equalization = summary
