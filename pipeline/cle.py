@@ -298,7 +298,7 @@ def float_cost(equalized, summary: Equalization, x: np.ndarray, ref: np.ndarray)
     """``summary.to_dict()`` plus what equalizing (its ReLU6 -> ReLU) costs the float model itself: top-1
     agreement and SNR of the ``equalized`` Keras model on ``x`` against ``ref``, the ORIGINAL model's outputs."""
     from edgepipe.pipeline import metrics
-    from edgepipe.pipeline.selective import float_outputs
+    from edgepipe.pipeline.model_run import float_outputs
 
     if not summary.pairs:  # the model came back unchanged
         return {**summary.to_dict(), "float_agreement": 1.0, "float_snr_db": None}

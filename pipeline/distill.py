@@ -225,7 +225,7 @@ def distill_int8(keras_model, calib: np.ndarray, val: np.ndarray, *, steps: int 
     bounded by ``timeout_s``; raises :class:`DistillUnavailable` when the
     toolchain is not installed, :class:`DistillError` on any other failure.
     """
-    from edgepipe.pipeline.selective import float_outputs
+    from edgepipe.pipeline.model_run import float_outputs
 
     missing = missing_dependencies() if python is None else []
     if missing:
@@ -264,7 +264,7 @@ def _emit(on_progress, event: DistillProgress) -> None:
 
 def _quality(tflite: bytes, val: np.ndarray, ref: np.ndarray) -> Quality:
     from edgepipe.pipeline import metrics
-    from edgepipe.pipeline.selective import run_tflite
+    from edgepipe.pipeline.model_run import run_tflite
 
     out = run_tflite(tflite, val)
     return Quality(metrics.top1_agreement(out, ref), metrics.snr_db(out, ref))

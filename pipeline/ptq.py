@@ -226,7 +226,7 @@ def rank_by_output(cal: Calibrated, method: Method, layers: list, x: np.ndarray,
     final output), so a layer whose local error the network absorbs ranks low.
     """
     from edgepipe.pipeline import metrics
-    from edgepipe.pipeline.selective import run_tflite
+    from edgepipe.pipeline.model_run import run_tflite
 
     gains = []
     for i, e in enumerate(layers):
@@ -270,16 +270,16 @@ def apply_to_bundle(bundle_path, keras_model_path, method: Method, *, eval_dir=N
     The bundle is rewritten only when the method wins.
     """
     from edgepipe.pipeline import metrics, selective
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
 
     bi = selective.bundle_inputs(bundle_path, eval_dir)
     b, m, calib, ex, where = bi.bundle, bi.bundle.manifest, bi.calib, bi.ex, bi.where
     keras = load_keras(keras_model_path)
-    ref = selective.float_outputs(keras, ex)
+    ref = float_outputs(keras, ex)
     on_step(f"calibrating {len(calib)} images for {method.name} ranges")
     cal = calibrate(keras, calib)
     model = cal.quantize(method)
-    outs = {"minmax": selective.run_tflite(b.model_path.read_bytes(), ex),
-            method.name: selective.run_tflite(model, ex)}
+    outs = {"minmax": run_tflite(b.model_path.read_bytes(), ex), method.name: run_tflite(model, ex)}
     agree = {k: metrics.top1_agreement(o, ref) for k, o in outs.items()}
     snr = {k: metrics.snr_db(o, ref) for k, o in outs.items()}
     won = (agree[method.name], snr[method.name]) > (agree["minmax"], snr["minmax"])

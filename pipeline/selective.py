@@ -36,8 +36,7 @@ import numpy as np
 
 from edgepipe.pipeline import metrics
 # Re-exported: ptq, scripts and tests measure with these through this module.
-from edgepipe.pipeline.model_run import float_outputs, p50_ms, run_tflite  # noqa: F401
-from edgepipe.pipeline.model_run import load_bytes as _load_bytes  # noqa: F401
+from edgepipe.pipeline.model_run import float_outputs, run_tflite
 from edgepipe.pipeline.float_search import Search as _Search, float_layer_costs as _float_layer_costs
 from edgepipe.pipeline.layer_error import Debugged, LayerErrorError, debug_int8
 from edgepipe.pipeline.modelio import load_keras

@@ -66,11 +66,11 @@ def interleaved_p50(models: dict, x: np.ndarray, rounds: int, runs: int) -> dict
 
     On a shared CPU noise only ever slows a round down; interleaving keeps the models under the same load.
     """
-    from edgepipe.pipeline.selective import _load_bytes
+    from edgepipe.pipeline.model_run import load_bytes
 
     loaded = {}
     for name, m in models.items():
-        lm = _load_bytes(m, 1)
+        lm = load_bytes(m, 1)
         spec = lm.inputs[0]
         lm.set_input(0, spec.quantize(x[:1]).reshape(spec.shape))
         lm.invoke()
@@ -137,7 +137,7 @@ def measure(args) -> SimpleNamespace:
     """Every model of the table, its agreement and SNR on the validation views, and interleaved p50s."""
     from edgepipe.pipeline.ptq import Method, calibrate
     from edgepipe.pipeline.samples import mobilenet_v2_keras
-    from edgepipe.pipeline.selective import float_outputs, run_tflite
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
     from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     tf = import_tf()

@@ -154,7 +154,7 @@ def test_cle_method_quantizes_the_equalized_model_and_maps_float_layers(tf):
     from edgepipe.pipeline.cle import float_cost
     from edgepipe.pipeline.layer_error import debug_int8
     from edgepipe.pipeline.ptq import Method, PTQError, calibrate
-    from edgepipe.pipeline.selective import float_outputs, run_tflite
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
 
     model = _tiny(_relu6)
     calib, val = _x(64, seed=3), _x(32, seed=4)
@@ -182,7 +182,7 @@ def test_cle_makes_per_tensor_weights_as_good_as_per_channel(tf):
     (measured: 9.6 -> 31.7 dB, per-channel 31.4 dB)."""
     from edgepipe.pipeline import metrics
     from edgepipe.pipeline.ptq import Method, calibrate
-    from edgepipe.pipeline.selective import float_outputs, run_tflite
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
 
     model = _tiny(_relu, seed=1, decades=2.0)  # ReLU: equalizing does not change the float function
     calib, val = _x(64, seed=3), _x(64, seed=5)

@@ -117,7 +117,7 @@ def test_worker_failure_is_one_line_with_log(tiny_keras, tmp_path, monkeypatch):
 @pytest.mark.slow
 @needs_toolchain
 def test_distills_tiny_model_end_to_end(tiny_keras):
-    from edgepipe.pipeline.selective import run_tflite
+    from edgepipe.pipeline.model_run import run_tflite
 
     events = []
     calib, val = _images(32, 0), _images(16, 1)

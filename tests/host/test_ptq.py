@@ -94,7 +94,7 @@ def _scales(model_bytes, tf):
 def test_clipped_ranges_give_a_finer_step_and_a_better_model(tf, outlier_model):
     from edgepipe.pipeline import metrics
     from edgepipe.pipeline.ptq import Method, calibrate, for_selective
-    from edgepipe.pipeline.selective import float_outputs, run_tflite
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
 
     model, calib, val = outlier_model
     cal = calibrate(model, calib, max_hist_images=256)
@@ -190,7 +190,7 @@ def test_bias_correction_removes_mean_shift_on_fashion_mnist(tf):
     from edgepipe.pipeline import metrics, samples
     from edgepipe.pipeline.evaluate import load_dataset, load_inputs
     from edgepipe.pipeline.ptq import Method, calibrate
-    from edgepipe.pipeline.selective import float_outputs, run_tflite
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
     from edgepipe.pipeline.tfenv import captured_output
 
     with captured_output():

@@ -53,7 +53,8 @@ def test_layer_error_ranks_a_clipped_layer_first():
 @pytest.mark.slow
 def test_selective_reaches_target_with_fewer_float_layers(fm):
     from edgepipe.pipeline import metrics
-    from edgepipe.pipeline.selective import float_outputs, run_tflite, selective_int8
+    from edgepipe.pipeline.model_run import float_outputs, run_tflite
+    from edgepipe.pipeline.selective import selective_int8
     from edgepipe.pipeline.tfenv import captured_output, import_tf
 
     tf = import_tf()
