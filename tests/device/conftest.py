@@ -287,20 +287,31 @@ void tflite_plugin_destroy_delegate(D* d) { free(d); }
 
 
 @pytest.fixture(scope="session")
-def noop_delegate(tmp_path_factory) -> Path:
+def c_library(tmp_path_factory):
+    """``build(name, source, opt="-O1")``: a shared library ``lib<name>.so`` built from C ``source`` with the
+    system C compiler; the test skips when there is no compiler or the build fails."""
+    def build(name: str, source: str, opt: str = "-O1") -> Path:
+        cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if not cc:
+            pytest.skip(f"no C compiler to build {name}")
+        d = tmp_path_factory.mktemp(name)
+        src, lib = d / f"{name}.c", d / f"lib{name}.so"
+        src.write_text(source)
+        out = subprocess.run([cc, "-shared", "-fPIC", opt, "-o", str(lib), str(src)], capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot build {name}: {out.stderr.strip()[:200]}")
+        return lib
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def noop_delegate(c_library) -> Path:
     """A real external delegate library that claims no ops (everything stays on the CPU).
 
     Built with the system C compiler; skips when there is none.
     """
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        pytest.skip("no C compiler to build the test delegate")
-    d = tmp_path_factory.mktemp("delegate")
-    src, lib = d / "noop_delegate.c", d / "libnoop_delegate.so"
-    src.write_text(NOOP_DELEGATE_C)
-    out = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(src)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot build the test delegate: {out.stderr.strip()[:200]}")
+    lib = c_library("noop_delegate", NOOP_DELEGATE_C)
     try:
         ctypes.CDLL(str(lib))
     except OSError as e:  # e.g. the host compiler built x86 code for an emulated aarch64 Python

@@ -7,7 +7,6 @@ killed without warning. No TensorFlow.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -43,22 +42,10 @@ void tflite_plugin_destroy_delegate(D* d) { free(d); }
 
 
 @pytest.fixture(scope="module")
-def crash_delegate(tmp_path_factory) -> Path:
+def crash_delegate(c_library) -> Path:
     """A real external delegate library whose Prepare dereferences NULL: the runtime segfaults
     while building the interpreter, every time (malformed models do it only sometimes)."""
-    import subprocess
-
-    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        pytest.skip("no C compiler to build the crashing delegate")
-    d = tmp_path_factory.mktemp("crash-delegate")
-    (d / "crash.c").write_text(CRASH_DELEGATE_C)
-    lib = d / "libcrash_delegate.so"
-    out = subprocess.run([cc, "-shared", "-fPIC", "-O0", "-o", str(lib), str(d / "crash.c")],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot build the crashing delegate: {out.stderr.strip()[:200]}")
-    return lib
+    return c_library("crash_delegate", CRASH_DELEGATE_C, "-O0")
 
 
 def good_bundle(agent, tmp_path, name="tiny-fp32", model="float.tflite") -> str:
