@@ -149,12 +149,10 @@ def convert(model, recipes, out_dir, calib_dir, calib_count, seed, preset, mean,
         else:
             click.echo(f"edgepipe: {msg}", err=True)
 
-    if target_agreement is not None and not any(r.name == "int8" for r in chosen):
-        raise click.ClickException("--target-agreement: needs the int8 recipe in --recipes")
+    if target_agreement is not None:
+        _needs_int8_from_keras("--target-agreement", chosen, model)
     if try_int16 and target_agreement is None:
         raise click.ClickException("--try-int16: needs --target-agreement")
-    if target_agreement is not None and model.suffix.lower() == ".tflite":
-        raise click.ClickException("--target-agreement: needs a Keras or SavedModel source, not a .tflite")
     method = _calib_method(calib_method, chosen, model)
     _check_distill(distill_steps, chosen, model)
     try:
@@ -183,11 +181,16 @@ def _calib_method(text, chosen, model):
         method = Method.parse(text)
     except PTQError as e:
         raise click.ClickException(f"--calib-method: {e}") from None
-    if not any(r.name == "int8" for r in chosen):
-        raise click.ClickException("--calib-method: needs the int8 recipe in --recipes")
-    if model.suffix.lower() == ".tflite":
-        raise click.ClickException("--calib-method: needs a Keras or SavedModel source, not a .tflite")
+    _needs_int8_from_keras("--calib-method", chosen, model)
     return method
+
+
+def _needs_int8_from_keras(flag: str, chosen, model) -> None:
+    """The options that re-make the int8 bundle from the source model need both."""
+    if not any(r.name == "int8" for r in chosen):
+        raise click.ClickException(f"{flag}: needs the int8 recipe in --recipes")
+    if model.suffix.lower() == ".tflite":
+        raise click.ClickException(f"{flag}: needs a Keras or SavedModel source, not a .tflite")
 
 
 def _int8_again(r, results, progress, redo, errors):
@@ -222,10 +225,7 @@ def _requantize(r, results, model_path, method, progress, val_dir):
 def _check_distill(steps: int, chosen, model) -> None:
     if not steps:
         return
-    if not any(r.name == "int8" for r in chosen):
-        raise click.ClickException("--distill-steps: needs the int8 recipe in --recipes")
-    if model.suffix.lower() == ".tflite":
-        raise click.ClickException("--distill-steps: needs a Keras or SavedModel source, not a .tflite")
+    _needs_int8_from_keras("--distill-steps", chosen, model)
     from edgepipe.pipeline.distill import missing_dependencies, unavailable_message
 
     missing = missing_dependencies()
