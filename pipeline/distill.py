@@ -48,7 +48,6 @@ from edgepipe.pipeline.modelio import load_keras
 # tfmot pins absl-py~=1.2; neither is needed at run time (tested with TF 2.21, absl-py 2.x).
 INSTALL = ("pip install --no-deps 'tf-keras>=2.21,<2.22' 'tensorflow-model-optimization==0.8.1' "
            "'dm-tree>=0.1.8'")
-REQUIRED = (("tf_keras", "tf-keras"), ("tensorflow_model_optimization", "tensorflow-model-optimization"))
 MAX_STEPS = 10_000
 DEFAULT_TIMEOUT_S = 1800.0  # conversion of a QAT MobileNetV2 alone took 2.5-14 min on a loaded 2-core host
 _CHILD_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0",
@@ -127,7 +126,14 @@ class DistillResult:
 
 def missing_dependencies() -> list:
     """Distribution names of the toolchain packages this interpreter cannot import."""
-    return [dist for module, dist in REQUIRED if importlib.util.find_spec(module) is None]
+    from edgepipe.pipeline.distill_worker import REQUIRED
+
+    return [_dist(module) for module in REQUIRED if importlib.util.find_spec(module) is None]
+
+
+def _dist(module: str) -> str:
+    """The pip distribution of a toolchain module (tf_keras -> tf-keras)."""
+    return module.replace("_", "-")
 
 
 def unavailable_message(missing) -> str:
@@ -310,7 +316,7 @@ def _run_worker(work: Path, timeout_s: float, on_progress, python: str) -> dict:
     err = _error(work)
     if proc.returncode == MISSING_EXIT:
         log.unlink(missing_ok=True)
-        raise DistillUnavailable(unavailable_message([err.get("module", "tf-keras").replace("_", "-")]))
+        raise DistillUnavailable(unavailable_message([_dist(err.get("module", "tf_keras"))]))
     from edgepipe.pipeline.tfenv import last_error_line
 
     reason = err.get("message") or last_error_line(log) or f"the worker exited with code {proc.returncode}"
